@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Create .venv (if missing) and install the project with its test tools.
+# torch is pinned to the CPU wheel first when no torch is present, so the range in
+# pyproject.toml never pulls a multi-GB CUDA build on a CPU-only machine. On a GPU
+# machine install your CUDA build of torch into .venv before running this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+VPY=.venv/bin/python
+stamp=.venv/.hsae-installed
+if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ]; then
+  exit 0
+fi
+$VPY -m pip install -q --upgrade pip
+if ! $VPY -c "import torch" 2>/dev/null; then
+  $VPY -m pip install -q "torch==${HSAE_TORCH_VERSION:-2.13.0}"
+fi
+$VPY -m pip install -q -e ".[dev]"
+touch "$stamp"
