@@ -1,0 +1,137 @@
+"""The fast sparse paths against the dense float64 reference on random inputs and forests."""
+
+import pytest
+import torch
+
+from hsae_core.config import HSAEConfig
+from hsae_core.coupling import pc_loss, swap_delta
+from hsae_core.forest import Forest
+from hsae_core.model import HSAE
+from hsae_core import sparse_ops
+from tests.reference import dense_hsae_loss, dense_level, dense_pc_loss, dense_perturbed_recon
+
+
+def random_forest(sizes, gen, p_unassigned=0.3):
+    parent_of = []
+    for a, b in zip(sizes, sizes[1:]):
+        p = torch.randint(0, a, (b,), generator=gen)
+        p[torch.rand(b, generator=gen) < p_unassigned] = -1
+        parent_of.append(p)
+    return Forest(tuple(sizes), parent_of)
+
+
+def random_model(seed, sizes=(6, 10, 16), d=5, bandwidth=0.5):
+    cfg = HSAEConfig(d_model=d, level_sizes=sizes, target_l0=3, bandwidth=bandwidth, seed=seed)
+    model = HSAE(cfg).double()
+    gen = torch.Generator().manual_seed(seed)
+    for lv in model.levels:
+        with torch.no_grad():
+            lv.W_enc.copy_(torch.randn(lv.W_enc.shape, generator=gen, dtype=torch.float64))
+            lv.W_dec.copy_(torch.randn(lv.W_dec.shape, generator=gen, dtype=torch.float64))  # not unit norm on purpose
+            lv.b_enc.copy_(0.3 * torch.randn(lv.b_enc.shape, generator=gen, dtype=torch.float64))
+            lv.b_dec.copy_(0.3 * torch.randn(lv.b_dec.shape, generator=gen, dtype=torch.float64))
+            lv.threshold.copy_(0.2 + torch.rand(lv.threshold.shape, generator=gen, dtype=torch.float64))
+    model.forest = random_forest(sizes, gen)
+    return model, gen
+
+
+def grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def rel_err(a, b):
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("dense_kernels", [False, True])
+def test_full_loss_and_gradients_match_dense_reference(seed, dense_kernels, monkeypatch):
+    monkeypatch.setattr(sparse_ops, "DENSE_CUTOFF", 0.0 if dense_kernels else 1.1)
+    model, gen = random_model(seed)
+    x = torch.randn(13, 5, generator=gen, dtype=torch.float64) * 2
+    swapped = [(torch.rand(n, generator=gen) < 0.5) & model.forest.has_children(l)
+               for l, n in enumerate(model.cfg.level_sizes[:-1])]
+    lambdas = torch.tensor([0.3, 0.2, 0.1], dtype=torch.float64)
+    rho = 0.7
+
+    out = model(x, swapped=swapped)
+    fast = HSAE.total_loss(out, lambdas, rho)
+    fast.backward()
+    g_fast = grads(model)
+    model.zero_grad()
+    ref = dense_hsae_loss(model, x, model.forest, swapped, lambdas, rho)
+    ref.backward()
+    g_ref = grads(model)
+
+    assert rel_err(fast.detach(), ref.detach()) < 1e-10
+    assert set(g_fast) == set(g_ref)
+    for name in g_ref:
+        assert rel_err(g_fast[name], g_ref[name]) < 1e-6, name
+    # the window really is exercised: some thresholds receive STE gradient
+    assert any(g_ref[f"levels.{l}.threshold"].abs().sum() > 0 for l in range(3))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_pc_loss_and_swap_delta_match_reference_with_cofiring_siblings(seed):
+    """Dense-ish activations make sibling groups of many children (term C's multi path)."""
+    gen = torch.Generator().manual_seed(100 + seed)
+    n_p, n_c, d, B = 7, 23, 6, 17
+    from hsae_core.jumprelu import JumpReLULevel
+    lp = JumpReLULevel(d, n_p, 0.3, gen).double()
+    lc = JumpReLULevel(d, n_c, 0.3, gen).double()
+    with torch.no_grad():
+        for lv in (lp, lc):
+            lv.W_dec.mul_(1 + torch.rand(lv.W_dec.shape[0], 1, generator=gen, dtype=torch.float64))
+            lv.threshold.fill_(0.05)
+    parent_of = torch.randint(0, 3, (n_c,), generator=gen)  # few parents: big sibling groups
+    parent_of[::5] = -1
+    forest = Forest((n_p, n_c), [parent_of])
+    x = torch.randn(B, d, generator=gen, dtype=torch.float64)
+    cp, cc = lp.encode(x), lc.encode(x)
+    fast = pc_loss(cp, cc, lp.W_dec, lc.W_dec, parent_of, forest.has_children(0))
+    ap, _ = dense_level(lp, x)
+    ac, _ = dense_level(lc, x)
+    ref = dense_pc_loss(ap, ac, lp.W_dec, lc.W_dec, parent_of)
+    assert rel_err(fast.detach(), ref.detach()) < 1e-10
+    gf = torch.autograd.grad(fast, [lp.W_dec, lc.W_dec, lp.threshold, lc.W_enc], retain_graph=True)
+    gr = torch.autograd.grad(ref, [lp.W_dec, lc.W_dec, lp.threshold, lc.W_enc], retain_graph=True)
+    for a, b in zip(gf, gr):
+        assert rel_err(a, b) < 1e-6
+
+    swapped = torch.zeros(n_p, dtype=torch.bool)
+    swapped[[0, 2, 5]] = True
+    swapped &= forest.has_children(0)
+    delta = swap_delta(cp, cc, lp.W_dec, lc.W_dec, parent_of, swapped)
+    recon_fast = lp.decode(cp) + delta
+    recon_ref = dense_perturbed_recon(ap, ac, lp.W_dec, lc.W_dec, lp.b_dec, parent_of, swapped)
+    assert rel_err(recon_fast.detach(), recon_ref.detach()) < 1e-10
+    g = torch.randn_like(recon_ref)
+    gf = torch.autograd.grad((recon_fast * g).sum(), [lp.W_dec, lc.W_dec, lp.threshold, lc.threshold])
+    gr = torch.autograd.grad((recon_ref * g).sum(), [lp.W_dec, lc.W_dec, lp.threshold, lc.threshold])
+    for a, b in zip(gf, gr):
+        assert rel_err(a, b) < 1e-6 or (a.abs().max() == 0 and b.abs().max() == 0)
+
+
+def test_pc_loss_never_builds_batch_by_parents_by_d(monkeypatch):
+    """At the paper's shapes a [B, n_parents, d] tensor would not fit; the fast path's largest
+    intermediate stays O(nnz) or O(n_children * d)."""
+    gen = torch.Generator().manual_seed(0)
+    from hsae_core.jumprelu import JumpReLULevel
+    d, B = 64, 256
+    lp, lc = JumpReLULevel(d, 2048, 0.01, gen), JumpReLULevel(d, 4096, 0.01, gen)
+    x = torch.randn(B, d, generator=gen) * 4
+    for lv in (lp, lc):
+        lv.init_thresholds_(x, 20)
+    parent_of = torch.randint(0, 2048, (4096,), generator=gen)
+    forest = Forest((2048, 4096), [parent_of])
+    biggest = []
+    orig_empty = torch.Tensor.new_zeros
+
+    def spy(self, *size, **kw):
+        out = orig_empty(self, *size, **kw)
+        biggest.append(out.numel())
+        return out
+    monkeypatch.setattr(torch.Tensor, "new_zeros", spy)
+    loss = pc_loss(lp.encode(x), lc.encode(x), lp.W_dec, lc.W_dec, parent_of, forest.has_children(0))
+    loss.backward()
+    assert max(biggest) < B * 2048 * d / 50
