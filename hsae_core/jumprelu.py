@@ -81,6 +81,7 @@ class JumpReLULevel(nn.Module):
                  generator: torch.Generator | None = None, threshold_init: float = 0.0):
         super().__init__()
         self.d_model, self.n_features, self.bandwidth = d_model, n_features, bandwidth
+        self.matmul_dtype: torch.dtype | None = None  # autocast dtype of the encoder matmul
         w_dec = torch.randn(n_features, d_model, generator=generator)
         w_dec /= w_dec.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(w_dec)
@@ -91,8 +92,10 @@ class JumpReLULevel(nn.Module):
 
     def preacts(self, x: torch.Tensor) -> torch.Tensor:
         """Dense pre-activations ``x @ W_enc^T + b_enc`` (no autograd), in the parameters'
-        dtype; under autocast the matmul itself runs in the autocast dtype."""
-        with torch.no_grad():
+        dtype. With ``matmul_dtype`` set, the matmul (the dominant cost) runs under autocast;
+        everything after it, thresholds included, stays in the parameters' dtype."""
+        with torch.no_grad(), torch.autocast(x.device.type, dtype=self.matmul_dtype,
+                                             enabled=self.matmul_dtype is not None):
             pre = torch.addmm(self.b_enc, x.to(self.W_enc.dtype), self.W_enc.t())
         return pre.to(self.W_enc.dtype)
 

@@ -36,6 +36,9 @@ class HSAE(nn.Module):
             JumpReLULevel(cfg.d_model, n, cfg.bandwidth, gen, cfg.threshold_init)
             for n in cfg.level_sizes)
         self.forest = Forest.empty(cfg.level_sizes)
+        if cfg.autocast_dtype:
+            for lv in self.levels:
+                lv.matmul_dtype = getattr(torch, cfg.autocast_dtype)
 
     @property
     def n_levels(self) -> int:

@@ -1,0 +1,250 @@
+"""Training loop (§3.3, Appendix A): alternate N Adam steps with the forest fixed and a
+hierarchy update; adaptive sparsity; ghost grads; checkpoint and resume.
+
+The trainer consumes any iterable of ``[batch_size, d]`` activation batches. On resume it
+re-iterates the source from the start and skips the batches already consumed, so a seeded
+source resumes exactly: an interrupted and resumed CPU run ends bit-identical to an
+uninterrupted one (tested).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+from .config import HSAEConfig
+from .forest import Forest
+from .hierarchy import CoactivationEMA, assign_forest
+from .model import HSAE, HSAEOutput
+from .sparsity import SparsityController
+
+LogFn = Callable[[int, dict], None]
+
+
+def lr_at(step: int, total: int, peak: float, warmup_frac: float) -> float:
+    """Linear warm-up over ``warmup_frac`` of the steps, then cosine decay to zero (App. A.1)."""
+    warmup = int(round(warmup_frac * total))
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+@dataclass
+class StepStats:
+    step: int
+    loss: float
+    mse: list[float]
+    fve: list[float]
+    l0: list[float]
+    pc: list[float]
+    lambdas: list[float]
+    dead: list[int]
+    assigned: list[int]
+    lr: float
+
+    def as_record(self) -> dict:
+        rec = {"step": self.step, "loss": self.loss, "lr": self.lr}
+        for l, vals in enumerate(zip(self.mse, self.fve, self.l0, self.lambdas, self.dead)):
+            for name, v in zip(("mse", "fve", "l0", "lambda", "dead"), vals):
+                rec[f"level{l}/{name}"] = v
+        for l, (pc, n) in enumerate(zip(self.pc, self.assigned)):
+            rec[f"pair{l}/pc"] = pc
+            rec[f"pair{l}/assigned"] = n
+        return rec
+
+
+class Trainer:
+    """Trains an :class:`HSAE` (or, with rho = r = 0, independent levels) from a config."""
+
+    def __init__(self, cfg: HSAEConfig, checkpoint_path: str | Path | None = None,
+                 checkpoint_every: int = 0, log_every: int = 50, on_log: LogFn | None = None):
+        self.cfg = cfg
+        self.device = torch.device(cfg.device)
+        self.model = HSAE(cfg).to(self.device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, betas=cfg.adam_betas,
+                                          **_fast_adam_kwargs(self.device))
+        self.controller = SparsityController(cfg.n_levels, cfg.target_l0, cfg.l0_decay_rate,
+                                             cfg.l0_ema_momentum, cfg.lambda_init, cfg.lambda_rate,
+                                             self.device)
+        self.since_fired = [torch.zeros(n, dtype=torch.int64, device=self.device)
+                            for n in cfg.level_sizes]
+        self.coactivation = (CoactivationEMA(cfg.level_sizes, cfg.coactivation_momentum,
+                                             cfg.coactivation_tokens, self.device)
+                             if cfg.similarity == "coactivation" and not cfg.is_independent else None)
+        self.swap_gen = torch.Generator().manual_seed(cfg.seed + 1)
+        self.step = 0
+        self.n_updates = 0
+        self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
+        self.checkpoint_every, self.log_every, self.on_log = checkpoint_every, log_every, on_log
+
+    # ----------------------------------------------------------------- the loop
+    def fit(self, batches: Iterable[torch.Tensor], resume: bool = True) -> HSAE:
+        """Train for ``cfg.total_steps`` steps; resumes from the checkpoint if one exists."""
+        if resume and self.checkpoint_path and self.checkpoint_path.exists():
+            self.load_checkpoint(self.checkpoint_path)
+        it = iter(batches)
+        if self.step:
+            it = itertools.islice(it, self.step, None)
+        while self.step < self.cfg.total_steps:
+            x = next(it, None)
+            if x is None:
+                raise RuntimeError(
+                    f"the batch source ran out after {self.step} of {self.cfg.total_steps} steps: "
+                    f"give it more tokens or epochs, or lower total_steps")
+            self.train_step(x)
+            if self.checkpoint_every and self.step % self.checkpoint_every == 0:
+                self.save_checkpoint()
+        if self.checkpoint_path:
+            self.save_checkpoint()
+        return self.model
+
+    def train_step(self, x: torch.Tensor) -> StepStats | None:
+        cfg, model = self.cfg, self.model
+        self._check_batch(x)
+        x = x.to(self.device, non_blocking=True).float()
+        if self.step == 0 and cfg.threshold_init == 0:
+            for lv in model.levels:
+                lv.init_b_dec_(x)
+                lv.init_thresholds_(x, cfg.target_l0)
+        lr = lr_at(self.step, cfg.total_steps, cfg.lr, cfg.warmup_frac)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        swapped = self._draw_swaps()
+        dead = self._dead_masks()
+        out = model(x, swapped=swapped, dead=dead, with_pc=cfg.rho > 0)
+        loss = HSAE.total_loss(out, self.controller.lambdas, cfg.rho)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss.item()} at step {self.step}; lower lr "
+                                     f"(now {cfg.lr}) or check the activations for NaN/Inf")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        model.after_step_()
+        self.controller.update(out.l0)
+        self._track_firing(out)
+        self.step += 1
+        if self._update_due():
+            self.update_hierarchy()
+        if self.on_log and (self.step % self.log_every == 0 or self.step == cfg.total_steps):
+            stats = self._stats(x, out, loss, lr)
+            self.on_log(self.step, stats.as_record())
+            return stats
+        return None
+
+    # ------------------------------------------------------------ the hierarchy
+    def _update_due(self) -> bool:
+        cfg = self.cfg
+        if cfg.is_independent or cfg.update_interval == 0 or cfg.n_levels < 2:
+            return False
+        if self.step % cfg.update_interval:
+            return False
+        return not (cfg.tree == "fixed" and self.n_updates > 0)
+
+    @torch.no_grad()
+    def update_hierarchy(self) -> Forest:
+        """Re-assign every child to its most similar parent (§3.3)."""
+        cfg = self.cfg
+        self.model.forest = assign_forest(self.model.levels, cfg.similarity, cfg.exclude_quantile,
+                                          cfg.tree, self.coactivation).to(self.device)
+        self.n_updates += 1
+        return self.model.forest
+
+    def _draw_swaps(self) -> list[torch.Tensor] | None:
+        cfg = self.cfg
+        if cfg.swap_rate == 0 or self.model.forest.is_empty():
+            return None
+        out = []
+        for l, n in enumerate(cfg.level_sizes[:-1]):
+            z = torch.rand(n, generator=self.swap_gen) < cfg.swap_rate
+            out.append(z.to(self.device) & self.model.forest.has_children(l))
+        return out
+
+    # ------------------------------------------------------- dead features
+    def _dead_masks(self) -> list[torch.Tensor] | None:
+        if self.cfg.dead_window_tokens == 0:
+            return None
+        return [s >= self.cfg.dead_window_tokens for s in self.since_fired]
+
+    @torch.no_grad()
+    def _track_firing(self, out: HSAEOutput) -> None:
+        for s, code in zip(self.since_fired, out.codes):
+            s += code.pattern.n_rows
+            s[code.pattern.cols[code.active]] = 0
+        if self.coactivation is not None:
+            self.coactivation.update(out.codes)
+
+    # ------------------------------------------------------------ reporting
+    @torch.no_grad()
+    def _stats(self, x: torch.Tensor, out: HSAEOutput, loss: torch.Tensor, lr: float) -> StepStats:
+        total_var = (x - x.mean(0)).pow(2).sum()
+        n = x.shape[0]
+        dead = self._dead_masks() or [s >= 10 ** 18 for s in self.since_fired]
+        return StepStats(
+            step=self.step, loss=float(loss), lr=lr,
+            mse=(out.sq_error / n).tolist(), fve=(1 - out.sq_error / total_var).tolist(),
+            l0=out.l0.detach().tolist(), pc=out.pc.detach().tolist(),
+            lambdas=self.controller.lambdas.tolist(), dead=[int(d.sum()) for d in dead],
+            assigned=[self.model.forest.n_assigned(l) for l in range(self.model.forest.n_pairs)])
+
+    def _check_batch(self, x: torch.Tensor) -> None:
+        want = (self.cfg.batch_size, self.cfg.d_model)
+        if tuple(x.shape) != want:
+            raise ValueError(f"batch of shape {tuple(x.shape)} but the config asks for {want} "
+                             f"(batch_size, d_model): fix the reader's batch size or d_model")
+
+    # ------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        return {
+            "config": self.cfg.to_dict(),
+            "step": self.step,
+            "n_updates": self.n_updates,
+            "model": self.model.state_dict(),
+            "forest": self.model.forest.to_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "controller": self.controller.state_dict(),
+            "since_fired": [s.cpu() for s in self.since_fired],
+            "coactivation": self.coactivation.state_dict() if self.coactivation else None,
+            "swap_gen": self.swap_gen.get_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        saved = HSAEConfig.from_dict(state["config"])
+        if saved != self.cfg:
+            diff = {k: (v, getattr(self.cfg, k)) for k, v in saved.to_dict().items()
+                    if self.cfg.to_dict()[k] != v}
+            raise ValueError(f"checkpoint was written with a different config {diff} "
+                             f"(saved, now): delete it to start over, or restore the config")
+        self.step, self.n_updates = int(state["step"]), int(state["n_updates"])
+        self.model.load_state_dict(state["model"])
+        self.model.forest = Forest.from_dict(state["forest"]).to(self.device)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.controller.load_state_dict(state["controller"])
+        self.since_fired = [s.to(self.device) for s in state["since_fired"]]
+        if self.coactivation is not None:
+            self.coactivation.load_state_dict(state["coactivation"])
+        self.swap_gen.set_state(state["swap_gen"])
+
+    def save_checkpoint(self, path: str | Path | None = None) -> Path:
+        path = Path(path or self.checkpoint_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(self.state_dict(), tmp)
+        os.replace(tmp, path)
+        return path
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        self.load_state_dict(torch.load(path, map_location=self.device, weights_only=False))
+
+
+def _fast_adam_kwargs(device: torch.device) -> dict:
+    """Fused Adam where this torch build has it for the device, else the foreach kernel."""
+    if device.type in ("cpu", "cuda"):
+        return {"fused": True}
+    return {"foreach": True}

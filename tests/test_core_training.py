@@ -1,0 +1,134 @@
+"""Trainer behaviour: resume equivalence, save/load, STE and decoder norms, schedules."""
+
+import math
+
+import pytest
+import torch
+
+from hsae_core.config import HSAEConfig
+from hsae_core.io import load_hsae, save_hsae
+from hsae_core.jumprelu import JumpReLULevel
+from hsae_core.trainer import Trainer, lr_at
+from tests.synthetic import SyntheticForest
+
+SYN = SyntheticForest.make(d=16, branching=(2, 2), n_roots=4, seed=3)
+
+
+def small_cfg(**kw):
+    base = dict(d_model=16, level_sizes=SYN.sizes, target_l0=2.0, batch_size=64, total_steps=40,
+                update_interval=10, lr=3e-3, dead_window_tokens=256, bandwidth=0.05, seed=7)
+    base.update(kw)
+    return HSAEConfig(**base)
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("similarity,tree", [("encoder", "partial"), ("coactivation", "binary"),
+                                             ("decoder", "fixed")])
+def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, similarity, tree):
+    cfg = small_cfg(similarity=similarity, tree=tree, coactivation_tokens=32)
+    straight = Trainer(cfg).fit(SYN.batches(64, seed=1))
+
+    ckpt = tmp_path / "ckpt.pt"
+
+    def kill_at_23(step, record):
+        if step == 23:
+            raise Interrupt()
+    first = Trainer(cfg, checkpoint_path=ckpt, checkpoint_every=5, log_every=1, on_log=kill_at_23)
+    with pytest.raises(Interrupt):
+        first.fit(SYN.batches(64, seed=1))
+    assert torch.load(ckpt, weights_only=False)["step"] == 20  # work since step 20 is redone
+    resumed_trainer = Trainer(cfg, checkpoint_path=ckpt, checkpoint_every=5)
+    resumed = resumed_trainer.fit(SYN.batches(64, seed=1))
+
+    assert resumed_trainer.step == cfg.total_steps
+    for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert straight.forest.equals(resumed.forest)
+    assert not straight.forest.is_empty()
+
+
+def test_resume_refuses_a_checkpoint_from_another_config(tmp_path):
+    ckpt = tmp_path / "ckpt.pt"
+    Trainer(small_cfg(total_steps=5), checkpoint_path=ckpt).fit(SYN.batches(64))
+    with pytest.raises(ValueError, match="different config.*rho"):
+        Trainer(small_cfg(total_steps=5, rho=0.5), checkpoint_path=ckpt).fit(SYN.batches(64))
+
+
+def test_save_load_round_trip(tmp_path):
+    model = Trainer(small_cfg(total_steps=25)).fit(SYN.batches(64))
+    assert not model.forest.is_empty()
+    save_hsae(model, tmp_path / "m")
+    loaded = load_hsae(tmp_path / "m")
+    assert loaded.cfg == model.cfg
+    assert loaded.forest.equals(model.forest)
+    for (n, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), n
+    x = next(SYN.batches(64, seed=9))
+    for l in range(3):
+        assert torch.equal(model.reconstruct(x, l), loaded.reconstruct(x, l))
+
+
+def test_load_names_missing_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.*model.safetensors"):
+        load_hsae(tmp_path)
+
+
+def test_decoder_rows_stay_unit_norm_and_thresholds_positive():
+    trainer = Trainer(small_cfg(total_steps=15))
+    model = trainer.fit(SYN.batches(64))
+    for lv in model.levels:
+        assert torch.allclose(lv.W_dec.norm(dim=1), torch.ones(lv.n_features), atol=1e-6)
+        assert bool((lv.threshold > 0).all())
+
+
+def test_threshold_gradient_matches_the_straight_through_definition():
+    """dL/dtheta_i = sum_b dL/da_bi * (-theta_i / eps) * 1[|z_bi - theta_i| < eps/2]
+    + lambda * (-1/eps) * #{b: |z_bi - theta_i| < eps/2} / B (Rajamanoharan et al. 2024b)."""
+    gen = torch.Generator().manual_seed(0)
+    eps, lam = 0.4, 0.3
+    lv = JumpReLULevel(6, 9, eps, gen).double()
+    with torch.no_grad():
+        lv.threshold.copy_(0.3 + torch.rand(9, generator=gen, dtype=torch.float64))
+    x = torch.randn(40, 6, generator=gen, dtype=torch.float64)
+    target = torch.randn(40, 6, generator=gen, dtype=torch.float64)
+    code = lv.encode(x)
+    loss = (lv.decode(code) - target).pow(2).sum() + lam * code.l0
+    (g_theta,) = torch.autograd.grad(loss, [lv.threshold])
+
+    with torch.no_grad():
+        z = x @ lv.W_enc.t() + lv.b_enc
+        a = z * (z > lv.threshold)
+        dl_da = 2 * (a @ lv.W_dec + lv.b_dec - target) @ lv.W_dec.t()
+        window = ((z - lv.threshold).abs() < eps / 2).double()
+        expected = (dl_da * (-lv.threshold / eps) * window).sum(0) + lam * (-1 / eps) * window.sum(0) / 40
+    assert window.sum() > 0
+    assert torch.allclose(g_theta, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_lr_schedule_warmup_then_cosine_to_zero():
+    lrs = [lr_at(s, 100, 1.0, 0.1) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    assert lr_at(100, 100, 1.0, 0.1) == pytest.approx(0.0, abs=1e-12)
+    assert lrs[55] == pytest.approx(0.5 * (1 + math.cos(math.pi * 45 / 90)))
+
+
+def test_bad_batch_shape_is_a_clear_error():
+    trainer = Trainer(small_cfg())
+    with pytest.raises(ValueError, match=r"batch of shape \(64, 8\).*\(64, 16\)"):
+        trainer.train_step(torch.zeros(64, 8))
+
+
+def test_data_running_out_is_a_clear_error():
+    def three():
+        yield from [torch.zeros(64, 16)] * 3
+    with pytest.raises(RuntimeError, match="ran out after 3 of 40 steps"):
+        Trainer(small_cfg()).fit(three())
+
+
+def test_bfloat16_autocast_trains_with_fp32_thresholds():
+    model = Trainer(small_cfg(total_steps=5, autocast_dtype="bfloat16")).fit(SYN.batches(64))
+    assert all(lv.threshold.dtype == torch.float32 for lv in model.levels)
