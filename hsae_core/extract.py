@@ -1,0 +1,224 @@
+"""Streaming extraction: corpus -> sequences -> residual stream -> sharded Zarr store.
+
+Each split is one pass over the corpus (documents of the other split are skipped before
+tokenising). Sequences are batched in a fixed order, so the row stream is a deterministic
+function of the config. Rows are gathered into windows of ``shuffle_shards`` shards; a train
+window is permuted with a seed derived from (seed, window) and written shard by shard, then the
+progress marker records it. A resumed run re-tokenises (without running the model) up to the
+first unwritten row and continues, so it yields byte-for-byte the store an uninterrupted run
+yields (on the same hardware and thread count). Memory: one window plus one batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from hsae_core.corpus import SPLITS, Sequence, check_corpus, document_split, iter_documents, \
+    pack_sequences, tokenize_documents
+from hsae_core.data_config import ExtractConfig
+from hsae_core.lm import LanguageModel, ModelError, load_lm
+from hsae_core.store import COLUMNS, STORAGE, Layout, StoreInfo, StoreWriter, open_store
+
+
+class ExtractionError(RuntimeError):
+    """The model produced activations that cannot be stored (NaN or Inf)."""
+
+
+def extract_activations(cfg: ExtractConfig, out: str | Path, *, overwrite: bool = False,
+                        lm: LanguageModel | None = None, progress: bool = True,
+                        on_shard: Callable[[str, int], None] | None = None) -> StoreInfo:
+    """Write (or resume) the store for ``cfg`` at ``out``; return it opened.
+
+    ``lm``: an already loaded model for ``cfg.model`` / ``cfg.layer`` (else it is loaded).
+    ``on_shard(split, shard_index)`` is called after each shard is written.
+    Bad input (model, layer, context length, corpus) fails before the weights are loaded.
+    """
+    corpus_kw = _corpus_kwargs(cfg)
+    if lm is None:
+        check_corpus(cfg.corpus, **corpus_kw)
+        lm = load_lm(cfg.model, cfg.layer, cfg.context_len, gguf_file=cfg.gguf_file,
+                     device=cfg.device, compute_dtype=cfg.compute_dtype)
+    elif (lm.name, lm.layer) != (cfg.model, cfg.layer):
+        raise ModelError(f"loaded model is {lm.name!r} layer {lm.layer}, config asks for "
+                         f"{cfg.model!r} layer {cfg.layer}")
+    elif lm.max_context is not None and cfg.context_len > lm.max_context:
+        raise ModelError(f"context_len {cfg.context_len} exceeds what {lm.name!r} can take "
+                         f"({lm.max_context}): choose context_len <= {lm.max_context}")
+    else:
+        check_corpus(cfg.corpus, **corpus_kw)
+    layout = Layout.from_bytes(lm.d_model, cfg.dtype, cfg.chunk_bytes, cfg.shard_bytes)
+    writer = StoreWriter(Path(out), layout, cfg.to_dict(), overwrite=overwrite)
+    budget = cfg.split_budget()
+    total = None if cfg.max_tokens is None else cfg.max_tokens
+    done = sum(writer.rows_done(s) for s in SPLITS)
+    with tqdm(total=total, initial=done, unit="tok", unit_scale=True, disable=not progress,
+              desc="extract", smoothing=0.1) as bar:
+        for split in SPLITS:
+            if not writer.split_done(split):
+                _extract_split(cfg, lm, writer, split, budget[split], bar, on_shard)
+    n_tokens = {s: writer.rows_done(s) for s in SPLITS}
+    if n_tokens["train"] == 0:
+        raise ExtractionError(f"corpus {cfg.corpus!r} gave no train tokens: check the corpus and "
+                              "eval_fraction")
+    n_docs = max(writer.max_doc_id(s) for s in SPLITS) + 1
+    writer.write_documents(*_document_table(cfg, n_docs))
+    writer.commit({
+        "model": cfg.model, "layer": cfg.layer,
+        "hook": f"residual stream after block {cfg.layer} (hidden_states[{cfg.layer + 1}])",
+        "d_model": lm.d_model, "n_layers": lm.n_layers, "dtype": cfg.dtype,
+        "storage_dtype": np.dtype(STORAGE[cfg.dtype]).name, "context_len": cfg.context_len,
+        "corpus": cfg.corpus, "n_tokens": n_tokens, "n_documents": n_docs,
+        "bos_token_id": lm.bos_token_id, "eos_token_id": lm.eos_token_id, "bos_excluded": True,
+        "shuffled": {"train": True, "eval": False},
+        "chunk_rows": layout.chunk_rows, "shard_rows": layout.shard_rows,
+        "extract_config": cfg.to_dict(),
+    })
+    return open_store(out, model=cfg.model, layer=cfg.layer)
+
+
+def _corpus_kwargs(cfg: ExtractConfig) -> dict:
+    return {"text_column": cfg.text_column, "label_column": cfg.label_column,
+            "dataset_config": cfg.dataset_config, "dataset_split": cfg.dataset_split}
+
+
+def split_sequences(cfg: ExtractConfig, lm: LanguageModel, split: str) -> Iterator[Sequence]:
+    """The deterministic sequence stream of one split."""
+    docs = (d for d in iter_documents(cfg.corpus, **_corpus_kwargs(cfg))
+            if document_split(d.doc_id, cfg.eval_fraction, cfg.seed) == split)
+    return pack_sequences(tokenize_documents(docs, lm.tokenizer), cfg.context_len,
+                          lm.bos_token_id, lm.eos_token_id, cfg.packing)
+
+
+def stored_columns(batch: list[Sequence], bos: int) -> dict[str, np.ndarray]:
+    """Id columns of the stored rows of ``batch``: every position whose token is not BOS."""
+    keep = [s.tokens != bos for s in batch]
+    return {
+        "token_ids": np.concatenate([s.tokens[k] for s, k in zip(batch, keep)]).astype(np.int32),
+        "doc_ids": np.concatenate([s.doc_ids[k] for s, k in zip(batch, keep)]),
+        "positions": np.concatenate([np.flatnonzero(k) for k in keep]).astype(np.int32),
+        "sequence_ids": np.concatenate([np.full(k.sum(), s.index) for s, k in zip(batch, keep)]),
+    }
+
+
+def residual_rows(lm: LanguageModel, batch: list[Sequence]) -> torch.Tensor:
+    """Residual-stream rows of the non-BOS positions of ``batch``, in batch order.
+
+    Sequences of equal length share one forward pass and nothing is ever padded, so a stored
+    activation does not depend on which other sequences were in its batch.
+    """
+    by_length: dict[int, list[int]] = {}
+    for i, s in enumerate(batch):
+        by_length.setdefault(len(s.tokens), []).append(i)
+    rows: list[torch.Tensor] = [torch.empty(0)] * len(batch)
+    for members in by_length.values():
+        ids = torch.from_numpy(np.stack([batch[i].tokens for i in members])).to(lm.device)
+        hidden = lm.residual(ids)
+        for j, i in enumerate(members):
+            rows[i] = hidden[j][torch.from_numpy(batch[i].tokens != lm.bos_token_id).to(lm.device)]
+    return torch.cat(rows)
+
+
+def _extract_split(cfg, lm, writer, split, cap, bar, on_shard) -> None:
+    layout = writer.layout
+    start = writer.rows_done(split)
+    window = _Window(layout, cfg, split, writer, start, cap, on_shard)
+    seen = 0
+    seqs = split_sequences(cfg, lm, split)
+    while not window.full_stop:
+        batch = list(islice(seqs, cfg.batch_size))
+        if not batch:
+            break
+        cols = stored_columns(batch, lm.bos_token_id)
+        n = len(cols["token_ids"])
+        if seen + n <= start:  # written before an interruption: no forward pass needed
+            seen += n
+            continue
+        rows = residual_rows(lm, batch).to(getattr(torch, cfg.dtype))
+        acts = _checked(rows, cols, split, cfg.dtype)
+        skip = max(0, start - seen)
+        seen += n
+        bar.update(window.add(acts[skip:], {k: v[skip:] for k, v in cols.items()}))
+    window.flush(final=True)
+
+
+def _checked(rows: torch.Tensor, cols: dict, split: str, dtype: str) -> np.ndarray:
+    bad = (~torch.isfinite(rows).all(dim=1)).nonzero().flatten().tolist()
+    if bad:
+        where = ", ".join(f"(sequence {cols['sequence_ids'][i]}, position {cols['positions'][i]}, "
+                          f"document {cols['doc_ids'][i]})" for i in bad[:5])
+        hint = " float16 overflows: store as bfloat16 or float32." if dtype == "float16" else ""
+        raise ExtractionError(f"NaN or Inf activations in the {split} split at {len(bad)} rows, "
+                              f"first {where}.{hint}")
+    if dtype == "bfloat16":
+        return rows.view(torch.int16).cpu().numpy().view(np.uint16)
+    return rows.cpu().numpy()
+
+
+class _Window:
+    """Rows ``[first, first + size)`` of a split, permuted (train) and written shard by shard."""
+
+    def __init__(self, layout: Layout, cfg: ExtractConfig, split: str, writer: StoreWriter,
+                 start: int, cap: int | None, on_shard):
+        self.size = layout.shard_rows * cfg.shuffle_shards
+        self.layout, self.seed, self.split, self.writer, self.on_shard = layout, cfg.seed, split, writer, on_shard
+        self.first, self.cap, self.n = start, cap, 0
+        self.max_doc_id = writer.max_doc_id(split)
+        rows = self.size if cap is None else max(1, min(self.size, cap - start))
+        self.acts = np.empty((rows, layout.d_model), dtype=STORAGE[cfg.dtype])
+        self.cols = {k: np.empty(rows, dtype=v) for k, v in COLUMNS.items()}
+
+    @property
+    def full_stop(self) -> bool:
+        return self.cap is not None and self.first + self.n >= self.cap
+
+    def add(self, acts: np.ndarray, cols: dict) -> int:
+        """Append rows up to the cap, flushing each full window; return rows taken."""
+        if self.cap is not None:
+            acts = acts[: max(0, self.cap - self.first - self.n)]
+        taken = 0
+        while taken < len(acts):
+            k = min(len(acts) - taken, len(self.acts) - self.n)
+            self.acts[self.n: self.n + k] = acts[taken: taken + k]
+            for name, col in cols.items():
+                self.cols[name][self.n: self.n + k] = col[taken: taken + k]
+            self.n, taken = self.n + k, taken + k
+            if self.n == len(self.acts) and not self.full_stop:
+                self.flush(final=False)
+        return taken
+
+    def flush(self, final: bool) -> None:
+        n = self.n
+        order = np.arange(n)
+        if self.split == "train":
+            order = np.random.default_rng([self.seed, self.first // self.size]).permutation(n)
+        if n:
+            self.max_doc_id = max(self.max_doc_id, int(self.cols["doc_ids"][:n].max()))
+        for i in range(0, n, self.layout.shard_rows):
+            part = order[i: i + self.layout.shard_rows]
+            self.writer.write_shard(self.split, self.first + i, self.acts[part],
+                                    {k: v[part] for k, v in self.cols.items()})
+            if self.on_shard is not None:
+                self.on_shard(self.split, (self.first + i) // self.layout.shard_rows)
+        self.first, self.n = self.first + n, 0
+        self.writer.mark(self.split, self.first, self.max_doc_id, done=final)
+
+
+def _document_table(cfg: ExtractConfig, n_docs: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    splits = np.zeros(n_docs, dtype=np.uint8)
+    labels = np.full(n_docs, -1, dtype=np.int32)
+    names: dict[str, int] = {}
+    for doc in islice(iter_documents(cfg.corpus, **_corpus_kwargs(cfg)), n_docs):
+        splits[doc.doc_id] = SPLITS.index(document_split(doc.doc_id, cfg.eval_fraction, cfg.seed))
+        if doc.label is not None:
+            labels[doc.doc_id] = names.setdefault(doc.label, len(names))
+    return splits, labels, list(names)
+
+
+__all__ = ["ExtractionError", "extract_activations", "residual_rows", "split_sequences",
+           "stored_columns"]
