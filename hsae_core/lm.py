@@ -81,7 +81,7 @@ def inspect_model(model: str, layer: int, context_len: int,
     try:
         config = AutoConfig.from_pretrained(src.name_or_path, **_kwargs(src)).get_text_config()
     except (OSError, ValueError) as err:
-        raise ModelError(f"cannot load model {model!r}: {err}. Pass a local folder, a .gguf file, "
+        raise ModelError(f"cannot load model {model!r}: {str(err).rstrip('.')}. Pass a local folder, a .gguf file, "
                          f"{EMBEDDED_MODEL!r}, or a hub name reachable from this machine") from err
     n_layers = config.num_hidden_layers
     if not 0 <= layer < n_layers:
