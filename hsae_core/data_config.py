@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from hsae_core.config import ConfigError
@@ -135,6 +136,19 @@ class NormalizeConfig:
         return cls(**_known(cls, data))
 
 
+def read_params_section(path: str | Path | None, section: str) -> dict[str, Any]:
+    """The ``section`` mapping of a params.yaml (empty when ``path`` is None or lacks it)."""
+    if path is None:
+        return {}
+    import yaml
+
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    value = data.get(section) or {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: section {section!r} must be a mapping, got {value!r}")
+    return value
+
+
 def _known(cls: type, data: dict[str, Any]) -> dict[str, Any]:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
@@ -149,5 +163,5 @@ def _check(cfg: Any, name: str, ok: bool, allowed: str) -> None:
                           f"expected {allowed}")
 
 
-__all__ = ["ExtractConfig", "NormalizeConfig", "DTYPES", "PACKINGS", "EMBEDDED_MODEL",
+__all__ = ["ExtractConfig", "NormalizeConfig", "read_params_section", "DTYPES", "PACKINGS", "EMBEDDED_MODEL",
            "EMBEDDED_CORPUS"]
