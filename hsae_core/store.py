@@ -13,8 +13,9 @@ Layout (METHOD §7)::
       documents/label             [n_docs] int32 (index into attribute ``label_names``; -1 none)
 
 Train rows are shuffled across documents at write time; eval rows stay in sequence order, so a
-token's context is read back contiguously. Inner chunks are about ``chunk_bytes`` and shards
-about ``shard_bytes``; every shard is written whole by one writer. A store is written under
+token's context is read back contiguously. All arrays share one row geometry: inner chunks of
+``chunk_rows`` (about ``chunk_bytes`` of activations) in shards of ``shard_rows`` (about
+``shard_bytes``), so a shard of rows is one file per array, written whole by one writer. A store is written under
 ``<store>.partial`` with a progress marker and renamed to ``<store>`` only when complete, so a
 finished store is never touched by a later run that fails.
 """
@@ -117,8 +118,8 @@ class StoreWriter:
                                 shards=(lay.shard_rows, lay.d_model), compressors=None,
                                 fill_value=0, attributes={"logical_dtype": lay.dtype})
         for name, dtype in COLUMNS.items():
-            self.group.create_array(f"{split}/{name}", shape=(0,), dtype=dtype,
-                                    chunks=(lay.shard_rows,), compressors=None, fill_value=0)
+            self.group.create_array(f"{split}/{name}", shape=(0,), dtype=dtype, chunks=(lay.chunk_rows,),
+                                    shards=(lay.shard_rows,), compressors=None, fill_value=0)
 
     def _save_progress(self) -> None:
         tmp = self.partial / (PROGRESS + ".tmp")
