@@ -2,8 +2,8 @@
 
 Random-row reads from Zarr are slow (METHOD §7), so the train reader reads contiguous blocks
 in a seeded random order, ``buffer_blocks`` at a time, and shuffles rows in memory; train
-rows were already shuffled across documents at write time. A background thread prepares the
-next batches while the trainer works. Both readers multiply by the normalisation scale
+rows were already shuffled across documents at write time. Optionally a background thread
+prepares the next batches while the trainer works. Both readers multiply by the normalisation scale
 (Appendix A.1) and return float32.
 """
 
@@ -26,7 +26,7 @@ class TrainActivations:
     """Shuffled train batches: an iterable of ``torch.float32`` tensors ``[batch_size, d]``.
 
     ``TrainActivations(store, scale, *, batch_size=1024, seed=0, epochs=1, max_tokens=None,
-    block_rows=None, buffer_blocks=32, drop_last=False, prefetch=8, model=None, layer=None)``
+    block_rows=None, buffer_blocks=32, drop_last=False, prefetch=0, model=None, layer=None)``
 
     - ``store``: store path (or an opened :class:`StoreInfo`); ``model`` / ``layer``, if given,
       must match the store. ``scale``: a float or the path of the normalisation JSON.
@@ -35,12 +35,15 @@ class TrainActivations:
       ``max_tokens``; ``max_tokens`` caps the rows served in all (the last batch is cut).
     - Memory: ``buffer_blocks * block_rows`` rows (default block: 8 inner chunks, about 8 MB)
       plus ``prefetch`` batches.
+    - ``prefetch > 0`` prepares that many batches in a background thread: worth it when the
+      trainer waits on a GPU or the store is on a slow disk; on a 2-core CPU the thread competes
+      with the trainer's and reading in line is as fast (benchmarks/reader.py).
     """
 
     def __init__(self, store: str | Path | StoreInfo, scale: float | str | Path, *,
                  batch_size: int = 1024, seed: int = 0, epochs: int | None = 1,
                  max_tokens: int | None = None, block_rows: int | None = None,
-                 buffer_blocks: int = 32, drop_last: bool = False, prefetch: int = 8,
+                 buffer_blocks: int = 32, drop_last: bool = False, prefetch: int = 0,
                  model: str | None = None, layer: int | None = None):
         self.store = store if isinstance(store, StoreInfo) else open_store(store, model=model, layer=layer)
         self.scale = resolve_scale(scale, self.store)
@@ -86,7 +89,9 @@ class TrainActivations:
                 if self.max_tokens is not None:
                     rows = rows[: self.max_tokens - served]
                 served += len(rows)
-                yield from_storage(rows, self.store.dtype).mul_(self.scale)
+                x = from_storage(rows, self.store.dtype)
+                np.multiply(x.numpy(), np.float32(self.scale), out=x.numpy())  # numpy: no torch threads
+                yield x
                 if self.max_tokens is not None and served >= self.max_tokens:
                     return
             epoch += 1

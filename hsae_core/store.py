@@ -69,10 +69,13 @@ def to_storage(hidden: torch.Tensor, dtype: str) -> np.ndarray:
 
 
 def from_storage(rows: np.ndarray, dtype: str) -> torch.Tensor:
-    """Stored rows to a float32 tensor (bfloat16 bits are reinterpreted, never rounded)."""
+    """Stored rows to a float32 tensor (bfloat16 bits are widened exactly, never rounded).
+
+    Pure numpy, so reader threads never start a torch thread pool; float32 rows are shared.
+    """
     if dtype == "bfloat16":
-        return torch.from_numpy(rows.view(np.int16)).view(torch.bfloat16).float()
-    return torch.from_numpy(rows).float()
+        return torch.from_numpy((rows.astype(np.uint32) << 16).view(np.float32))
+    return torch.from_numpy(rows.astype(np.float32, copy=False))
 
 
 def partial_path(path: Path) -> Path:

@@ -51,7 +51,7 @@ def test_every_train_row_once_per_epoch(store):
 def test_seeded_order_scale_cap_and_drop_last(store):
     kw = dict(batch_size=64, buffer_blocks=2, block_rows=128)
     a = torch.cat(list(TrainActivations(store, 2.0, seed=3, **kw)))
-    b = torch.cat(list(TrainActivations(store, 2.0, seed=3, prefetch=0, **kw)))
+    b = torch.cat(list(TrainActivations(store, 2.0, seed=3, prefetch=4, **kw)))
     c = torch.cat(list(TrainActivations(store, 2.0, seed=4, **kw)))
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert as_set(a.numpy() / 2.0) == as_set(rows_of(store))
@@ -124,3 +124,13 @@ def test_store_for_another_model_or_layer_is_refused(store, tmp_path):
         EvalActivations(store, tmp_path / "other.json")
     with pytest.raises(StoreError, match="no activation store"):
         open_store(tmp_path / "missing.zarr")
+
+
+def test_prefetch_thread_stops_when_the_consumer_does(store):
+    import threading
+
+    batches = iter(TrainActivations(store, 1.0, batch_size=64, prefetch=2, epochs=None, max_tokens=10**9))
+    assert next(batches).shape == (64, 32)
+    assert any(t.name == "hsae-reader" for t in threading.enumerate())
+    batches.close()
+    assert not any(t.name == "hsae-reader" for t in threading.enumerate())
