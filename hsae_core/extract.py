@@ -23,7 +23,7 @@ from hsae_core.corpus import SPLITS, Sequence, check_corpus, document_split, ite
     pack_sequences, tokenize_documents
 from hsae_core.data_config import ExtractConfig
 from hsae_core.lm import LanguageModel, ModelError, load_lm
-from hsae_core.store import COLUMNS, STORAGE, Layout, StoreInfo, StoreWriter, open_store
+from hsae_core.store import COLUMNS, STORAGE, Layout, StoreInfo, StoreWriter, open_store, to_storage
 
 
 class ExtractionError(RuntimeError):
@@ -39,9 +39,8 @@ def extract_activations(cfg: ExtractConfig, out: str | Path, *, overwrite: bool 
     ``on_shard(split, shard_index)`` is called after each shard is written.
     Bad input (model, layer, context length, corpus) fails before the weights are loaded.
     """
-    corpus_kw = _corpus_kwargs(cfg)
+    check_corpus(cfg.corpus, **_corpus_kwargs(cfg))
     if lm is None:
-        check_corpus(cfg.corpus, **corpus_kw)
         lm = load_lm(cfg.model, cfg.layer, cfg.context_len, gguf_file=cfg.gguf_file,
                      device=cfg.device, compute_dtype=cfg.compute_dtype)
     elif (lm.name, lm.layer) != (cfg.model, cfg.layer):
@@ -50,14 +49,11 @@ def extract_activations(cfg: ExtractConfig, out: str | Path, *, overwrite: bool 
     elif lm.max_context is not None and cfg.context_len > lm.max_context:
         raise ModelError(f"context_len {cfg.context_len} exceeds what {lm.name!r} can take "
                          f"({lm.max_context}): choose context_len <= {lm.max_context}")
-    else:
-        check_corpus(cfg.corpus, **corpus_kw)
     layout = Layout.from_bytes(lm.d_model, cfg.dtype, cfg.chunk_bytes, cfg.shard_bytes)
     writer = StoreWriter(Path(out), layout, cfg.to_dict(), overwrite=overwrite)
     budget = cfg.split_budget()
-    total = None if cfg.max_tokens is None else cfg.max_tokens
     done = sum(writer.rows_done(s) for s in SPLITS)
-    with tqdm(total=total, initial=done, unit="tok", unit_scale=True, disable=not progress,
+    with tqdm(total=cfg.max_tokens, initial=done, unit="tok", unit_scale=True, disable=not progress,
               desc="extract", smoothing=0.1) as bar:
         for split in SPLITS:
             if not writer.split_done(split):
@@ -109,8 +105,9 @@ def stored_columns(batch: list[Sequence], bos: int) -> dict[str, np.ndarray]:
 def residual_rows(lm: LanguageModel, batch: list[Sequence]) -> torch.Tensor:
     """Residual-stream rows of the non-BOS positions of ``batch``, in batch order.
 
-    Sequences of equal length share one forward pass and nothing is ever padded, so a stored
-    activation does not depend on which other sequences were in its batch.
+    Sequences of equal length share one forward pass and nothing is ever padded, so padding
+    cannot change a stored activation (the batch shape may still move the last float bit, as
+    in any batched forward).
     """
     by_length: dict[int, list[int]] = {}
     for i, s in enumerate(batch):
@@ -155,9 +152,7 @@ def _checked(rows: torch.Tensor, cols: dict, split: str, dtype: str) -> np.ndarr
         hint = " float16 overflows: store as bfloat16 or float32." if dtype == "float16" else ""
         raise ExtractionError(f"NaN or Inf activations in the {split} split at {len(bad)} rows, "
                               f"first {where}.{hint}")
-    if dtype == "bfloat16":
-        return rows.view(torch.int16).cpu().numpy().view(np.uint16)
-    return rows.cpu().numpy()
+    return to_storage(rows, dtype)
 
 
 class _Window:
@@ -166,7 +161,8 @@ class _Window:
     def __init__(self, layout: Layout, cfg: ExtractConfig, split: str, writer: StoreWriter,
                  start: int, cap: int | None, on_shard):
         self.size = layout.shard_rows * cfg.shuffle_shards
-        self.layout, self.seed, self.split, self.writer, self.on_shard = layout, cfg.seed, split, writer, on_shard
+        self.layout, self.seed, self.split = layout, cfg.seed, split
+        self.writer, self.on_shard = writer, on_shard
         self.first, self.cap, self.n = start, cap, 0
         self.max_doc_id = writer.max_doc_id(split)
         rows = self.size if cap is None else max(1, min(self.size, cap - start))
