@@ -111,7 +111,8 @@ class ResidualStream(nn.Module):
 
     ``forward(input_ids [B, T]) -> hidden [B, T, d]`` (unpadded batches: see ``extract``). The block
     list is truncated after ``layer`` and a forward hook on block ``layer`` ends the pass, so
-    neither later blocks nor the final norm nor the LM head ever run (works for any HF decoder).
+    neither later blocks nor the final norm nor the LM head ever run. Works for HF decoders whose
+    base model keeps its blocks in one ModuleList (Llama, Gemma, Qwen, Mistral, GPT-2, ...).
     """
 
     def __init__(self, causal_lm: nn.Module, layer: int):

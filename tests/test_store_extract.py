@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from hsae_core.corpus import document_split, iter_documents
 from hsae_core.data_config import ExtractConfig
 from hsae_core.extract import ExtractionError, extract_activations
+from hsae_core.lm import load_lm
 from hsae_core.store import from_storage
 from tests.store_helpers import LABELS, jsonl_corpus, tiny_llama
 
@@ -72,6 +73,17 @@ def test_rows_equal_hidden_states_forward(assets, store, split):
                 want[i] = out.hidden_states[LAYER + 1][j, 1:]
     want = torch.cat(want).numpy()
     assert np.array_equal(cols["activations"], want)
+
+
+def test_truncated_forward_runs_only_blocks_up_to_layer(assets):
+    lm = load_lm(assets["model"], LAYER, 48)
+    assert len(lm.residual.base.layers) == LAYER + 1
+    ran = []
+    for name in ("norm", *(f"layers.{i}" for i in range(LAYER + 1))):
+        lm.residual.base.get_submodule(name).register_forward_pre_hook(lambda m, a, n=name: ran.append(n))
+    hidden = lm.residual(torch.tensor([[1, 5, 6, 7]]))
+    assert hidden.shape == (1, 4, 64)
+    assert ran == [f"layers.{i}" for i in range(LAYER + 1)]
 
 
 def test_bos_excluded_and_ids_match_corpus(assets, store):
