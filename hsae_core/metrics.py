@@ -80,3 +80,24 @@ class HierarchyStats:
             skipped = int(((po >= 0) & (pc == 0)).sum())
             out.append((float(p.mean()) if p.numel() else float("nan"), skipped))
         return out
+
+
+def branching_stats(forest: Forest) -> list[dict[str, float]]:
+    """Branching statistics of the forest per level pair: parents with children,
+    assigned children and their fraction, children per parent (mean over parents that have
+    any, median, max), and the fraction of parents with exactly one child."""
+    out = []
+    for l, parent_of in enumerate(forest.parent_of):
+        counts = forest.n_children(l).cpu()
+        used = counts[counts > 0]
+        n_assigned = int((parent_of >= 0).sum())
+        out.append({
+            "parents_with_children": int(used.numel()),
+            "children_assigned": n_assigned,
+            "assigned_frac": n_assigned / max(1, parent_of.numel()),
+            "children_mean": float(used.double().mean()) if used.numel() else 0.0,
+            "children_median": float(used.double().median()) if used.numel() else 0.0,
+            "children_max": int(used.max()) if used.numel() else 0,
+            "single_child_frac": float((used == 1).double().mean()) if used.numel() else 0.0,
+        })
+    return out

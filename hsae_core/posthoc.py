@@ -1,0 +1,36 @@
+"""The post-hoc baseline's forest (METHOD §4): independently trained levels, then the same
+similarity-based assignment the HSAE uses during training (§3.3), applied once.
+
+Encoder and decoder cosine need only the weights. Co-activation similarity needs firing
+statistics: the train split is streamed through the levels into the same EMA the trainer keeps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from hsae_core.forest import Forest
+from hsae_core.hierarchy import CoactivationEMA, assign_forest
+from hsae_core.model import HSAE
+
+
+@torch.no_grad()
+def coactivation_stats(model: HSAE, batches: Iterable[torch.Tensor], momentum: float,
+                       tokens_per_batch: int) -> CoactivationEMA:
+    """Co-activation EMA of ``model``'s levels over ``batches`` (as in training, §3.3)."""
+    device = model.levels[0].W_dec.device
+    ema = CoactivationEMA([lv.n_features for lv in model.levels], momentum, tokens_per_batch, device)
+    for x in batches:
+        ema.update(model.encode(x.to(device).float()))
+    return ema
+
+
+def posthoc_forest(model: HSAE, similarity: str, exclude_quantile: float, tree: str,
+                   coactivation: CoactivationEMA | None = None) -> Forest:
+    """Assign every child of the trained levels to its most similar parent, once."""
+    return assign_forest(model.levels, similarity, exclude_quantile, tree, coactivation)
+
+
+__all__ = ["coactivation_stats", "posthoc_forest"]

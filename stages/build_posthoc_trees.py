@@ -1,0 +1,56 @@
+"""Stage build-posthoc-trees: the baseline's forest, assigned once after training (METHOD §4)
+-> data/posthoc/ (the baseline's weights with the forest).
+
+    python -m stages.build_posthoc_trees [--params params.yaml] [--baseline data/baseline]
+        [--out data/posthoc]
+
+Reads ``hierarchy.similarity``, ``hierarchy.exclude_quantile``, ``hierarchy.tree`` (the same
+assignment the HSAE uses) and, for co-activation similarity, ``hierarchy.coactivation_*`` and
+``posthoc.coactivation_tokens``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich import print as rprint
+
+from hsae_core.io import load_hsae, save_hsae
+from hsae_core.params import PosthocConfig, hsae_config, load_params, section_config
+from hsae_core.posthoc import coactivation_stats, posthoc_forest
+from hsae_core.reader import TrainActivations
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+@app.command()
+def main(
+    params: Path = typer.Option(Path("params.yaml"), help="params file (sections hierarchy, posthoc)"),
+    baseline: Path = typer.Option(Path("data/baseline"), help="trained independent SAEs"),
+    store: Path = typer.Option(Path("data/activations.zarr"), help="store (co-activation similarity only)"),
+    normalization: Path = typer.Option(Path("data/normalization.json"), help="normalisation JSON"),
+    out: Path = typer.Option(Path("data/posthoc"), help="folder of the baseline with its forest"),
+) -> None:
+    try:
+        p = load_params(params)
+        post = section_config(p, "posthoc", PosthocConfig)
+        model = load_hsae(baseline)
+        hier = hsae_config(p, model.cfg.d_model)  # validates hierarchy: against the sae: section
+        coact = None
+        if hier.similarity == "coactivation":
+            reader = TrainActivations(store, normalization, batch_size=model.cfg.batch_size,
+                                      seed=model.cfg.seed, epochs=None, max_tokens=post.coactivation_tokens)
+            coact = coactivation_stats(model, reader, hier.coactivation_momentum, hier.coactivation_tokens)
+        model.forest = posthoc_forest(model, hier.similarity, hier.exclude_quantile, hier.tree, coact)
+    except (ValueError, FileNotFoundError) as err:
+        rprint(f"[red]build-posthoc-trees: {err}[/red]")
+        raise typer.Exit(2) from err
+    save_hsae(model, out)
+    counts = ", ".join(f"{model.forest.n_assigned(l)}/{n}" for l, n in enumerate(model.cfg.level_sizes[1:]))
+    rprint(f"build-posthoc-trees: {hier.similarity} similarity, {hier.tree} tree; children assigned "
+           f"per level pair {counts}; wrote {out}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,61 @@
+"""Stage compute-metrics: the HSAE and the post-hoc baseline on the eval split (§4.2, App. D)
+-> metrics/metrics.json (``dvc metrics show/diff``) and metrics/table.md (printed at the end).
+
+    python -m stages.compute_metrics [--params params.yaml] [--hsae data/hsae]
+        [--posthoc data/posthoc] [--out metrics/metrics.json]
+
+Reads ``metrics:``. Streams the eval split (one batch in memory); the spliced next-token loss
+reloads the store's language model whole (hsae_core.splice).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich import print as rprint
+
+from hsae_core.io import load_hsae
+from hsae_core.normalize import resolve_scale
+from hsae_core.params import MetricsConfig, load_params, section_config
+from hsae_core.report import compute_metrics, format_table, json_safe
+from hsae_core.store import open_store
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+@app.command()
+def main(
+    params: Path = typer.Option(Path("params.yaml"), help="params file (section metrics)"),
+    hsae: Path = typer.Option(Path("data/hsae"), help="trained HSAE"),
+    posthoc: Path = typer.Option(Path("data/posthoc"), help="baseline with its post-hoc forest"),
+    store: Path = typer.Option(Path("data/activations.zarr"), help="activation store (eval split)"),
+    normalization: Path = typer.Option(Path("data/normalization.json"), help="normalisation JSON"),
+    out: Path = typer.Option(Path("metrics/metrics.json"), help="metrics JSON"),
+    table: Path = typer.Option(Path("metrics/table.md"), help="human-readable table"),
+) -> None:
+    try:
+        cfg = section_config(load_params(params), "metrics", MetricsConfig)
+        info = open_store(store)
+        scale = resolve_scale(normalization, info)
+        models = {"hsae": load_hsae(hsae, cfg.device), "posthoc": load_hsae(posthoc, cfg.device)}
+        for name, model in models.items():
+            if model.cfg.d_model != info.d_model:
+                raise ValueError(f"{name} model has d_model {model.cfg.d_model}, store {store} holds "
+                                 f"d = {info.d_model}: retrain it on this store")
+        metrics = compute_metrics(models, info, scale, cfg)
+    except (ValueError, FileNotFoundError) as err:
+        rprint(f"[red]compute-metrics: {err}[/red]")
+        raise typer.Exit(2) from err
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(json_safe(metrics), indent=2, sort_keys=True) + "\n")
+    text = format_table(metrics)
+    table.parent.mkdir(parents=True, exist_ok=True)
+    table.write_text(text + "\n")
+    print(text)
+    print(f"compute-metrics: wrote {out} and {table}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,58 @@
+"""Stage train-hsae: the HSAE (§3) on the normalised train split -> data/hsae/ (save_hsae folder).
+
+    python -m stages.train_hsae [--params params.yaml] [--store data/activations.zarr]
+        [--normalization data/normalization.json] [--out data/hsae]
+
+Reads ``sae:`` + ``hierarchy:`` (HSAEConfig fields, d_model from the store) and ``train:``
+(checkpoints, curves). A killed run resumes from data/checkpoints/hsae.pt when rerun; live curves
+per level go to plots/train/hsae/level<l>.tsv (``dvc plots show``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich import print as rprint
+
+from hsae_core.io import save_hsae
+from hsae_core.params import TrainRunConfig, hsae_config, load_params, section_config
+from hsae_core.store import open_store
+from hsae_core.train_run import train_on_store
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+def train_stage(stage: str, independent: bool, params: Path, store: Path, normalization: Path, out: Path,
+                checkpoint: Path, curves: Path) -> None:
+    """Shared body of train-hsae and train-baselines: validate, train (resuming), save."""
+    try:
+        p = load_params(params)
+        run = section_config(p, "train", TrainRunConfig)
+        info = open_store(store)
+        cfg = hsae_config(p, info.d_model, independent=independent)
+        rprint(f"{stage}: levels {list(cfg.level_sizes)} on d = {cfg.d_model}, target L0 {cfg.target_l0}, "
+               f"{cfg.total_steps} steps x {cfg.batch_size} tokens, rho {cfg.rho}, r {cfg.swap_rate}")
+        model = train_on_store(cfg, info, normalization, checkpoint=checkpoint, curves=curves, run=run,
+                               name=stage)
+    except ValueError as err:  # config, store and normalisation errors name the key and the fix
+        rprint(f"[red]{stage}: {err}[/red]")
+        raise typer.Exit(2) from err
+    save_hsae(model, out)
+    rprint(f"{stage}: wrote {out}")
+
+
+@app.command()
+def main(
+    params: Path = typer.Option(Path("params.yaml"), help="params file (sections sae, hierarchy, train)"),
+    store: Path = typer.Option(Path("data/activations.zarr"), help="activation store"),
+    normalization: Path = typer.Option(Path("data/normalization.json"), help="normalisation JSON"),
+    out: Path = typer.Option(Path("data/hsae"), help="folder of the trained HSAE"),
+    checkpoint: Path = typer.Option(Path("data/checkpoints/hsae.pt"), help="resumable checkpoint"),
+    curves: Path = typer.Option(Path("plots/train/hsae"), help="folder of the per-level training curves"),
+) -> None:
+    train_stage("train-hsae", False, params, store, normalization, out, checkpoint, curves)
+
+
+if __name__ == "__main__":
+    app()
