@@ -1,0 +1,122 @@
+"""The library behind the pipeline stages: resumable training with curves, streaming evaluation
+against a dense recomputation, and the spliced next-token loss."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+
+from hsae_core.config import HSAEConfig
+from hsae_core.data_config import ExtractConfig
+from hsae_core.evaluate import evaluate_hsae
+from hsae_core.extract import extract_activations
+from hsae_core.model import HSAE
+from hsae_core.normalize import estimate_normalization
+from hsae_core.params import TrainRunConfig
+from hsae_core.posthoc import posthoc_forest
+from hsae_core.reader import EvalActivations, TrainActivations
+from hsae_core.splice import SplicedLoss, batched_by_length, eval_sequences, load_full_lm
+from hsae_core.train_run import TrainingCurves, train_on_store
+from hsae_core.trainer import Trainer
+from tests.pipeline_helpers import micro_assets
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("library")
+    model, corpus = micro_assets(root / "assets")
+    cfg = ExtractConfig(model=model, layer=1, corpus=corpus, context_len=32, max_tokens=3000,
+                        eval_fraction=0.2, chunk_bytes=4096, shard_bytes=65536)
+    info = extract_activations(cfg, root / "act.zarr", progress=False)
+    return info, estimate_normalization(info).scale
+
+
+def config(**kw) -> HSAEConfig:
+    return HSAEConfig(d_model=64, level_sizes=(8, 16, 32), target_l0=3.0, batch_size=64, total_steps=30,
+                      update_interval=10, dead_window_tokens=0, **kw)
+
+
+def rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+def test_resumed_training_equals_uninterrupted_with_the_same_curves(store, tmp_path):
+    info, scale = store
+    cfg, run = config(), TrainRunConfig(checkpoint_every=10, log_every=5)
+    full = train_on_store(cfg, info, scale, checkpoint=tmp_path / "a.pt", curves=tmp_path / "a", run=run)
+
+    # what a run killed after its step-10 checkpoint leaves behind: the checkpoint and curves to step 15
+    reader = TrainActivations(info, scale, batch_size=64, seed=cfg.seed, epochs=None, max_tokens=30 * 64,
+                              drop_last=True)
+    killed = Trainer(cfg, tmp_path / "b.pt", log_every=5, on_log=TrainingCurves(tmp_path / "b", 3))
+    for step, x in enumerate(reader):
+        killed.train_step(x)
+        if step + 1 == 10:
+            killed.save_checkpoint()
+        if step + 1 == 15:
+            break
+    resumed = train_on_store(cfg, info, scale, checkpoint=tmp_path / "b.pt", curves=tmp_path / "b", run=run)
+    for a, b in zip(full.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+    assert resumed.forest.equals(full.forest)
+    for l in range(3):
+        assert rows(tmp_path / "b" / f"level{l}.tsv") == rows(tmp_path / "a" / f"level{l}.tsv")
+    assert [int(r["step"]) for r in rows(tmp_path / "b" / "level0.tsv")] == list(range(5, 31, 5))
+
+    # a checkpoint of another config is not resumed from: it is replaced by a fresh run
+    other = train_on_store(config(lr=1e-3), info, scale, checkpoint=tmp_path / "b.pt", curves=tmp_path / "b",
+                           run=run)
+    assert not torch.equal(other.levels[0].W_enc, full.levels[0].W_enc)
+    assert [int(r["step"]) for r in rows(tmp_path / "b" / "level0.tsv")] == list(range(5, 31, 5))
+
+
+def test_streaming_evaluation_matches_a_dense_recomputation(store):
+    info, scale = store
+    model = HSAE(config())
+    batches = [b.activations for b in EvalActivations(info, scale, batch_size=100)]
+    x_all = torch.cat(batches)
+    with torch.no_grad():
+        for lv in model.levels:
+            lv.init_b_dec_(x_all)
+            lv.init_thresholds_(x_all, 3.0)
+    model.forest = posthoc_forest(model, "encoder", 0.2, "partial")
+    res = evaluate_hsae(model, iter(batches))
+    n = x_all.shape[0]
+    assert res["tokens"] == n
+    for l, lv in enumerate(model.levels):
+        with torch.no_grad():
+            pre = x_all @ lv.W_enc.t() + lv.b_enc
+            dense = torch.where(pre > lv.threshold, pre, torch.zeros_like(pre))
+            recon = dense @ lv.W_dec + lv.b_dec
+        assert res[f"level{l}"]["l0"] == pytest.approx(float((dense > 0).sum()) / n, rel=1e-6)
+        assert res[f"level{l}"]["dead_frac"] == pytest.approx(float(((dense > 0).sum(0) == 0).double().mean()))
+        fve, start = [], 0
+        for xb in batches:  # FVE centres each token on its own batch's mean
+            rb = recon[start: start + len(xb)].double()
+            fve.append(1 - (xb.double() - rb).pow(2).sum(1) / (xb.double() - xb.double().mean(0)).pow(2).sum(1))
+            start += len(xb)
+        assert res[f"level{l}"]["fve"] == pytest.approx(float(torch.cat(fve).mean()), rel=1e-4, abs=1e-5)
+    assert res["pair0"]["children_assigned"] == model.forest.n_assigned(0)
+
+
+def test_eval_sequences_and_splice(store):
+    info, _ = store
+    bos = int(info.attrs["bos_token_id"])
+    seqs = list(eval_sequences(info, 10 ** 9, block=50))  # blocks cut sequences apart
+    stored = info.array("eval", "token_ids")[:]
+    assert sum(int((s != bos).sum()) for s in seqs) == len(stored)
+    assert all(s[0] == bos for s in seqs)
+    assert torch.equal(torch.cat([torch.from_numpy(s[s != bos]) for s in seqs]), torch.from_numpy(stored).long())
+    few = list(eval_sequences(info, 40))
+    assert sum(int((s != bos).sum()) for s in few) >= 40 and len(few) < len(seqs)
+
+    lm = load_full_lm(info.attrs["model"])
+    loss = SplicedLoss(lm, int(info.attrs["layer"]), bos)
+    for ids in batched_by_length(iter(seqs[:6]), 4):
+        loss.add(ids, {"clean": None, "identity": lambda h: h, "zero": torch.zeros_like})
+    got = loss.losses()
+    assert got["identity"] == pytest.approx(got["clean"], rel=1e-5)
+    assert abs(got["zero"] - got["clean"]) > 1e-3  # the hook really replaces block 1's output
