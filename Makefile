@@ -1,4 +1,7 @@
-.PHONY: setup test repro bench
+.PHONY: setup test repro ablations bench
+# Stages run `python -m stages.<name>` (dvc.yaml): the project's .venv comes first on PATH.
+export PATH := $(CURDIR)/.venv/bin:$(PATH)
+
 setup:
 	bash scripts/setup.sh
 
@@ -7,6 +10,11 @@ test: setup
 
 repro: setup
 	.venv/bin/dvc repro
+	.venv/bin/dvc metrics diff
+
+ablations: setup
+	.venv/bin/python -m stages.ablations queue
+	.venv/bin/dvc queue start -j 1
 
 bench: setup
 	.venv/bin/python benchmarks/step_time.py

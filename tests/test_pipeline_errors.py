@@ -134,3 +134,18 @@ def test_data_stages_name_the_bad_key(project, tmp_path):
     args = ["--store", str(root / "act.zarr"), "--out", str(tmp_path / "norm.json")]
     expect_error(run_with(root, changed(params, "normalize", n_tokens=0), normalize.app, args),
                  "NormalizeConfig.n_tokens = 0")
+
+
+def test_committed_params_files_are_valid():
+    """params.yaml (the embedded default) and configs/paper.yaml pass every stage's checks."""
+    from hsae_core.data_config import ExtractConfig, NormalizeConfig
+    from hsae_core.params import MetricsConfig, PosthocConfig, TrainRunConfig, hsae_config, load_params, \
+        section_config
+    from tests.pipeline_helpers import REPO
+
+    for path, d_model in ((REPO / "params.yaml", 576), (REPO / "configs" / "paper.yaml", 2304)):
+        p = load_params(path)
+        ExtractConfig(**p["extract"]), NormalizeConfig(**p["normalize"])
+        for section, cls in (("train", TrainRunConfig), ("posthoc", PosthocConfig), ("metrics", MetricsConfig)):
+            section_config(p, section, cls)
+        assert hsae_config(p, d_model).n_levels == 4 and hsae_config(p, d_model, independent=True).is_independent

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
 import yaml
 
-from tests.pipeline_helpers import dvc, git, micro_assets, micro_params, micro_project, ran_stages
+from tests.pipeline_helpers import dvc, env, git, micro_assets, micro_params, micro_project, ran_stages
 
 ALL = {"extract-activations", "normalize", "train-hsae", "train-baselines", "build-posthoc-trees",
        "compute-metrics"}
@@ -53,3 +55,7 @@ def test_repro_ablation_and_metrics_diff(tmp_path):
     diff = json.loads(dvc(root, "metrics", "diff", "--json").stdout)["metrics/metrics.json"]
     assert any(k.startswith("hsae.pair") for k in diff)
     assert not [k for k in diff if k.startswith("posthoc.")]  # the baseline was not retrained
+
+    table = subprocess.run([sys.executable, "-m", "stages.ablations", "table"], cwd=root, env=env(),
+                           capture_output=True, text=True, check=True).stdout
+    assert "(reference)" in table and "hierarchy.rho=0.5" in table
