@@ -1,103 +1,175 @@
 """The two couplings between adjacent levels, in exact sparse form (METHOD §3).
 
-Never builds a ``[batch, parents, d]`` tensor. With ``S_i = sum_{j in C_i} a_j d_j``:
+Never builds a ``[batch, parents, d]`` tensor. For a parent i with children C_i and
+``S_i = sum_{j in C_i} a_j d_j``:
 
-  ||a_i d_i - S_i||^2 = a_i^2 ||d_i||^2  -  2 a_i sum_j a_j <d_i, d_j>  +  ||S_i||^2
+  ||a_i d_i - S_i||^2 = a_i^2 ||d_i||^2 - 2 a_i sum_j a_j <d_i, d_j>
+                        + sum_j a_j^2 ||d_j||^2 + 2 sum_{j<k in C_i} a_j a_k <d_j, d_k>
 
-summed over tokens b and parents i with children (§3.1), averaged over the batch.
+summed over tokens b and parents i with children (§3.1), averaged over the batch:
+
+- the diagonal terms are per-feature sums of a^2 times squared row norms;
+- the parent-child term pairs each child entry with its parent's entry at the same token (a
+  sorted-key lookup) and uses one Gram value <d_parent(j), d_j> per link, sampled from
+  ``W_c W_p^T`` on the link pattern;
+- the sibling term runs over pairs of children of one parent that fire on the same token
+  (rare: the sparsity penalty discourages it), again with sampled Gram values.
 
 Support entries with value 0 (inside the JumpReLU window) are kept: they add nothing to the
 loss but carry its gradient to the threshold, exactly as the dense formula does.
+The backward is written by hand: each decoder receives one gradient buffer, built with
+embedding-bag sums (no ``[pairs, d]`` gathers). Cost per step: O(nnz + links + n * d).
 
-- term A runs over the parent entries;
-- term B pairs each active child entry with its parent's entry at the same token (a sorted
-  key lookup) and uses one Gram value <d_{parent(j)}, d_j> per child feature;
-- term C groups active child entries by (token, parent): a group of one contributes
-  a_j^2 ||d_j||^2, larger groups (co-firing siblings, rare) are summed exactly in d-space.
-
-Cost: O(nnz + n_children * d + (co-firing sibling entries) * d) per step. The perturbation
-(§3.2, METHOD §1) is a delta on level l's reconstruction over the swapped parents only.
+The perturbation (§3.2, METHOD §1) is applied in :meth:`HSAE._decode_all` with
+:func:`swap_masks`: swapped parents' entries are masked out of level l's decode and their
+children's entries are decoded into level l's reconstruction.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from .forest import Links
 from .jumprelu import SparseCode
-from .sparse_ops import sparse_decode
+from .sparse_ops import SupportPattern, bag_sum, sddmm
 
-#: Co-firing sibling entries are summed in chunks of this many rows to bound memory.
-SIBLING_CHUNK = 16384
+
+@dataclass
+class _PCIndex:
+    """Index lists of one level pair for one batch (no gradients flow through these)."""
+
+    hit_p: torch.Tensor  # parent entry met by ...
+    hit_c: torch.Tensor  # ... the child entry at the same token whose parent it is
+    hit_link: torch.Tensor  # the link (child feature) of each hit
+    sib_a: torch.Tensor  # child entries a < b of one parent firing on one token
+    sib_b: torch.Tensor
+
+    @classmethod
+    def build(cls, parent: SupportPattern, child: SupportPattern, parent_of: torch.Tensor,
+              links: Links) -> "_PCIndex":
+        n_parents = links.by_parent_crow.numel() - 1
+        c_par = parent_of[child.cols]
+        assigned = c_par >= 0
+        c_keys = child.rows * n_parents + c_par
+        p_keys = parent.rows * n_parents + parent.cols  # sorted: supports are row-major
+        if p_keys.numel() and c_keys.numel():
+            pos = torch.searchsorted(p_keys, c_keys).clamp_(max=p_keys.numel() - 1)
+            hit_c = (assigned & (p_keys[pos] == c_keys)).nonzero(as_tuple=True)[0]
+            hit_p = pos[hit_c]
+        else:
+            hit_c = hit_p = c_keys.new_zeros(0)
+        hit_link = links.by_child_crow[child.cols[hit_c]]
+        sib_a, sib_b = _sibling_pairs(torch.where(assigned, c_keys, -1))
+        return cls(hit_p, hit_c, hit_link, sib_a, sib_b)
+
+
+def _sibling_pairs(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """All pairs (a, b), a before b in sorted order, of entries with equal keys >= 0."""
+    sorted_keys, order = torch.sort(keys, stable=True)
+    n = sorted_keys.numel()
+    if n < 2:
+        return keys.new_zeros(0), keys.new_zeros(0)
+    same_as_next = (sorted_keys[1:] == sorted_keys[:-1]) & (sorted_keys[1:] >= 0)
+    if not bool(same_as_next.any()):
+        return keys.new_zeros(0), keys.new_zeros(0)
+    # end (exclusive) of each position's run of equal keys
+    boundary = torch.ones(n, dtype=torch.bool, device=keys.device)
+    boundary[:-1] = ~same_as_next
+    run_end = torch.flip(torch.cummin(torch.flip(
+        torch.where(boundary, torch.arange(1, n + 1, device=keys.device), n + 1), [0]), 0).values, [0])
+    count = run_end - 1 - torch.arange(n, device=keys.device)  # partners after each position
+    left = torch.repeat_interleave(torch.arange(n, device=keys.device), count)
+    offset = torch.arange(left.numel(), device=keys.device) - torch.repeat_interleave(
+        torch.cumsum(count, 0) - count, count)
+    return order[left], order[left + 1 + offset]
+
+
+def _pair_pattern(a: torch.Tensor, b: torch.Tensor, n: int) -> SupportPattern:
+    """The ``[n, n]`` pattern with entries (a[k], b[k]), row-sorted; also returns the order."""
+    order = torch.argsort(a, stable=True)
+    return SupportPattern(a[order], b[order], n, n), order
+
+
+def _link_pattern(links: Links, n_parents: int) -> SupportPattern:
+    """The links as a ``[n_child, n_parent]`` support with one entry per assigned child."""
+    return SupportPattern(links.kids, links.par, links.by_child_crow.numel() - 1, n_parents,
+                          _crow=links.by_child_crow)
+
+
+class _PCLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, vals_p, vals_c, w_p, w_c, pats, idx: _PCIndex, links: Links, masks):
+        pat_p, pat_c = pats
+        has_children, assigned = masks
+        n_c = w_c.shape[0]
+        norm2_p = torch.linalg.vector_norm(w_p, dim=1).pow(2)
+        norm2_c = torch.linalg.vector_norm(w_c, dim=1).pow(2)
+        gram = sddmm(_link_pattern(links, w_p.shape[0]), w_c, w_p)  # <d_parent(j), d_j>
+        diag_p = torch.where(has_children, norm2_p, 0.0)
+        diag_c = torch.where(assigned, norm2_c, 0.0)
+        sq_p = torch.zeros_like(norm2_p).index_add_(0, pat_p.cols, vals_p.pow(2))
+        sq_c = torch.zeros_like(norm2_c).index_add_(0, pat_c.cols, vals_c.pow(2))
+        total = (sq_p * diag_p).sum() + (sq_c * diag_c).sum()
+        total = total - 2 * (vals_p[idx.hit_p] * vals_c[idx.hit_c] * gram[idx.hit_link]).sum()
+        sib_pat, sib_order = _pair_pattern(pat_c.cols[idx.sib_a], pat_c.cols[idx.sib_b], n_c)
+        sib_dot = (sddmm(sib_pat, w_c, w_c)[torch.argsort(sib_order)] if idx.sib_a.numel()
+                   else vals_c.new_zeros(0))
+        total = total + 2 * (vals_c[idx.sib_a] * vals_c[idx.sib_b] * sib_dot).sum()
+        ctx.save_for_backward(vals_p, vals_c, w_p, w_c, diag_p, diag_c, sq_p, sq_c, gram, sib_dot)
+        ctx.pats, ctx.idx, ctx.links = pats, idx, links
+        return total / pat_p.n_rows
+
+    @staticmethod
+    def backward(ctx, grad):
+        vals_p, vals_c, w_p, w_c, diag_p, diag_c, sq_p, sq_c, gram, sib_dot = ctx.saved_tensors
+        pat_p, pat_c = ctx.pats
+        idx: _PCIndex = ctx.idx
+        links: Links = ctx.links
+        s = grad / pat_p.n_rows
+        vp_hit, vc_hit, gram_hit = vals_p[idx.hit_p], vals_c[idx.hit_c], gram[idx.hit_link]
+        va, vb = vals_c[idx.sib_a], vals_c[idx.sib_b]
+
+        g_vp = 2 * vals_p * diag_p[pat_p.cols]
+        g_vp.index_add_(0, idx.hit_p, -2 * vc_hit * gram_hit)
+        g_vc = 2 * vals_c * diag_c[pat_c.cols]
+        g_vc.index_add_(0, idx.hit_c, -2 * vp_hit * gram_hit)
+        g_vc.index_add_(0, idx.sib_a, 2 * vb * sib_dot)
+        g_vc.index_add_(0, idx.sib_b, 2 * va * sib_dot)
+
+        # decoder rows: each diagonal term scales its own row; each cross term adds the
+        # partner's row with its coefficient summed over the batch (one bag sum per decoder)
+        beta = torch.zeros_like(gram).index_add_(0, idx.hit_link, -2 * vp_hit * vc_hit)
+        perm = links.by_parent_perm
+        g_wp = bag_sum(links.kids[perm], links.by_parent_crow, beta[perm], w_c)
+        g_wp.addcmul_((2 * sq_p * diag_p.ne(0))[:, None], w_p)
+        g_wc = bag_sum(links.par, links.by_child_crow, beta, w_p)
+        g_wc.addcmul_((2 * sq_c * diag_c.ne(0))[:, None], w_c)
+        if idx.sib_a.numel():
+            ca, cb = pat_c.cols[idx.sib_a], pat_c.cols[idx.sib_b]
+            coef = 2 * va * vb
+            sym, order = _pair_pattern(torch.cat([ca, cb]), torch.cat([cb, ca]), w_c.shape[0])
+            g_wc += bag_sum(sym.cols, sym.crow(), torch.cat([coef, coef])[order], w_c)
+        return g_vp * s, g_vc * s, g_wp.mul_(s), g_wc.mul_(s), None, None, None, None
 
 
 def pc_loss(parent: SparseCode, child: SparseCode, w_dec_parent: torch.Tensor,
-            w_dec_child: torch.Tensor, parent_of: torch.Tensor, has_children: torch.Tensor
-            ) -> torch.Tensor:
+            w_dec_child: torch.Tensor, parent_of: torch.Tensor, has_children: torch.Tensor,
+            links: Links | None = None) -> torch.Tensor:
     """sum_i ||f_i - sum_{j in C_i} f_j||^2 averaged over the batch, for one level pair."""
-    n_rows, n_parents = parent.pattern.n_rows, w_dec_parent.shape[0]
-    vals_p, vals_c = parent.vals, child.vals
-
-    keep_p = has_children[parent.pattern.cols]
-    p_rows, p_cols, p_vals = parent.pattern.rows[keep_p], parent.pattern.cols[keep_p], vals_p[keep_p]
-    c_par_all = parent_of[child.pattern.cols]
-    keep_c = c_par_all >= 0
-    c_rows, c_cols, c_vals = child.pattern.rows[keep_c], child.pattern.cols[keep_c], vals_c[keep_c]
-    c_par = c_par_all[keep_c]
-
-    norm2_p = w_dec_parent.pow(2).sum(1)
-    norm2_c = w_dec_child.pow(2).sum(1)
-    term_a = (p_vals.pow(2) * norm2_p[p_cols]).sum()
-
-    # Term B: child entry (b, j) meets parent entry (b, parent(j)) if that one is active.
-    p_keys = p_rows * n_parents + p_cols  # sorted: entries are row-major
-    c_keys = c_rows * n_parents + c_par
-    if p_keys.numel() and c_keys.numel():
-        pos = torch.searchsorted(p_keys, c_keys).clamp_(max=p_keys.numel() - 1)
-        hit = p_keys[pos] == c_keys
-        assigned = (parent_of >= 0).nonzero(as_tuple=True)[0]
-        gram = torch.zeros(w_dec_child.shape[0], dtype=w_dec_child.dtype, device=w_dec_child.device)
-        gram = gram.index_put((assigned,), (w_dec_parent[parent_of[assigned]] * w_dec_child[assigned]).sum(1))
-        term_b = -2 * (p_vals[pos[hit]] * c_vals[hit] * gram[c_cols[hit]]).sum()
-    else:
-        term_b = w_dec_child.new_zeros(())
-
-    # Term C: ||S_{b,i}||^2 over (token, parent) groups of child entries.
-    term_c = w_dec_child.new_zeros(())
-    if c_keys.numel():
-        sorted_keys, order = torch.sort(c_keys, stable=True)
-        _, group, counts = torch.unique_consecutive(sorted_keys, return_inverse=True, return_counts=True)
-        single = counts[group] == 1
-        o1 = order[single]
-        term_c = term_c + (c_vals[o1].pow(2) * norm2_c[c_cols[o1]]).sum()
-        multi = order[~single]
-        if multi.numel():
-            _, mgroup = torch.unique_consecutive(sorted_keys[~single], return_inverse=True)
-            for s, e in _chunks_by_group(multi.numel(), mgroup, SIBLING_CHUNK):
-                idx, g = multi[s:e], mgroup[s:e] - mgroup[s]
-                sums = w_dec_child.new_zeros(int(g[-1]) + 1, w_dec_child.shape[1])
-                sums = sums.index_add(0, g, c_vals[idx, None] * w_dec_child[c_cols[idx]])
-                term_c = term_c + sums.pow(2).sum()
-    return (term_a + term_b + term_c) / n_rows
+    links = Links.build(parent_of, w_dec_parent.shape[0]) if links is None else links
+    idx = _PCIndex.build(parent.pattern, child.pattern, parent_of, links)
+    return _PCLoss.apply(parent.vals, child.vals, w_dec_parent, w_dec_child,
+                         (parent.pattern, child.pattern), idx, links, (has_children, parent_of >= 0))
 
 
-def _chunks_by_group(n: int, group: torch.Tensor, chunk: int):
-    start = 0
-    while start < n:
-        end = min(n, start + chunk)
-        while end < n and group[end] == group[end - 1]:
-            end += 1
-        yield start, end
-        start = end
-
-
-def swap_delta(parent: SparseCode, child: SparseCode, w_dec_parent: torch.Tensor,
-               w_dec_child: torch.Tensor, parent_of: torch.Tensor, swapped: torch.Tensor
-               ) -> torch.Tensor:
-    """Change of level l's reconstruction when the ``swapped`` parents ([n_l] bool, only
-    parents with children) are replaced by their children's contributions (§3.2)."""
-    take_p = swapped[parent.pattern.cols]
+def swap_masks(parent: SparseCode, child: SparseCode, parent_of: torch.Tensor,
+               swapped: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keep mask over parent entries, take mask over child entries) for the ``swapped``
+    parents ([n_l] bool, only parents with children): the parent entries leave level l's
+    reconstruction and the taken child entries enter it in their place (§3.2)."""
+    keep_p = ~swapped[parent.pattern.cols]
     c_par = parent_of[child.pattern.cols]
     take_c = (c_par >= 0) & swapped[c_par.clamp(min=0)]
-    added = sparse_decode(child.pattern.subset(take_c), child.vals[take_c], w_dec_child)
-    removed = sparse_decode(parent.pattern.subset(take_p), parent.vals[take_p], w_dec_parent)
-    return added - removed
+    return keep_p, take_c

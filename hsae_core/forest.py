@@ -17,10 +17,38 @@ UNASSIGNED = -1
 
 
 @dataclass
+class Links:
+    """The links of one level pair: child ``kids[k]`` has parent ``par[k]`` (kids ascending).
+
+    ``by_child_crow`` indexes them as a CSR ``[n_child, n_parent]`` matrix (one entry per
+    assigned child), ``by_parent_*`` as its transpose ``[n_parent, n_child]``.
+    """
+
+    kids: torch.Tensor
+    par: torch.Tensor
+    by_child_crow: torch.Tensor
+    by_parent_perm: torch.Tensor
+    by_parent_crow: torch.Tensor
+
+    @classmethod
+    def build(cls, parent_of: torch.Tensor, n_parents: int) -> "Links":
+        kids = (parent_of >= 0).nonzero(as_tuple=True)[0]
+        par = parent_of[kids]
+        has = torch.zeros(parent_of.numel() + 1, dtype=torch.int64, device=parent_of.device)
+        torch.cumsum((parent_of >= 0).long(), 0, out=has[1:])
+        perm = torch.argsort(par, stable=True)
+        counts = torch.bincount(par, minlength=n_parents)
+        crow = torch.zeros(n_parents + 1, dtype=torch.int64, device=parent_of.device)
+        torch.cumsum(counts, 0, out=crow[1:])
+        return cls(kids, par, has, perm, crow)
+
+
+@dataclass
 class Forest:
     level_sizes: tuple[int, ...]
     parent_of: list[torch.Tensor]  # [n_{l+1}] int64 per level pair
     _has_children: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+    _links: dict[int, "Links"] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         sizes = tuple(int(n) for n in self.level_sizes)
@@ -53,6 +81,13 @@ class Forest:
             mask[p[p >= 0]] = True
             self._has_children[level] = mask
         return self._has_children[level]
+
+    def links(self, level_pair: int) -> "Links":
+        """The (parent, child) links of a level pair as CSR index lists (cached)."""
+        if level_pair not in self._links:
+            self._links[level_pair] = Links.build(self.parent_of[level_pair],
+                                                  self.level_sizes[level_pair])
+        return self._links[level_pair]
 
     def n_assigned(self, level_pair: int) -> int:
         return int((self.parent_of[level_pair] >= 0).sum())

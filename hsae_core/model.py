@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from .config import HSAEConfig
-from .coupling import pc_loss, swap_delta
+from .coupling import pc_loss, swap_masks
+from .sparse_ops import sparse_decode
 from .forest import Forest
 from .jumprelu import JumpReLULevel, SparseCode, ghost_grad_loss
 
@@ -24,6 +25,7 @@ class HSAEOutput(NamedTuple):
     pc: torch.Tensor  # [L-1] parent-child constraint per level pair (0 where not computed)
     ghost: torch.Tensor  # scalar: ghost-grad loss summed over levels
     sq_error: torch.Tensor  # [L] detached sum over tokens of ||x - recon_l||^2, unperturbed
+                            # (NaN for perturbed levels unless clean_error=True)
     codes: list[SparseCode]
 
 
@@ -53,23 +55,28 @@ class HSAE(nn.Module):
         return [lv.encode(x) for lv in self.levels]
 
     def forward(self, x: torch.Tensor, swapped: Sequence[torch.Tensor] | None = None,
-                dead: Sequence[torch.Tensor] | None = None, with_pc: bool = True) -> HSAEOutput:
+                dead: Sequence[torch.Tensor] | None = None, with_pc: bool = True,
+                clean_error: bool = False) -> HSAEOutput:
         """Loss terms for a batch ``x [B, d]``.
 
         ``swapped[l]`` (bool ``[n_l]``) marks the parents of level l whose contribution is
         replaced by their children's in level l's reconstruction (§3.2; METHOD §1).
-        ``dead[l]`` (bool ``[n_l]``) marks features that get ghost grads.
+        ``dead[l]`` (bool ``[n_l]``) marks features that get ghost grads. ``clean_error`` also
+        measures the unperturbed reconstruction error of perturbed levels (for logging).
         """
         x = x.to(self.levels[0].W_dec.dtype)
         codes = [lv.encode(x) for lv in self.levels]
-        recons = [lv.decode(c) for lv, c in zip(self.levels, codes)]
         zero = x.new_zeros(())
+        recons, swap_in = self._decode_all(codes, swapped)
         mse, sq_err, pcs, ghost = [], [], [], zero
         for l, (lv, code, recon) in enumerate(zip(self.levels, codes, recons)):
-            sq_err.append((x - recon.detach()).pow(2).sum())
-            if swapped is not None and l < self.n_levels - 1 and bool(swapped[l].any()):
-                recon = recon + swap_delta(code, codes[l + 1], lv.W_dec, self.levels[l + 1].W_dec,
-                                           self.forest.parent_of[l], swapped[l])
+            if swap_in[l] is not None:
+                recon = recon + swap_in[l]
+                with torch.no_grad():
+                    sq_err.append((x - lv.decode(code)).pow(2).sum() if clean_error
+                                  else x.new_tensor(float("nan")))
+            else:
+                sq_err.append((x - recon.detach()).pow(2).sum())
             residual = x - recon
             level_mse = residual.pow(2).sum(1).mean()
             mse.append(level_mse)
@@ -79,12 +86,37 @@ class HSAE(nn.Module):
             if with_pc and bool((self.forest.parent_of[l] >= 0).any()):
                 pcs.append(pc_loss(codes[l], codes[l + 1], self.levels[l].W_dec,
                                    self.levels[l + 1].W_dec, self.forest.parent_of[l],
-                                   self.forest.has_children(l)))
+                                   self.forest.has_children(l), self.forest.links(l)))
             else:
                 pcs.append(zero)
         return HSAEOutput(torch.stack(mse), torch.stack([c.l0 for c in codes]),
                           torch.stack(pcs) if pcs else x.new_zeros(0), ghost,
                           torch.stack(sq_err), codes)
+
+    def _decode_all(self, codes: list[SparseCode], swapped):
+        """Every level's reconstruction with its swapped parents' entries masked out, and the
+        children's contributions that replace them in the level above (§3.2).
+
+        Level l+1 decodes its own rows and, stacked below them, its entries whose parent is
+        swapped: one sparse product (and one weight gradient) per level, the swap included.
+        """
+        n = codes[0].pattern.n_rows
+        recons, swap_in = [], [None] * self.n_levels
+        for l, (lv, code) in enumerate(zip(self.levels, codes)):
+            pattern, vals = code.pattern, code.vals
+            if swapped is not None and l < self.n_levels - 1 and bool(swapped[l].any()):
+                keep, _ = swap_masks(code, codes[l + 1], self.forest.parent_of[l], swapped[l])
+                vals = vals * keep
+            take = None
+            if swapped is not None and l > 0 and bool(swapped[l - 1].any()):
+                _, take = swap_masks(codes[l - 1], code, self.forest.parent_of[l - 1], swapped[l - 1])
+                pattern = pattern.stacked(pattern.subset(take))
+                vals = torch.cat([vals, code.vals[take]])
+            out = sparse_decode(pattern, vals, lv.W_dec)
+            recons.append(out[:n] + lv.b_dec)
+            if take is not None:
+                swap_in[l - 1] = out[n:]
+        return recons, swap_in
 
     @staticmethod
     def total_loss(out: HSAEOutput, lambdas: torch.Tensor, rho: float) -> torch.Tensor:

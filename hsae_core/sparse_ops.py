@@ -74,6 +74,12 @@ class SupportPattern:
         out = vals.new_zeros(self.n_rows, self.n_cols)
         return out.index_put((self.rows, self.cols), vals)
 
+    def stacked(self, other: "SupportPattern") -> "SupportPattern":
+        """This pattern's rows, then ``other``'s rows shifted below them (same columns)."""
+        return SupportPattern(torch.cat([self.rows, other.rows + self.n_rows]),
+                              torch.cat([self.cols, other.cols]),
+                              self.n_rows + other.n_rows, self.n_cols)
+
     def subset(self, keep: torch.Tensor) -> "SupportPattern":
         """The entries where ``keep`` (a bool [nnz] mask) holds; row order is preserved."""
         return SupportPattern(self.rows[keep], self.cols[keep], self.n_rows, self.n_cols)
@@ -93,19 +99,26 @@ def spmm_rows(p: SupportPattern, vals: torch.Tensor, w: torch.Tensor) -> torch.T
     """``[n_rows, d]``: each row b sums vals * w[col] over its entries (no autograd)."""
     if p.is_dense:
         return p.to_dense(vals) @ w
-    if p.nnz == 0:
-        return w.new_zeros(p.n_rows, w.shape[1])
-    return torch.sparse.mm(_csr(p.crow(), p.cols, vals, (p.n_rows, p.n_cols)), w)
+    return bag_sum(p.cols, p.crow(), vals, w)
 
 
 def spmm_cols(p: SupportPattern, vals: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``[n_cols, d]``: each column i sums vals * x[row] over its entries (no autograd)."""
     if p.is_dense:
         return p.to_dense(vals).t() @ x
-    if p.nnz == 0:
-        return x.new_zeros(p.n_cols, x.shape[1])
     perm, col_ptr, rows_by_col = p.by_col()
-    return torch.sparse.mm(_csr(col_ptr, rows_by_col, vals[perm], (p.n_cols, p.n_rows)), x)
+    return bag_sum(rows_by_col, col_ptr, vals[perm], x)
+
+
+def bag_sum(index: torch.Tensor, ptr: torch.Tensor, weights: torch.Tensor, table: torch.Tensor
+             ) -> torch.Tensor:
+    """out[k] = sum_{e in ptr[k]:ptr[k+1]} weights[e] * table[index[e]]: an embedding-bag sum,
+    which writes each output row once (CSR matmul kernels zero-fill and copy their output)."""
+    if index.numel() == 0:
+        return table.new_zeros(ptr.numel() - 1, table.shape[1])
+    with torch.no_grad():
+        return torch.nn.functional.embedding_bag(index, table, ptr[:-1], mode="sum",
+                                                 per_sample_weights=weights.to(table.dtype))
 
 
 def sddmm(p: SupportPattern, g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -118,7 +118,9 @@ class Trainer:
             group["lr"] = lr
         swapped = self._draw_swaps()
         dead = self._dead_masks()
-        out = model(x, swapped=swapped, dead=dead, with_pc=cfg.rho > 0)
+        logging = self.on_log is not None and ((self.step + 1) % self.log_every == 0
+                                               or self.step + 1 == cfg.total_steps)
+        out = model(x, swapped=swapped, dead=dead, with_pc=cfg.rho > 0, clean_error=logging)
         loss = HSAE.total_loss(out, self.controller.lambdas, cfg.rho)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss became {loss.item()} at step {self.step}; lower lr "
@@ -132,7 +134,7 @@ class Trainer:
         self.step += 1
         if self._update_due():
             self.update_hierarchy()
-        if self.on_log and (self.step % self.log_every == 0 or self.step == cfg.total_steps):
+        if logging:
             stats = self._stats(x, out, loss, lr)
             self.on_log(self.step, stats.as_record())
             return stats

@@ -2,9 +2,10 @@
 
 Concepts form a forest over three levels (roots -> mids -> leaves). Each token draws a few
 root-to-leaf paths; every node on a path is active, so a child's activity always implies its
-parent's. A node's direction is its parent's direction plus an independent component, so a
-token's activation is sum over active nodes of magnitude * direction (plus small noise): a
-coarse SAE level can explain a whole subtree with its root direction, a finer one splits it.
+parent's. A node's direction is its parent's direction plus an independent component. With
+``leaf_only`` a path contributes magnitude * its leaf's direction (feature splitting: a coarse
+SAE level can only learn cluster centroids, a finer one splits them); otherwise every node on
+the path adds its own direction.
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ class SyntheticForest:
     parent_of: list[torch.Tensor]  # per level pair [n_{l+1}]
     paths_per_token: int
     gen: torch.Generator
+    leaf_only: bool = True
 
     @classmethod
     def make(cls, d=32, branching=(3, 3), n_roots=8, paths_per_token=2, parent_weight=0.6,
-             seed=0) -> "SyntheticForest":
+             seed=0, leaf_only=True) -> "SyntheticForest":
         gen = torch.Generator().manual_seed(seed)
         sizes = [n_roots]
         for b in branching:
@@ -37,7 +39,7 @@ class SyntheticForest:
             own = _unit(torch.randn(sizes[l + 1], d, generator=gen))
             dirs.append(_unit(parent_weight * dirs[l][par] + (1 - parent_weight ** 2) ** 0.5 * own))
             parent_of.append(par)
-        return cls(d, tuple(sizes), dirs, parent_of, paths_per_token, gen)
+        return cls(d, tuple(sizes), dirs, parent_of, paths_per_token, gen, leaf_only)
 
     def sample(self, n: int, gen: torch.Generator | None = None
                ) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -51,8 +53,9 @@ class SyntheticForest:
         x = 0.05 * torch.randn(n, self.d, generator=gen)
         for l in range(len(self.sizes) - 1, -1, -1):
             active[l][rows, node] = True
-            mag = 1.0 + 0.5 * torch.rand(node.numel(), generator=gen)
-            x.index_add_(0, rows, mag[:, None] * self.directions[l][node])
+            if l == len(self.sizes) - 1 or not self.leaf_only:
+                mag = 1.0 + 0.5 * torch.rand(node.numel(), generator=gen)
+                x.index_add_(0, rows, mag[:, None] * self.directions[l][node])
             if l:
                 node = self.parent_of[l - 1][node]
         return x, active

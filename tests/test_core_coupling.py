@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from hsae_core.config import HSAEConfig
-from hsae_core.coupling import pc_loss, swap_delta
+from hsae_core.coupling import pc_loss
 from hsae_core.forest import Forest
 from hsae_core.model import HSAE
 from hsae_core import sparse_ops
-from tests.reference import dense_hsae_loss, dense_level, dense_pc_loss, dense_perturbed_recon
+from tests.reference import dense_hsae_loss, dense_level, dense_pc_loss
 
 
 def random_forest(sizes, gen, p_unassigned=0.3):
@@ -72,44 +72,40 @@ def test_full_loss_and_gradients_match_dense_reference(seed, dense_kernels, monk
 
 
 @pytest.mark.parametrize("seed", range(5))
-def test_pc_loss_and_swap_delta_match_reference_with_cofiring_siblings(seed):
-    """Dense-ish activations make sibling groups of many children (term C's multi path)."""
+def test_cofiring_siblings_match_reference(seed):
+    """Low thresholds and few parents make large groups of siblings firing together, the
+    sibling-pair path of the PC loss, and many swapped children."""
     gen = torch.Generator().manual_seed(100 + seed)
-    n_p, n_c, d, B = 7, 23, 6, 17
-    from hsae_core.jumprelu import JumpReLULevel
-    lp = JumpReLULevel(d, n_p, 0.3, gen).double()
-    lc = JumpReLULevel(d, n_c, 0.3, gen).double()
+    cfg = HSAEConfig(d_model=6, level_sizes=(7, 23), target_l0=2, bandwidth=0.3, seed=seed)
+    model = HSAE(cfg).double()
     with torch.no_grad():
-        for lv in (lp, lc):
+        for lv in model.levels:
             lv.W_dec.mul_(1 + torch.rand(lv.W_dec.shape[0], 1, generator=gen, dtype=torch.float64))
             lv.threshold.fill_(0.05)
-    parent_of = torch.randint(0, 3, (n_c,), generator=gen)  # few parents: big sibling groups
+    parent_of = torch.randint(0, 3, (23,), generator=gen)  # few parents: big sibling groups
     parent_of[::5] = -1
-    forest = Forest((n_p, n_c), [parent_of])
-    x = torch.randn(B, d, generator=gen, dtype=torch.float64)
-    cp, cc = lp.encode(x), lc.encode(x)
-    fast = pc_loss(cp, cc, lp.W_dec, lc.W_dec, parent_of, forest.has_children(0))
-    ap, _ = dense_level(lp, x)
-    ac, _ = dense_level(lc, x)
-    ref = dense_pc_loss(ap, ac, lp.W_dec, lc.W_dec, parent_of)
-    assert rel_err(fast.detach(), ref.detach()) < 1e-10
-    gf = torch.autograd.grad(fast, [lp.W_dec, lc.W_dec, lp.threshold, lc.W_enc], retain_graph=True)
-    gr = torch.autograd.grad(ref, [lp.W_dec, lc.W_dec, lp.threshold, lc.W_enc], retain_graph=True)
-    for a, b in zip(gf, gr):
-        assert rel_err(a, b) < 1e-6
+    model.forest = Forest((7, 23), [parent_of])
+    swapped = [torch.tensor([True, False, True, False, False, True, False]) & model.forest.has_children(0)]
+    x = torch.randn(17, 6, generator=gen, dtype=torch.float64)
+    lambdas = torch.tensor([0.2, 0.3], dtype=torch.float64)
 
-    swapped = torch.zeros(n_p, dtype=torch.bool)
-    swapped[[0, 2, 5]] = True
-    swapped &= forest.has_children(0)
-    delta = swap_delta(cp, cc, lp.W_dec, lc.W_dec, parent_of, swapped)
-    recon_fast = lp.decode(cp) + delta
-    recon_ref = dense_perturbed_recon(ap, ac, lp.W_dec, lc.W_dec, lp.b_dec, parent_of, swapped)
-    assert rel_err(recon_fast.detach(), recon_ref.detach()) < 1e-10
-    g = torch.randn_like(recon_ref)
-    gf = torch.autograd.grad((recon_fast * g).sum(), [lp.W_dec, lc.W_dec, lp.threshold, lc.threshold])
-    gr = torch.autograd.grad((recon_ref * g).sum(), [lp.W_dec, lc.W_dec, lp.threshold, lc.threshold])
-    for a, b in zip(gf, gr):
+    out = model(x, swapped=swapped)
+    fast = HSAE.total_loss(out, lambdas, rho=0.9)
+    pc_fast = out.pc.sum()
+    g_fast = torch.autograd.grad(fast, list(model.parameters()))
+    ref = dense_hsae_loss(model, x, model.forest, swapped, lambdas, rho=0.9)
+    g_ref = torch.autograd.grad(ref, list(model.parameters()))
+    ap, _ = dense_level(model.levels[0], x)
+    ac, _ = dense_level(model.levels[1], x)
+    pc_ref = dense_pc_loss(ap, ac, model.levels[0].W_dec, model.levels[1].W_dec, parent_of)
+    assert rel_err(pc_fast.detach(), pc_ref.detach()) < 1e-10
+    assert rel_err(fast.detach(), ref.detach()) < 1e-10
+    for a, b in zip(g_fast, g_ref):
         assert rel_err(a, b) < 1e-6 or (a.abs().max() == 0 and b.abs().max() == 0)
+    # the sibling path is really exercised
+    from hsae_core.coupling import _PCIndex
+    idx = _PCIndex.build(out.codes[0].pattern, out.codes[1].pattern, parent_of, model.forest.links(0))
+    assert idx.sib_a.numel() > 10
 
 
 def test_pc_loss_never_builds_batch_by_parents_by_d(monkeypatch):

@@ -1,0 +1,146 @@
+"""Step time of the HSAE against the same levels trained independently, side by side.
+
+    python benchmarks/step_time.py                 # d=576, both size ladders, batch 1024, CPU
+    python benchmarks/step_time.py --device cuda --d 2304 --sizes 2048,4096,8192,16384
+
+Both trainers run the same engine on the same batches, interleaved step by step (ABAB...) so
+machine noise hits both alike; the ratio of medians is reported. Before timing, thresholds are
+initialised at the target L0 and the HSAE gets a real forest (a hierarchy update), so the
+coupling terms and swaps run at their steady-state size. The hierarchy update itself is timed
+separately and amortised over the paper's update interval.
+
+Also reported: tokens/s, latent-tokens/s, achieved GFLOP/s counted as 6 * d * latents per token
+(the dense forward+backward work an SAE step stands for) against the measured fp32 matmul rate
+of the encoder's shapes, and step time versus dictionary size for single levels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hsae_core.config import HSAEConfig  # noqa: E402
+from hsae_core.trainer import Trainer  # noqa: E402
+
+
+def make_trainer(d, sizes, batch, device, independent: bool, target_l0=50.0) -> Trainer:
+    kw = dict(rho=0.0, swap_rate=0.0) if independent else dict(rho=0.01, swap_rate=0.05)
+    cfg = HSAEConfig(d_model=d, level_sizes=sizes, batch_size=batch, total_steps=100_000,
+                     target_l0=target_l0, update_interval=0, device=device, **kw)
+    return Trainer(cfg)
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def batches(d, batch, n, device, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, d, generator=gen).to(device) for _ in range(n)]
+
+
+def timed_step(trainer: Trainer, x, device) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    trainer.train_step(x)
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def matmul_gflops(d, n, batch, device, reps=5) -> float:
+    x = torch.randn(batch, d, device=device)
+    w = torch.randn(n, d, device=device)
+    x @ w.t()
+    sync(device)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        x @ w.t()
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * batch * d * n / best / 1e9
+
+
+def compare(d, sizes, batch, steps, warmup, device):
+    data = batches(d, batch, 4, device)
+    hsae = make_trainer(d, sizes, batch, device, independent=False)
+    indep = make_trainer(d, sizes, batch, device, independent=True)
+    for t in (hsae, indep):
+        t.train_step(data[0])  # threshold init at the target L0
+    t0 = time.perf_counter()
+    forest = hsae.update_hierarchy()
+    update_s = time.perf_counter() - t0
+    for i in range(warmup):
+        hsae.train_step(data[i % 4])
+        indep.train_step(data[i % 4])
+    th, ti = [], []
+    for i in range(steps):
+        x = data[i % 4]
+        if i % 2:
+            ti.append(timed_step(indep, x, device))
+            th.append(timed_step(hsae, x, device))
+        else:
+            th.append(timed_step(hsae, x, device))
+            ti.append(timed_step(indep, x, device))
+    mh, mi = statistics.median(th), statistics.median(ti)
+    latents = sum(sizes)
+    l0 = [round(float(v), 1) for v in hsae.controller.l0_ema]
+    assigned = [forest.n_assigned(l) for l in range(forest.n_pairs)]
+    print(f"\nlevels {sizes} (d={d}, batch={batch}, {device}); HSAE forest assigned {assigned}, "
+          f"L0 ema {l0}")
+    print(f"  independent step  {mi * 1e3:8.1f} ms   {batch / mi:9.0f} tok/s   "
+          f"{batch * latents / mi / 1e6:7.1f} M latent-tok/s   {6 * d * latents * batch / mi / 1e9:6.1f} GFLOP/s-equiv")
+    print(f"  HSAE step         {mh * 1e3:8.1f} ms   {batch / mh:9.0f} tok/s   "
+          f"{batch * latents / mh / 1e6:7.1f} M latent-tok/s   {6 * d * latents * batch / mh / 1e9:6.1f} GFLOP/s-equiv")
+    print(f"  ratio HSAE / independent (median of {steps} interleaved steps): {mh / mi:.3f}")
+    print(f"  hierarchy update {update_s * 1e3:.0f} ms, amortised over 5000 steps: "
+          f"+{update_s / 5000 / mi * 100:.2f}% -> ratio {(mh + update_s / 5000) / mi:.3f}")
+    rate = statistics.mean(matmul_gflops(d, n, batch, device) for n in sizes)
+    print(f"  fp32 matmul rate of the encoder shapes: {rate:.0f} GFLOP/s; "
+          f"dense-equivalent HSAE work at {6 * d * latents * batch / mh / 1e9 / rate:.2f}x that rate")
+    return mh / mi
+
+
+def scaling(d, batch, device, steps, sizes=(1024, 2048, 4096, 8192, 16384)):
+    data = batches(d, batch, 2, device, seed=1)
+    print(f"\nstep time versus dictionary size (one independent level, d={d}, batch={batch}):")
+    base = None
+    for n in sizes:
+        t = make_trainer(d, (n,), batch, device, independent=True)
+        t.train_step(data[0])
+        for i in range(2):
+            t.train_step(data[i % 2])
+        ms = statistics.median(timed_step(t, data[i % 2], device) for i in range(steps)) * 1e3
+        base = base or ms / n
+        print(f"  n={n:6d}  {ms:8.1f} ms/step   {ms / n * 1e3:6.2f} us per latent   "
+              f"(x{ms / (base * n):.2f} of linear from n={sizes[0]})")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--d", type=int, default=576)
+    ap.add_argument("--sizes", action="append", help="comma-separated ladder; repeatable")
+    ap.add_argument("--batch", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--no-scaling", action="store_true")
+    args = ap.parse_args()
+    ladders = [tuple(int(s) for s in x.split(",")) for x in (args.sizes or ["512,1024,2048,4096", "1024,2048,4096,8192"])]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
+    for sizes in ladders:
+        compare(args.d, sizes, args.batch, args.steps, args.warmup, args.device)
+    if not args.no_scaling:
+        scaling(args.d, args.batch, args.device, max(5, args.steps // 4))
+
+
+if __name__ == "__main__":
+    main()
