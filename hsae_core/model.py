@@ -14,7 +14,7 @@ from torch import nn
 
 from .config import HSAEConfig
 from .coupling import pc_loss, swap_masks
-from .sparse_ops import sparse_decode
+from .sparse_ops import sparse_decode, sparse_decode_pair
 from .forest import Forest
 from .jumprelu import JumpReLULevel, SparseCode, ghost_grad_loss
 
@@ -97,25 +97,22 @@ class HSAE(nn.Module):
         """Every level's reconstruction with its swapped parents' entries masked out, and the
         children's contributions that replace them in the level above (§3.2).
 
-        Level l+1 decodes its own rows and, stacked below them, its entries whose parent is
-        swapped: one sparse product (and one weight gradient) per level, the swap included.
+        Level l+1 decodes its own rows and, as a second output, its entries whose parent is
+        swapped: both share one weight-gradient buffer per level.
         """
-        n = codes[0].pattern.n_rows
         recons, swap_in = [], [None] * self.n_levels
         for l, (lv, code) in enumerate(zip(self.levels, codes)):
             pattern, vals = code.pattern, code.vals
             if swapped is not None and l < self.n_levels - 1 and bool(swapped[l].any()):
                 keep, _ = swap_masks(code, codes[l + 1], self.forest.parent_of[l], swapped[l])
                 vals = vals * keep
-            take = None
             if swapped is not None and l > 0 and bool(swapped[l - 1].any()):
                 _, take = swap_masks(codes[l - 1], code, self.forest.parent_of[l - 1], swapped[l - 1])
-                pattern = pattern.stacked(pattern.subset(take))
-                vals = torch.cat([vals, code.vals[take]])
-            out = sparse_decode(pattern, vals, lv.W_dec)
-            recons.append(out[:n] + lv.b_dec)
-            if take is not None:
-                swap_in[l - 1] = out[n:]
+                out, swap_in[l - 1] = sparse_decode_pair(pattern, vals, pattern.subset(take),
+                                                         code.vals[take], lv.W_dec)
+            else:
+                out = sparse_decode(pattern, vals, lv.W_dec)
+            recons.append(out + lv.b_dec)
         return recons, swap_in
 
     @staticmethod
