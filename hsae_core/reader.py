@@ -33,6 +33,7 @@ class TrainActivations:
     - Each epoch serves every train row exactly once, in an order fixed by ``(seed, epoch)``;
       the epoch's last batch is smaller unless ``drop_last``. ``epochs=None`` repeats until
       ``max_tokens``; ``max_tokens`` caps the rows served in all (the last batch is cut).
+      ``len(reader)`` is the number of batches an iteration yields.
     - Memory: ``buffer_blocks * block_rows`` rows (default block: 8 inner chunks, about 8 MB)
       plus ``prefetch`` batches.
     - ``prefetch > 0`` prepares that many batches in a background thread: worth it when the
@@ -59,6 +60,21 @@ class TrainActivations:
         self.n_rows, self.d_model = self.store.n_rows("train"), self.store.d_model
         if self.n_rows == 0:
             raise ValueError(f"store {self.store.path} has no train rows")
+
+    def __len__(self) -> int:
+        """Batches one iteration yields (what a learning-rate schedule needs)."""
+        full, rest = divmod(self.n_rows, self.batch_size)
+        per_epoch = full * [self.batch_size] + ([rest] if rest and not self.drop_last else [])
+        if self.max_tokens is None:
+            return len(per_epoch) * self.epochs
+        batches, served, epoch = 0, 0, 0
+        while served < self.max_tokens and (self.epochs is None or epoch < self.epochs):
+            for size in per_epoch:
+                batches, served = batches + 1, served + size
+                if served >= self.max_tokens:
+                    break
+            epoch += 1
+        return batches
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         if self.prefetch > 0:

@@ -139,3 +139,19 @@ def test_document_split_is_seeded_and_proportional():
     assert evals == [document_split(i, 0.1, seed=0) == "eval" for i in ids]
     assert evals != [document_split(i, 0.1, seed=1) == "eval" for i in ids]
     assert not any(document_split(i, 0.0, seed=0) == "eval" for i in ids)
+
+
+def test_hugging_face_streaming_path(tmp_path):
+    """The hub branch (``datasets`` streaming), fed a local dataset folder since the hub is unreachable."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from hsae_core.corpus import _hf_records
+
+    (tmp_path / "ds" / "data").mkdir(parents=True)
+    pq.write_table(pa.table({"text": ["one two", "three"], "topic": ["x", "y"]}),
+                   tmp_path / "ds" / "data" / "train-00000-of-00001.parquet")
+    rows = list(_hf_records(str(tmp_path / "ds"), "text", "topic", None, "train"))
+    assert rows == [("one two", "x"), ("three", "y")]
+    with pytest.raises(CorpusError, match=r"no column 'body'"):
+        list(_hf_records(str(tmp_path / "ds"), "body", None, None, "train"))

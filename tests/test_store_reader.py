@@ -37,6 +37,7 @@ def as_set(rows: np.ndarray) -> list[bytes]:
 def test_every_train_row_once_per_epoch(store):
     reader = TrainActivations(store, 1.0, batch_size=100, epochs=2, buffer_blocks=3, block_rows=256)
     batches = list(reader)
+    assert len(batches) == len(reader)
     n = store.n_rows("train")
     assert n % 100 and n > 5000
     per_epoch = -(-n // 100)
@@ -58,8 +59,10 @@ def test_seeded_order_scale_cap_and_drop_last(store):
     n = store.n_rows("train")
     capped = list(TrainActivations(store, 1.0, epochs=None, max_tokens=2 * n + 7, **kw))
     assert sum(len(x) for x in capped) == 2 * n + 7
+    assert len(capped) == len(TrainActivations(store, 1.0, epochs=None, max_tokens=2 * n + 7, **kw))
     dropped = list(TrainActivations(store, 1.0, drop_last=True, **kw))
     assert all(len(x) == 64 for x in dropped) and len(dropped) == n // 64
+    assert len(TrainActivations(store, 1.0, drop_last=True, epochs=3, **kw)) == 3 * (n // 64)
 
 
 def test_train_reader_memory_is_bounded(store):
