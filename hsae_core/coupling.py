@@ -140,18 +140,18 @@ class _PCLoss(torch.autograd.Function):
 
         # decoder rows: each diagonal term scales its own row; each cross term adds the
         # partner's row with its coefficient summed over the batch (one bag sum per decoder)
-        beta = torch.zeros_like(gram).index_add_(0, idx.hit_link, -2 * vp_hit * vc_hit)
+        beta = torch.zeros_like(gram).index_add_(0, idx.hit_link, -2 * s * vp_hit * vc_hit)
         perm = links.by_parent_perm
         g_wp = bag_sum(links.kids[perm], links.by_parent_crow, beta[perm], w_c)
-        g_wp.addcmul_((2 * sq_p * diag_p.ne(0))[:, None], w_p)
+        g_wp.addcmul_((2 * s * sq_p * diag_p.ne(0))[:, None], w_p)
         g_wc = bag_sum(links.par, links.by_child_crow, beta, w_p)
-        g_wc.addcmul_((2 * sq_c * diag_c.ne(0))[:, None], w_c)
+        g_wc.addcmul_((2 * s * sq_c * diag_c.ne(0))[:, None], w_c)
         if idx.sib_a.numel():
             ca, cb = pat_c.cols[idx.sib_a], pat_c.cols[idx.sib_b]
-            coef = 2 * va * vb
+            coef = 2 * s * va * vb
             sym, order = _pair_pattern(torch.cat([ca, cb]), torch.cat([cb, ca]), w_c.shape[0])
             g_wc += bag_sum(sym.cols, sym.crow(), torch.cat([coef, coef])[order], w_c)
-        return g_vp * s, g_vc * s, g_wp.mul_(s), g_wc.mul_(s), None, None, None, None
+        return g_vp * s, g_vc * s, g_wp, g_wc, None, None, None, None
 
 
 def pc_loss(parent: SparseCode, child: SparseCode, w_dec_parent: torch.Tensor,

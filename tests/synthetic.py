@@ -69,3 +69,28 @@ class SyntheticForest:
 
 def _unit(v: torch.Tensor) -> torch.Tensor:
     return v / v.norm(dim=1, keepdim=True)
+
+
+def match_features(levels, x: torch.Tensor, truth: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Map each learned feature of each level to the true node of that depth whose activity it
+    matches best (F1 over the tokens of ``x``)."""
+    out = []
+    with torch.no_grad():
+        for lv, t in zip(levels, truth):
+            a = (lv.encode(x).dense() > 0).float()
+            t = t.float()
+            inter = a.t() @ t
+            f1 = 2 * inter / (a.sum(0)[:, None] + t.sum(0)[None, :]).clamp_min(1)
+            out.append(f1.argmax(1))
+    return out
+
+
+def link_precision(forest, matched: list[torch.Tensor], true_parent_of: list[torch.Tensor]) -> float:
+    """Fraction of learned links (i -> j) whose matched true nodes are parent and child."""
+    correct = total = 0
+    for l, parent_of in enumerate(forest.parent_of):
+        kids = (parent_of >= 0).nonzero(as_tuple=True)[0]
+        ok = true_parent_of[l][matched[l + 1][kids]] == matched[l][parent_of[kids]]
+        correct += int(ok.sum())
+        total += kids.numel()
+    return correct / max(1, total)

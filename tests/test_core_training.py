@@ -132,3 +132,24 @@ def test_data_running_out_is_a_clear_error():
 def test_bfloat16_autocast_trains_with_fp32_thresholds():
     model = Trainer(small_cfg(total_steps=5, autocast_dtype="bfloat16")).fit(SYN.batches(64))
     assert all(lv.threshold.dtype == torch.float32 for lv in model.levels)
+
+
+def test_ghost_grads_reach_only_dead_features_encoders():
+    """A feature that never fires gets encoder gradient only through ghost grads."""
+    cfg = small_cfg(total_steps=3, dead_window_tokens=64, rho=0.0, swap_rate=0.0)
+    trainer = Trainer(cfg)
+    x = next(SYN.batches(64, seed=2))
+    trainer.train_step(x)
+    model = trainer.model
+    lv = model.levels[2]
+    with torch.no_grad():
+        lv.threshold[0] = 1e6  # feature 0 can never fire
+    dead = [torch.zeros(n, dtype=torch.bool) for n in cfg.level_sizes]
+    dead[2][0] = True
+    for with_ghost in (False, True):
+        model.zero_grad()
+        out = model(x, dead=dead if with_ghost else None)
+        (out.mse.sum() + out.ghost).backward()
+        g = lv.W_enc.grad[0].abs().sum()
+        assert (g > 0) == with_ghost
+    assert out.ghost > 0
