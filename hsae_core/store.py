@@ -2,8 +2,13 @@
 
 Layout (METHOD §7)::
 
-    <store>/                      group attributes: see ``commit`` (model, layer, dtype, ...)
-      train/activations           [N, d] float32 | float16 | uint16 (bfloat16 bits), raw, sharded
+    <store>/                      group attributes (none time-dependent): format, format_version,
+                                  model, layer, hook, d_model, n_layers, dtype, storage_dtype,
+                                  context_len, corpus, n_tokens {train, eval}, n_documents,
+                                  bos_token_id, eos_token_id, bos_excluded, shuffled,
+                                  chunk_rows, shard_rows, extract_config (the full ExtractConfig)
+      train/activations           [N, d] float32 | float16 | uint16 (bfloat16 bits), raw, sharded;
+                                  array attribute logical_dtype
       train/token_ids             [N] int32
       train/doc_ids               [N] int64   (document id in corpus order)
       train/positions             [N] int32   (position in the sequence; 0 is BOS, never stored)
@@ -15,9 +20,9 @@ Layout (METHOD §7)::
 Train rows are shuffled across documents at write time; eval rows stay in sequence order, so a
 token's context is read back contiguously. All arrays share one row geometry: inner chunks of
 ``chunk_rows`` (about ``chunk_bytes`` of activations) in shards of ``shard_rows`` (about
-``shard_bytes``), so a shard of rows is one file per array, written whole by one writer. A store is written under
-``<store>.partial`` with a progress marker and renamed to ``<store>`` only when complete, so a
-finished store is never touched by a later run that fails.
+``shard_bytes``), so a shard of rows is one file per array, written whole by one writer.
+A store is written under ``<store>.partial`` with a progress marker and renamed to ``<store>``
+only when complete, so a finished store is never touched by a later run that fails.
 """
 
 from __future__ import annotations
