@@ -53,16 +53,55 @@ class _PCIndex:
         c_par = parent_of[child.cols]
         assigned = c_par >= 0
         c_keys = child.rows * n_parents + c_par
-        p_keys = parent.rows * n_parents + parent.cols  # sorted: supports are row-major
-        if p_keys.numel() and c_keys.numel():
+        if parent.mask is not None:  # dense lookups: O(nnz), no search
+            hit = assigned & parent.mask[child.rows, c_par.clamp(min=0)]
+            hit_c = hit.nonzero(as_tuple=True)[0]
+            hit_p = _entry_index(parent)[child.rows[hit_c], c_par[hit_c]].long()
+        elif parent.nnz and child.nnz:
+            p_keys = parent.rows * n_parents + parent.cols  # sorted: supports are row-major
             pos = torch.searchsorted(p_keys, c_keys).clamp_(max=p_keys.numel() - 1)
             hit_c = (assigned & (p_keys[pos] == c_keys)).nonzero(as_tuple=True)[0]
             hit_p = pos[hit_c]
         else:
             hit_c = hit_p = c_keys.new_zeros(0)
         hit_link = links.by_child_crow[child.cols[hit_c]]
-        sib_a, sib_b = _sibling_pairs(torch.where(assigned, c_keys, -1))
+        keys = torch.where(assigned, c_keys, -1)
+        if parent.mask is not None:  # sort only the entries that share a (token, parent)
+            sel = assigned.nonzero(as_tuple=True)[0]
+            sel = sel[_cofiring(child.rows[sel], c_par[sel], child.n_rows, n_parents)]
+            a, b = _sibling_pairs(keys[sel])
+            sib_a, sib_b = sel[a], sel[b]
+        else:
+            sib_a, sib_b = _sibling_pairs(keys)
         return cls(hit_p, hit_c, hit_link, sib_a, sib_b)
+
+
+_SCRATCH: dict[tuple, torch.Tensor] = {}
+
+
+def _scratch(name: str, n_rows: int, n_cols: int, device) -> torch.Tensor:
+    """A reusable int32 ``[n_rows, n_cols]`` buffer. Never cleared: callers write the cells
+    they read in the same step, so stale cells are never seen."""
+    key = (name, n_rows, n_cols, device)
+    if key not in _SCRATCH:
+        _SCRATCH[key] = torch.empty(n_rows, n_cols, dtype=torch.int32, device=device)
+    return _SCRATCH[key]
+
+
+def _entry_index(pattern: SupportPattern) -> torch.Tensor:
+    """``[n_rows, n_cols]`` map from (row, col) to the entry's position, valid on the support."""
+    buf = _scratch("entry", pattern.n_rows, pattern.n_cols, pattern.rows.device)
+    buf[pattern.rows, pattern.cols] = torch.arange(pattern.nnz, dtype=torch.int32,
+                                                   device=pattern.rows.device)
+    return buf
+
+
+def _cofiring(rows: torch.Tensor, par: torch.Tensor, n_rows: int, n_parents: int) -> torch.Tensor:
+    """Bool over entries: another entry has the same (row, parent). O(nnz), no sort."""
+    buf = _scratch("count", n_rows, n_parents, rows.device)
+    buf[rows, par] = 0
+    buf.index_put_((rows, par), torch.ones_like(rows, dtype=torch.int32), accumulate=True)
+    return buf[rows, par] > 1
 
 
 def _sibling_pairs(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

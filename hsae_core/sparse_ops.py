@@ -37,12 +37,13 @@ class SupportPattern:
     n_rows: int
     n_cols: int
     _crow: torch.Tensor | None = field(default=None, repr=False)
+    mask: torch.Tensor | None = field(default=None, repr=False)  # the dense bool it came from
     _by_col: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     @classmethod
     def from_mask(cls, mask: torch.Tensor) -> "SupportPattern":
         rows, cols = mask.nonzero(as_tuple=True)
-        return cls(rows, cols, mask.shape[0], mask.shape[1])
+        return cls(rows, cols, mask.shape[0], mask.shape[1], mask=mask)
 
     @property
     def nnz(self) -> int:
