@@ -36,7 +36,7 @@ def saelens_trainer(d: int, n: int, batch: int, steps: int):
 
     sae = JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(d_in=d, d_sae=n, l0_coefficient=1.0))
     cfg = SAETrainerConfig(total_training_samples=batch * (steps + 100), train_batch_size_samples=batch,
-                           lr=5e-4, adam_beta1=0.0, adam_beta2=0.995)
+                           lr=5e-4, lr_end=5e-5, adam_beta1=0.0, adam_beta2=0.995)
     trainer = SAETrainer(cfg=cfg, sae=sae, data_provider=iter(()))
     return lambda x: trainer._train_step(sae, x)
 
