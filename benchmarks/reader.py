@@ -5,8 +5,9 @@
 Writes a store of random rows through the real StoreWriter (METHOD §7 chunk and shard sizes),
 then times one epoch of TrainActivations (batch 1024, default blocks and buffer) with and
 without the prefetch thread, and one pass of EvalActivations, with a consumer that does nothing;
-then a consumer doing an SAE-sized matmul step per batch, fed from memory versus by the reader
-(a ratio near 1 means the reader never starves it). Compare with the trainer's consumption
+then a consumer doing an SAE-sized matmul step per batch, fed from memory versus by the reader,
+with the share of the loop spent waiting for batches (measured in the same run, so it holds on
+a shared CPU where separate runs drift). Compare with the trainer's consumption
 (roughly 5-20k tokens/s on this CPU). The first epoch
 after writing reads from the page cache, as later epochs of a store that fits in RAM do.
 """
@@ -45,14 +46,21 @@ def write_random_store(path: Path, rows: int, d_model: int, dtype: str) -> None:
                    "shard_rows": layout.shard_rows})
 
 
-def rate(batches, work=None) -> float:
-    start, tokens = time.perf_counter(), 0
-    for b in batches:
+def rate(batches, work=None) -> tuple[float, float]:
+    """Tokens/s of the loop, and the share of its time spent waiting for the next batch."""
+    start, tokens, waiting, batches = time.perf_counter(), 0, 0.0, iter(batches)
+    while True:
+        t = time.perf_counter()
+        b = next(batches, None)
+        waiting += time.perf_counter() - t
+        if b is None:
+            break
         x = b if isinstance(b, torch.Tensor) else b.activations
         if work is not None:
             work(x)
         tokens += len(x)
-    return tokens / (time.perf_counter() - start)
+    total = time.perf_counter() - start
+    return tokens / total, waiting / total
 
 
 def sae_step(d_model: int, width: int):
@@ -88,20 +96,21 @@ def main() -> None:
                                                              prefetch=8)),
             ("eval, in order with ids", EvalActivations(store, 1.0, batch_size=args.batch_size)),
         ]:
-            tokens_per_s = rate(reader)
+            tokens_per_s, _ = rate(reader)
             print(f"{name:34s}{tokens_per_s:12.0f}{tokens_per_s * args.d_model * 4 / 2**20:20.0f}")
         work = sae_step(args.d_model, args.width)
         fixed = [torch.randn(args.batch_size, args.d_model) for _ in range(8)]
         n_batches = min(64, args.rows // args.batch_size)
-        alone = rate((fixed[i % 8] for i in range(n_batches)), work)
+        alone, _ = rate((fixed[i % 8] for i in range(n_batches)), work)
         print(f"\nconsumer doing an SAE step (width {args.width}) per batch, {n_batches} batches:")
         print(f"{'  in-memory batches (compute only)':34s}{alone:12.0f}")
         for prefetch in (0, 8):
             reader = TrainActivations(store, 1.0, batch_size=args.batch_size, prefetch=prefetch,
                                       max_tokens=n_batches * args.batch_size)
-            fed = rate(reader, work)
+            fed, waiting = rate(reader, work)
             print(f"{f'  fed by train reader, prefetch={prefetch}':34s}{fed:12.0f}"
-                  f"   ({fed / alone:.2f} of compute-only)")
+                  f"   ({fed / alone:.2f} of compute-only; {100 * waiting:.1f}% of the loop spent "
+                  f"waiting for batches)")
 
 
 if __name__ == "__main__":
