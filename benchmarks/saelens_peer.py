@@ -54,7 +54,10 @@ def main():
     ap.add_argument("--n", type=int, default=4096)
     ap.add_argument("--batch", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     import sae_lens
 
     d, n, batch = args.d, args.n, args.batch

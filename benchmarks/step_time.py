@@ -133,7 +133,10 @@ def main():
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--no-scaling", action="store_true")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     ladders = [tuple(int(s) for s in x.split(",")) for x in (args.sizes or ["512,1024,2048,4096", "1024,2048,4096,8192"])]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
     for sizes in ladders:
