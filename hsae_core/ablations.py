@@ -20,7 +20,7 @@ ABLATIONS: dict[str, dict[str, object]] = {
     "binary-tree": {"hierarchy.tree": "binary"},
     "sim-decoder": {"hierarchy.similarity": "decoder"},
     "sim-coactivation": {"hierarchy.similarity": "coactivation"},
-    **{f"rho-{v:g}": {"hierarchy.rho": v} for v in (0.001, 0.01, 0.03, 0.3)},
+    **{f"rho-{v:g}": {"hierarchy.rho": v} for v in (0.001, 0.03, 0.1, 0.3)},
     **{f"r-{v:g}": {"hierarchy.swap_rate": v} for v in (0.01, 0.1, 0.2)},
 }
 
