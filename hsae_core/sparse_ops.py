@@ -75,12 +75,6 @@ class SupportPattern:
         out = vals.new_zeros(self.n_rows, self.n_cols)
         return out.index_put((self.rows, self.cols), vals)
 
-    def stacked(self, other: "SupportPattern") -> "SupportPattern":
-        """This pattern's rows, then ``other``'s rows shifted below them (same columns)."""
-        return SupportPattern(torch.cat([self.rows, other.rows + self.n_rows]),
-                              torch.cat([self.cols, other.cols]),
-                              self.n_rows + other.n_rows, self.n_cols)
-
     def subset(self, keep: torch.Tensor) -> "SupportPattern":
         """The entries where ``keep`` (a bool [nnz] mask) holds; row order is preserved."""
         return SupportPattern(self.rows[keep], self.cols[keep], self.n_rows, self.n_cols)
