@@ -11,6 +11,7 @@ Sections and the stages that read them::
     train:      TrainRunConfig (checkpoints, logging)    train-hsae, train-baselines
     posthoc:    PosthocConfig                            build-posthoc-trees
     metrics:    MetricsConfig                            compute-metrics
+    evidence:   EvidenceConfig (hsae_core.evidence)      collect-evidence
 
 Splitting the HSAE's fields into ``sae`` and ``hierarchy`` is what lets DVC re-run only what
 a change touches: ``hierarchy.rho`` is a dependency of train-hsae, not of train-baselines.
@@ -31,6 +32,7 @@ import yaml
 
 from hsae_core.config import ConfigError, HSAEConfig
 from hsae_core.data_config import ExtractConfig, NormalizeConfig
+from hsae_core.evidence import EvidenceConfig
 
 #: HSAEConfig fields that only the HSAE uses (the baseline forces rho = swap_rate = 0).
 HIERARCHY_FIELDS = ("rho", "swap_rate", "update_interval", "similarity", "exclude_quantile", "tree",
@@ -48,6 +50,9 @@ class TrainRunConfig:
     """Steps between rows of the live training curves (plots/<model>/level<l>.tsv)."""
     buffer_blocks: int = 32
     """Store blocks (about 8 MB each) shuffled together in memory by the train reader."""
+    compile: bool = False
+    """Run the model's forward through ``torch.compile`` (meant for CUDA; it also runs on the
+    CPU with a C++ compiler, where it is rarely faster). Off by default."""
 
     def __post_init__(self) -> None:
         _check(self, "checkpoint_every", _is_int(self.checkpoint_every) and self.checkpoint_every >= 0,
@@ -55,6 +60,7 @@ class TrainRunConfig:
         _check(self, "log_every", _is_int(self.log_every) and self.log_every >= 1, "an integer >= 1")
         _check(self, "buffer_blocks", _is_int(self.buffer_blocks) and self.buffer_blocks >= 1,
                "an integer >= 1")
+        _check(self, "compile", isinstance(self.compile, bool), "true or false")
 
 
 @dataclass(frozen=True)
@@ -103,6 +109,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "train": tuple(f.name for f in dataclasses.fields(TrainRunConfig)),
     "posthoc": tuple(f.name for f in dataclasses.fields(PosthocConfig)),
     "metrics": tuple(f.name for f in dataclasses.fields(MetricsConfig)),
+    "evidence": tuple(f.name for f in dataclasses.fields(EvidenceConfig)),
 }
 
 
