@@ -7,6 +7,15 @@ window is permuted with a seed derived from (seed, window) and written shard by 
 progress marker records it. A resumed run re-tokenises (without running the model) up to the
 first unwritten row and continues, so it yields byte-for-byte the store an uninterrupted run
 yields (on the same hardware and thread count). Memory: one window plus one batch.
+
+Distributed (``torchrun``, ``dist`` from :func:`hsae_core.distributed.init_from_env`): every rank
+tokenises the whole stream (cheap) to learn each split's row count, rank 0 sizes the arrays,
+and rank r runs the model only on the batches that overlap the windows ``k`` with
+``k % world_size == r``, permutes each window with the same (seed, window) seed and writes
+its shards. Windows are whole shards, so each shard has one writer, and the rows and their
+order are those of a 1-process extraction (a batch that straddles two ranks' windows is run by
+both). A window done is marked by a file, so an interrupted distributed run resumes, on any
+number of ranks.
 """
 
 from __future__ import annotations
@@ -21,7 +30,9 @@ from tqdm.auto import tqdm
 
 from hsae_core.corpus import SPLITS, Sequence, check_corpus, document_split, iter_documents, \
     pack_sequences, tokenize_documents
+from hsae_core import fsio
 from hsae_core.data_config import ExtractConfig
+from hsae_core.distributed import SINGLE, DistContext, barrier
 from hsae_core.lm import LanguageModel, ModelError, load_lm
 from hsae_core.store import COLUMNS, STORAGE, Layout, StoreInfo, StoreWriter, open_store, to_storage
 
@@ -32,17 +43,19 @@ class ExtractionError(RuntimeError):
 
 def extract_activations(cfg: ExtractConfig, out: str | Path, *, overwrite: bool = False,
                         lm: LanguageModel | None = None, progress: bool = True,
-                        on_shard: Callable[[str, int], None] | None = None) -> StoreInfo:
-    """Write (or resume) the store for ``cfg`` at ``out``; return it opened.
+                        on_shard: Callable[[str, int], None] | None = None,
+                        dist: DistContext = SINGLE) -> StoreInfo:
+    """Write (or resume) the store for ``cfg`` at ``out`` (a path or fsspec URL); return it opened.
 
     ``lm``: an already loaded model for ``cfg.model`` / ``cfg.layer`` (else it is loaded).
     ``on_shard(split, shard_index)`` is called after each shard is written.
+    ``dist``: this rank of a distributed extraction (every rank calls this function).
     Bad input (model, layer, context length, corpus) fails before the weights are loaded.
     """
     check_corpus(cfg.corpus, **_corpus_kwargs(cfg))
     if lm is None:
         lm = load_lm(cfg.model, cfg.layer, cfg.context_len, gguf_file=cfg.gguf_file,
-                     device=cfg.device, compute_dtype=cfg.compute_dtype)
+                     device=dist.device if dist.active else cfg.device, compute_dtype=cfg.compute_dtype)
     elif (lm.name, lm.layer) != (cfg.model, cfg.layer):
         raise ModelError(f"loaded model is {lm.name!r} layer {lm.layer}, config asks for "
                          f"{cfg.model!r} layer {cfg.layer}")
@@ -50,7 +63,9 @@ def extract_activations(cfg: ExtractConfig, out: str | Path, *, overwrite: bool 
         raise ModelError(f"context_len {cfg.context_len} exceeds what {lm.name!r} can take "
                          f"({lm.max_context}): choose context_len <= {lm.max_context}")
     layout = Layout.from_bytes(lm.d_model, cfg.dtype, cfg.chunk_bytes, cfg.shard_bytes)
-    writer = StoreWriter(Path(out), layout, cfg.to_dict(), overwrite=overwrite)
+    if dist.active:
+        return _extract_distributed(cfg, lm, out, layout, overwrite, progress, on_shard, dist)
+    writer = StoreWriter(out, layout, cfg.to_dict(), overwrite=overwrite)
     budget = cfg.split_budget()
     done = sum(writer.rows_done(s) for s in SPLITS)
     with tqdm(total=cfg.max_tokens, initial=done, unit="tok", unit_scale=True, disable=not progress,
@@ -58,6 +73,12 @@ def extract_activations(cfg: ExtractConfig, out: str | Path, *, overwrite: bool 
         for split in SPLITS:
             if not writer.split_done(split):
                 _extract_split(cfg, lm, writer, split, budget[split], bar, on_shard)
+    return _finish(cfg, lm, writer, layout, out)
+
+
+def _finish(cfg: ExtractConfig, lm: LanguageModel, writer: StoreWriter, layout: Layout,
+            out: str | Path) -> StoreInfo:
+    """Document table, attributes, commit (one process)."""
     n_tokens = {s: writer.rows_done(s) for s in SPLITS}
     if n_tokens["train"] == 0:
         raise ExtractionError(f"corpus {cfg.corpus!r} gave no train tokens: check the corpus and "
@@ -76,6 +97,107 @@ def extract_activations(cfg: ExtractConfig, out: str | Path, *, overwrite: bool 
         "extract_config": cfg.to_dict(),
     })
     return open_store(out, model=cfg.model, layer=cfg.layer)
+
+
+def _extract_distributed(cfg: ExtractConfig, lm: LanguageModel, out, layout: Layout, overwrite: bool,
+                         progress: bool, on_shard, dist: DistContext) -> StoreInfo:
+    budget = cfg.split_budget()
+    plan = {s: _plan_split(cfg, lm, s, budget[s]) for s in SPLITS}  # (rows, max doc id) per split
+    if dist.is_main:
+        writer = StoreWriter(out, layout, cfg.to_dict(), overwrite=overwrite)
+        for split in SPLITS:
+            writer.presize(split, plan[split][0])
+    barrier(dist)
+    if not dist.is_main:
+        writer = StoreWriter(out, layout, cfg.to_dict(), attach=True)
+    total = sum(rows for rows, _ in plan.values())
+    with tqdm(total=total, unit="tok", unit_scale=True, disable=not (progress and dist.is_main),
+              desc=f"extract (rank 0 of {dist.world_size})", smoothing=0.1) as bar:
+        for split in SPLITS:
+            _extract_windows(cfg, lm, writer, split, plan[split][0], dist, bar, on_shard)
+    barrier(dist)
+    if dist.is_main:
+        for split in SPLITS:
+            writer.mark(split, plan[split][0], plan[split][1], done=True)
+        fsio.remove(fsio.join(writer.partial, WINDOWS))
+        _finish(cfg, lm, writer, layout, out)
+    barrier(dist)
+    return open_store(out, model=cfg.model, layer=cfg.layer)
+
+
+#: Folder of per-window "done" markers of a distributed extraction (removed at commit).
+WINDOWS = "windows_done"
+
+
+def _plan_split(cfg: ExtractConfig, lm: LanguageModel, split: str, cap: int | None) -> tuple[int, int]:
+    """Rows a split will hold and the largest document id among them (tokenising only)."""
+    rows, max_doc, seqs = 0, -1, split_sequences(cfg, lm, split)
+    while cap is None or rows < cap:
+        batch = list(islice(seqs, cfg.batch_size))
+        if not batch:
+            break
+        doc_ids = stored_columns(batch, lm.bos_token_id)["doc_ids"]
+        take = len(doc_ids) if cap is None else min(len(doc_ids), cap - rows)
+        if take:
+            max_doc = max(max_doc, int(doc_ids[:take].max()))
+        rows += take
+    return rows, max_doc
+
+
+def _extract_windows(cfg: ExtractConfig, lm: LanguageModel, writer: StoreWriter, split: str, total: int,
+                     dist: DistContext, bar, on_shard) -> None:
+    """This rank's windows of ``split`` (rows ``[k size, (k+1) size)`` with ``k % world == rank``)."""
+    lay = writer.layout
+    size = lay.shard_rows * cfg.shuffle_shards
+
+    def done(k: int) -> bool:
+        return (split in writer.progress["done"] or (k + 1) * size <= writer.rows_done(split)
+                or fsio.exists(fsio.join(writer.partial, f"{WINDOWS}/{split}-{k}")))
+
+    todo = [k for k in range(dist.rank, -(-total // size), dist.world_size) if not done(k)]
+    if not todo:
+        return
+    bufs: dict[int, list] = {}  # window -> [acts, cols, rows filled]
+    end, seen, seqs = min(total, (todo[-1] + 1) * size), 0, split_sequences(cfg, lm, split)
+    while seen < end and todo:
+        batch = list(islice(seqs, cfg.batch_size))
+        if not batch:
+            break
+        cols = stored_columns(batch, lm.bos_token_id)
+        a, b = seen, seen + len(cols["token_ids"])
+        seen = b
+        hits = [k for k in todo if k * size < b and min(total, (k + 1) * size) > a]
+        if not hits:
+            continue
+        acts = _checked(residual_rows(lm, batch).to(getattr(torch, cfg.dtype)), cols, split, cfg.dtype)
+        for k in hits:
+            w0, w1 = k * size, min(total, (k + 1) * size)
+            if k not in bufs:
+                bufs[k] = [np.empty((w1 - w0, lay.d_model), dtype=STORAGE[cfg.dtype]),
+                           {c: np.empty(w1 - w0, dtype=t) for c, t in COLUMNS.items()}, 0]
+            buf = bufs[k]
+            lo, hi = max(a, w0), min(b, w1)
+            buf[0][lo - w0: hi - w0] = acts[lo - a: hi - a]
+            for c in COLUMNS:
+                buf[1][c][lo - w0: hi - w0] = cols[c][lo - a: hi - a]
+            buf[2] += hi - lo
+            if buf[2] == w1 - w0:
+                _write_window(cfg, writer, split, k, size, *bufs.pop(k)[:2], on_shard)
+                fsio.write_bytes(fsio.join(writer.partial, f"{WINDOWS}/{split}-{k}"), b"")
+                todo.remove(k)
+                bar.update((w1 - w0) * dist.world_size)  # rank 0's view of the whole job's pace
+
+
+def _write_window(cfg: ExtractConfig, writer: StoreWriter, split: str, k: int, size: int,
+                  acts: np.ndarray, cols: dict, on_shard) -> None:
+    """One window permuted as :class:`_Window` permutes it, written shard by shard."""
+    n, shard = len(acts), writer.layout.shard_rows
+    order = np.random.default_rng([cfg.seed, k]).permutation(n) if split == "train" else np.arange(n)
+    for i in range(0, n, shard):
+        part = order[i: i + shard]
+        writer.write_shard(split, k * size + i, acts[part], {c: v[part] for c, v in cols.items()})
+        if on_shard is not None:
+            on_shard(split, (k * size + i) // shard)
 
 
 def _corpus_kwargs(cfg: ExtractConfig) -> dict:

@@ -1,4 +1,5 @@
-"""Save and load a trained HSAE: ``model.safetensors`` + ``config.json`` + ``forest.json``."""
+"""Save and load a trained HSAE: ``model.safetensors`` + ``config.json`` + ``forest.json``, in a
+local folder or under an fsspec URL (:mod:`hsae_core.fsio`)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_bytes, save as save_bytes
 
+from . import fsio
 from .config import HSAEConfig
 from .forest import Forest
 from .model import HSAE
@@ -15,27 +17,27 @@ from .model import HSAE
 WEIGHTS, CONFIG, FOREST = "model.safetensors", "config.json", "forest.json"
 
 
-def save_hsae(model: HSAE, folder: str | Path) -> Path:
-    """Write the model to ``folder`` (created); tensors are saved contiguous on the CPU."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+def save_hsae(model: HSAE, folder: str | Path) -> str | Path:
+    """Write the model to ``folder`` (created; a path or URL); tensors are saved contiguous on the CPU."""
+    folder = fsio.as_location(folder)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(tensors, str(folder / WEIGHTS), metadata={"format": "hsae", "levels": str(model.n_levels)})
-    (folder / CONFIG).write_text(json.dumps(model.cfg.to_dict(), indent=2))
-    model.forest.save(folder / FOREST)
+    fsio.write_bytes(fsio.join(folder, WEIGHTS),
+                     save_bytes(tensors, metadata={"format": "hsae", "levels": str(model.n_levels)}))
+    fsio.write_bytes(fsio.join(folder, CONFIG), json.dumps(model.cfg.to_dict(), indent=2).encode())
+    fsio.write_bytes(fsio.join(folder, FOREST), json.dumps(model.forest.to_dict()).encode())
     return folder
 
 
 def load_hsae(folder: str | Path, device: str | torch.device = "cpu") -> HSAE:
-    folder = Path(folder)
-    missing = [n for n in (WEIGHTS, CONFIG, FOREST) if not (folder / n).exists()]
+    folder = fsio.as_location(folder)
+    missing = [n for n in (WEIGHTS, CONFIG, FOREST) if not fsio.exists(fsio.join(folder, n))]
     if missing:
         raise FileNotFoundError(f"{folder} is not a saved HSAE: missing {missing} "
                                 f"(expected the output of save_hsae)")
-    cfg = HSAEConfig.from_dict(json.loads((folder / CONFIG).read_text())).replace(device=str(device))
+    cfg = HSAEConfig.from_dict(fsio.read_json(fsio.join(folder, CONFIG))).replace(device=str(device))
     model = HSAE(cfg)
-    model.load_state_dict(load_file(str(folder / WEIGHTS)))
-    model.forest = Forest.load(folder / FOREST)
+    model.load_state_dict(load_bytes(fsio.read_bytes(fsio.join(folder, WEIGHTS))))
+    model.forest = Forest.from_dict(fsio.read_json(fsio.join(folder, FOREST)))
     if model.forest.level_sizes != cfg.level_sizes:
         raise ValueError(f"{folder}: forest sizes {model.forest.level_sizes} do not match "
                          f"config level_sizes {cfg.level_sizes}")

@@ -36,6 +36,12 @@ class TrainActivations:
       ``len(reader)`` is the number of batches an iteration yields.
     - Memory: ``buffer_blocks * block_rows`` rows (default block: 8 inner chunks, about 8 MB)
       plus ``prefetch`` batches.
+    - ``rank`` / ``world_size`` (data parallelism, :mod:`hsae_core.distributed`): every rank
+      walks the same shuffled stream and yields only its equal contiguous slice of each global
+      batch of ``batch_size`` rows, so the ranks' slices together are the 1-process batch.
+      Needs ``drop_last``, ``batch_size`` divisible by ``world_size`` and ``max_tokens`` (if
+      given) a multiple of ``batch_size``. Each rank reads the whole stream (read volume times
+      ``world_size``) and converts only its rows.
     - ``prefetch > 0`` prepares that many batches in a background thread: worth it when the
       trainer waits on a GPU or the store is on a slow disk; on a 2-core CPU the thread competes
       with the trainer's and reading in line is as fast (benchmarks/reader.py).
@@ -45,7 +51,7 @@ class TrainActivations:
                  batch_size: int = 1024, seed: int = 0, epochs: int | None = 1,
                  max_tokens: int | None = None, block_rows: int | None = None,
                  buffer_blocks: int = 32, drop_last: bool = False, prefetch: int = 0,
-                 model: str | None = None, layer: int | None = None):
+                 model: str | None = None, layer: int | None = None, rank: int = 0, world_size: int = 1):
         self.store = store if isinstance(store, StoreInfo) else open_store(store, model=model, layer=layer)
         self.scale = resolve_scale(scale, self.store)
         if epochs is None and max_tokens is None:
@@ -54,6 +60,14 @@ class TrainActivations:
                             ("epochs", 1 if epochs is None else epochs)):
             if value < 1:
                 raise ValueError(f"TrainActivations.{name} = {value} is invalid: expected >= 1")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"TrainActivations: rank {rank} is not in [0, world_size = {world_size})")
+        if world_size > 1 and (not drop_last or batch_size % world_size
+                               or (max_tokens is not None and max_tokens % batch_size)):
+            raise ValueError(f"TrainActivations over {world_size} ranks needs drop_last=True, batch_size "
+                             f"({batch_size}) divisible by the ranks and max_tokens ({max_tokens}) a multiple "
+                             "of batch_size, so that every global batch splits into equal slices")
+        self.rank, self.world_size = rank, world_size
         self.batch_size, self.seed, self.epochs, self.max_tokens = batch_size, seed, epochs, max_tokens
         self.block_rows = block_rows or self.store.attrs["chunk_rows"] * 8
         self.buffer_blocks, self.drop_last, self.prefetch = buffer_blocks, drop_last, prefetch
@@ -105,6 +119,9 @@ class TrainActivations:
                 if self.max_tokens is not None:
                     rows = rows[: self.max_tokens - served]
                 served += len(rows)
+                if self.world_size > 1:
+                    b = len(rows) // self.world_size
+                    rows = rows[self.rank * b: (self.rank + 1) * b]
                 x = from_storage(rows, self.store.dtype)
                 np.multiply(x.numpy(), np.float32(self.scale), out=x.numpy())  # numpy: no torch threads
                 yield x

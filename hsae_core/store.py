@@ -23,13 +23,16 @@ token's context is read back contiguously. All arrays share one row geometry: in
 ``shard_bytes``), so a shard of rows is one file per array, written whole by one writer.
 A store is written under ``<store>.partial`` with a progress marker and renamed to ``<store>``
 only when complete, so a finished store is never touched by a later run that fails.
+
+A store may live at an fsspec URL (``s3://bucket/acts.zarr``, ``memory://acts.zarr``; zarr 3
+opens it through ``FsspecStore``); ``file://`` URLs are opened as local paths. The rename at
+commit is then the filesystem's ``mv`` (a copy on object stores).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +40,7 @@ import numpy as np
 import torch
 import zarr
 
+from hsae_core import fsio
 from hsae_core.corpus import SPLITS
 
 FORMAT = "hsae-activations"
@@ -83,8 +87,24 @@ def from_storage(rows: np.ndarray, dtype: str) -> torch.Tensor:
     return torch.from_numpy(rows.astype(np.float32, copy=False))
 
 
-def partial_path(path: Path) -> Path:
-    return path.with_name(path.name + ".partial")
+def location(path: str | Path) -> str | Path:
+    """A store location: a local ``Path`` (``file://`` URLs included) or an fsspec URL string."""
+    if isinstance(path, str) and path.startswith("file://"):
+        return Path(path[len("file://"):])
+    return fsio.as_location(path)
+
+
+def partial_path(path: str | Path) -> str | Path:
+    path = location(path)
+    return f"{path.rstrip('/')}.partial" if fsio.is_url(path) else path.with_name(path.name + ".partial")
+
+
+def _rename(src: str | Path, dst: str | Path) -> None:
+    if fsio.is_url(src):
+        fs, s = fsio.filesystem(src)
+        fs.mv(s, fsio.filesystem(dst)[1], recursive=True)
+    else:
+        Path(src).rename(dst)
 
 
 class StoreWriter:
@@ -95,14 +115,21 @@ class StoreWriter:
     all rows before ``rows`` are on disk; ``commit(attrs)`` finalises and renames.
     """
 
-    def __init__(self, path: Path, layout: Layout, fingerprint: dict, overwrite: bool = False):
-        self.path, self.layout, self.partial = Path(path), layout, partial_path(Path(path))
-        if self.path.exists() and not overwrite:
+    def __init__(self, path: str | Path, layout: Layout, fingerprint: dict, overwrite: bool = False,
+                 attach: bool = False):
+        """``attach``: open the ``.partial`` group another process (rank 0 of a distributed
+        extraction) created, to write shards into it; markers and commit stay with that process."""
+        self.path, self.layout, self.partial = location(path), layout, partial_path(path)
+        if attach:
+            self.progress = fsio.read_json(fsio.join(self.partial, PROGRESS))
+            self.group = zarr.open_group(self.partial, mode="r+")
+            return
+        if fsio.exists(self.path) and not overwrite:
             raise StoreError(f"store {self.path} already exists: pass overwrite to replace it "
                              "(it is kept until the new one is complete)")
-        marker = self.partial / PROGRESS
-        if marker.is_file():
-            self.progress = json.loads(marker.read_text())
+        marker = fsio.join(self.partial, PROGRESS)
+        if fsio.exists(marker):
+            self.progress = fsio.read_json(marker)
             if self.progress["fingerprint"] != fingerprint:
                 diff = sorted(k for k in fingerprint | self.progress["fingerprint"]
                               if fingerprint.get(k) != self.progress["fingerprint"].get(k))
@@ -110,8 +137,8 @@ class StoreWriter:
                                  f"({', '.join(diff)}): delete it or rerun with its settings to resume")
             self.group = zarr.open_group(self.partial, mode="r+")
         else:
-            if self.partial.exists():
-                shutil.rmtree(self.partial)
+            if fsio.exists(self.partial):
+                fsio.remove(self.partial)
             self.progress = {"fingerprint": fingerprint, "rows": {s: 0 for s in SPLITS},
                              "max_doc_id": {s: -1 for s in SPLITS}, "done": []}
             self.group = zarr.open_group(self.partial, mode="w")
@@ -130,6 +157,9 @@ class StoreWriter:
                                     shards=(lay.shard_rows,), compressors=None, fill_value=0)
 
     def _save_progress(self) -> None:
+        if fsio.is_url(self.partial):
+            fsio.write_bytes(fsio.join(self.partial, PROGRESS), json.dumps(self.progress, sort_keys=True).encode())
+            return
         tmp = self.partial / (PROGRESS + ".tmp")
         tmp.write_text(json.dumps(self.progress, sort_keys=True))
         tmp.replace(self.partial / PROGRESS)
@@ -149,6 +179,14 @@ class StoreWriter:
             if arr.shape[0] < stop:
                 arr.resize((stop, *arr.shape[1:]))
             arr[start:stop] = data
+
+    def presize(self, split: str, rows: int) -> None:
+        """Give every array of ``split`` its final length before several writers fill it
+        (a resize is a metadata write: only one process may do it)."""
+        for name in ("activations", *COLUMNS):
+            arr = self.group[f"{split}/{name}"]
+            if arr.shape[0] != rows:
+                arr.resize((rows, *arr.shape[1:]))
 
     def max_doc_id(self, split: str) -> int:
         return self.progress["max_doc_id"][split]
@@ -175,14 +213,14 @@ class StoreWriter:
     def commit(self, attrs: dict) -> Path:
         """Write the group attributes, drop the marker, and move the store into place."""
         self.group.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION, **attrs})
-        (self.partial / PROGRESS).unlink()
-        if self.path.exists():
-            old = self.path.with_name(self.path.name + ".old")
-            self.path.rename(old)
-            self.partial.rename(self.path)
-            shutil.rmtree(old)
+        fsio.remove(fsio.join(self.partial, PROGRESS))
+        if fsio.exists(self.path):
+            old = f"{self.path}.old" if fsio.is_url(self.path) else self.path.with_name(self.path.name + ".old")
+            _rename(self.path, old)
+            _rename(self.partial, self.path)
+            fsio.remove(old)
         else:
-            self.partial.rename(self.path)
+            _rename(self.partial, self.path)
         return self.path
 
 
@@ -190,7 +228,7 @@ class StoreWriter:
 class StoreInfo:
     """An opened, validated store: its attributes and arrays (``store.array(split, column)``)."""
 
-    path: Path
+    path: str | Path
     attrs: dict
     group: zarr.Group
 
@@ -211,10 +249,10 @@ class StoreInfo:
 
 def open_store(path: str | Path, *, model: str | None = None, layer: int | None = None) -> StoreInfo:
     """Open a finished store; if ``model`` / ``layer`` are given, the store must match them."""
-    path = Path(path)
-    if not path.exists():
+    path = location(path)
+    if not fsio.exists(path):
         hint = " (an interrupted extraction is at .partial: rerun it to resume)" \
-            if partial_path(path).exists() else ""
+            if fsio.exists(partial_path(path)) else ""
         raise StoreError(f"no activation store at {path}{hint}: run `python -m stages.extract_activations`")
     try:
         group = zarr.open_group(path, mode="r")

@@ -10,6 +10,10 @@ Curves (§4 / Appendix A quantities, one TSV per level, read by ``dvc plots``)::
 level; 0 for level 0 and for the baseline, whose forest is built post hoc). A resumed run keeps
 the rows up to the checkpoint's step and appends after it, so the curves are those of an
 uninterrupted run.
+
+Under ``torchrun`` (``dist`` from :func:`hsae_core.distributed.init_from_env`) every rank trains
+its slice of each global batch; rank 0 alone writes the curves and the checkpoint (a local path
+or an fsspec URL), which resumes on any number of ranks.
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ from pathlib import Path
 
 import torch
 
+from hsae_core import fsio
 from hsae_core.config import HSAEConfig
+from hsae_core.distributed import SINGLE, DistContext, barrier
 from hsae_core.model import HSAE
 from hsae_core.params import TrainRunConfig
 from hsae_core.reader import TrainActivations
@@ -60,34 +66,40 @@ class TrainingCurves:
                     {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
 
 
-def usable_checkpoint(path: Path, cfg: HSAEConfig) -> int:
-    """The step of the checkpoint at ``path`` if it was written for ``cfg``; else delete it, 0."""
-    if not path.exists():
+def usable_checkpoint(path: str | Path, cfg: HSAEConfig, dist: DistContext = SINGLE) -> int:
+    """The step of the checkpoint at ``path`` (a path or fsspec URL) if it was written for
+    ``cfg``; else rank 0 deletes it, and 0."""
+    path = fsio.as_location(path)
+    if not fsio.exists(path):
         return 0
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = fsio.load_torch(path)
     if state.get("config") == cfg.to_dict():
         return int(state["step"])
-    path.unlink()
-    print(f"removed checkpoint {path}: it was written for another config")
+    barrier(dist)  # every rank has read it before rank 0 removes it
+    if dist.is_main:
+        fsio.remove(path)
+        print(f"removed checkpoint {path}: it was written for another config")
+    barrier(dist)
     return 0
 
 
 def train_on_store(cfg: HSAEConfig, store: str | Path | StoreInfo, scale: float | str | Path, *,
                    checkpoint: str | Path, curves: str | Path, run: TrainRunConfig = TrainRunConfig(),
-                   name: str = "hsae") -> HSAE:
+                   name: str = "hsae", dist: DistContext = SINGLE) -> HSAE:
     """Train ``cfg.total_steps`` steps of ``cfg.batch_size`` shuffled train rows (epochs repeat as
-    needed), resuming from ``checkpoint`` when it holds a run of the same config."""
+    needed), resuming from ``checkpoint`` when it holds a run of the same config. Under
+    ``dist`` each rank reads its slice of every global batch; rank 0 writes curves and checkpoints."""
     info = store if isinstance(store, StoreInfo) else open_store(store)
     if info.d_model != cfg.d_model:
         raise ValueError(f"store {info.path} holds d = {info.d_model}, the config asks for d_model = {cfg.d_model}")
     if info.n_rows("train") < cfg.batch_size:
         raise ValueError(f"store {info.path} has {info.n_rows('train')} train rows, fewer than one batch "
                          f"(sae.batch_size = {cfg.batch_size}): lower it or extract more tokens")
-    checkpoint = Path(checkpoint)
-    start = usable_checkpoint(checkpoint, cfg)
-    if start:
+    checkpoint = fsio.as_location(checkpoint)
+    start = usable_checkpoint(checkpoint, cfg, dist)
+    if start and dist.is_main:
         print(f"{name}: resuming from {checkpoint} at step {start} of {cfg.total_steps}")
-    log = TrainingCurves(curves, cfg.n_levels, start)
+    log = TrainingCurves(curves, cfg.n_levels, start) if dist.is_main else None
     t0, every = time.perf_counter(), run.log_every * max(1, cfg.total_steps // 20 // run.log_every)
 
     def on_log(step: int, rec: dict) -> None:
@@ -100,9 +112,10 @@ def train_on_store(cfg: HSAEConfig, store: str | Path | StoreInfo, scale: float 
 
     reader = TrainActivations(info, scale, batch_size=cfg.batch_size, seed=cfg.seed, epochs=None,
                               max_tokens=cfg.total_steps * cfg.batch_size, drop_last=True,
-                              buffer_blocks=run.buffer_blocks)
+                              buffer_blocks=run.buffer_blocks, rank=dist.rank, world_size=dist.world_size)
     trainer = Trainer(cfg, checkpoint_path=checkpoint, checkpoint_every=run.checkpoint_every,
-                      log_every=run.log_every, on_log=on_log)
+                      log_every=run.log_every, on_log=on_log if dist.is_main else None, dist=dist,
+                      compile=run.compile)
     return trainer.fit(reader, resume=True)
 
 

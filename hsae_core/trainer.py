@@ -5,20 +5,35 @@ The trainer consumes any iterable of ``[batch_size, d]`` activation batches. On 
 re-iterates the source from the start and skips the batches already consumed, so a seeded
 source resumes exactly: an interrupted and resumed CPU run ends bit-identical to an
 uninterrupted one (tested).
+
+Data parallelism (``torchrun``; :mod:`hsae_core.distributed`): each rank receives its equal,
+contiguous slice of every global batch (``cfg.batch_size`` stays the global batch) and the
+model is wrapped in ``DistributedDataParallel``, which averages gradients. Every loss term but
+the ghost-grad scale is a mean over tokens, so the averaged gradient is the global batch's.
+Everything else that reads the batch is made global: the step-0 initialisation runs on the
+gathered global batch, the sparsity controller consumes the all-reduced L0, the dead-feature
+counters an all-reduced firing mask, the co-activation EMA is fed by rank 0 (whose slice holds
+the global batch's first rows) and each hierarchy update is broadcast from rank 0. So every
+rank holds the same state, rank 0 alone writes checkpoints, and a checkpoint resumes on any
+number of ranks. A 2-rank Gloo run matches a 1-process run to float rounding (tested).
+The ghost-grad loss is rescaled by the rank's own MSE / ghost-MSE ratio (jumprelu.py), so
+with dead features present a multi-rank run differs from a 1-process one in that scale.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
 
+from . import fsio
 from .config import HSAEConfig
+from .distributed import SINGLE, DistContext, all_gather_rows, all_reduce_max_, all_reduce_sum_, \
+    barrier, broadcast_
 from .forest import Forest
 from .hierarchy import CoactivationEMA, assign_forest
 from .model import HSAE, HSAEOutput
@@ -64,10 +79,33 @@ class Trainer:
     """Trains an :class:`HSAE` (or, with rho = r = 0, independent levels) from a config."""
 
     def __init__(self, cfg: HSAEConfig, checkpoint_path: str | Path | None = None,
-                 checkpoint_every: int = 0, log_every: int = 50, on_log: LogFn | None = None):
-        self.cfg = cfg
-        self.device = torch.device(cfg.device)
+                 checkpoint_every: int = 0, log_every: int = 50, on_log: LogFn | None = None,
+                 dist: DistContext = SINGLE, compile: bool = False):
+        """``checkpoint_path``: a local path or an fsspec URL. ``dist``: this rank's context
+        (batches are then its slices of ``cfg.batch_size``-row global batches); ``on_log`` is
+        called on rank 0 only. ``compile``: run the model's forward through ``torch.compile``."""
+        self.cfg, self.dist = cfg, dist
+        if cfg.batch_size % dist.world_size:
+            raise ValueError(f"batch_size {cfg.batch_size} does not split evenly over {dist.world_size} "
+                             f"ranks: choose a global batch divisible by the number of processes")
+        self.local_batch = cfg.batch_size // dist.world_size
+        if (cfg.similarity == "coactivation" and not cfg.is_independent and dist.active
+                and cfg.coactivation_tokens > self.local_batch):
+            raise ValueError(f"coactivation_tokens {cfg.coactivation_tokens} exceeds the per-rank batch "
+                             f"{self.local_batch}: rank 0 feeds the co-activation EMA from its slice, so "
+                             f"lower coactivation_tokens or use fewer ranks")
+        self.device = torch.device(dist.device if dist.active else cfg.device)
         self.model = HSAE(cfg).to(self.device)
+        self.forward = self.model
+        if dist.active:
+            from torch.nn.parallel import DistributedDataParallel
+
+            cuda = self.device.type == "cuda"
+            self.forward = DistributedDataParallel(
+                self.model, device_ids=[self.device] if cuda else None,
+                output_device=self.device if cuda else None, broadcast_buffers=False)
+        if compile:
+            self.forward = torch.compile(self.forward, dynamic=True)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, betas=cfg.adam_betas,
                                           **_fast_adam_kwargs(self.device))
         self.controller = SparsityController(cfg.n_levels, cfg.target_l0, cfg.l0_decay_rate,
@@ -81,13 +119,13 @@ class Trainer:
         self.swap_gen = torch.Generator().manual_seed(cfg.seed + 1)
         self.step = 0
         self.n_updates = 0
-        self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
+        self.checkpoint_path = fsio.as_location(checkpoint_path) if checkpoint_path else None
         self.checkpoint_every, self.log_every, self.on_log = checkpoint_every, log_every, on_log
 
     # ----------------------------------------------------------------- the loop
     def fit(self, batches: Iterable[torch.Tensor], resume: bool = True) -> HSAE:
         """Train for ``cfg.total_steps`` steps; resumes from the checkpoint if one exists."""
-        if resume and self.checkpoint_path and self.checkpoint_path.exists():
+        if resume and self.checkpoint_path and fsio.exists(self.checkpoint_path):
             self.load_checkpoint(self.checkpoint_path)
         it = iter(batches)
         if self.step:
@@ -103,6 +141,7 @@ class Trainer:
                 self.save_checkpoint()
         if self.checkpoint_path:
             self.save_checkpoint()
+        barrier(self.dist)
         return self.model
 
     def train_step(self, x: torch.Tensor) -> StepStats | None:
@@ -110,17 +149,18 @@ class Trainer:
         self._check_batch(x)
         x = x.to(self.device, non_blocking=True).float()
         if self.step == 0 and cfg.threshold_init == 0:
+            x_all = all_gather_rows(self.dist, x)  # the global batch, identical on every rank
             for lv in model.levels:
-                lv.init_b_dec_(x)
-                lv.init_thresholds_(x, cfg.target_l0)
+                lv.init_b_dec_(x_all)
+                lv.init_thresholds_(x_all, cfg.target_l0)
         lr = lr_at(self.step, cfg.total_steps, cfg.lr, cfg.warmup_frac)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         swapped = self._draw_swaps()
         dead = self._dead_masks()
-        logging = self.on_log is not None and ((self.step + 1) % self.log_every == 0
-                                               or self.step + 1 == cfg.total_steps)
-        out = model(x, swapped=swapped, dead=dead, with_pc=cfg.rho > 0, clean_error=logging)
+        logging = (self.on_log is not None or self.dist.active) and (
+            (self.step + 1) % self.log_every == 0 or self.step + 1 == cfg.total_steps)
+        out = self.forward(x, swapped=swapped, dead=dead, with_pc=cfg.rho > 0, clean_error=logging)
         loss = HSAE.total_loss(out, self.controller.lambdas, cfg.rho)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss became {loss.item()} at step {self.step}; lower lr "
@@ -129,16 +169,26 @@ class Trainer:
         loss.backward()
         self.optimizer.step()
         model.after_step_()
-        self.controller.update(out.l0)
+        l0 = self._global_l0(out)
+        self.controller.update(l0)
         self._track_firing(out)
         self.step += 1
         if self._update_due():
             self.update_hierarchy()
         if logging:
-            stats = self._stats(x, out, loss, lr)
-            self.on_log(self.step, stats.as_record())
+            stats = self._stats(x, out, loss, lr, l0)
+            if self.on_log is not None and self.dist.is_main:
+                self.on_log(self.step, stats.as_record())
             return stats
         return None
+
+    def _global_l0(self, out: HSAEOutput) -> torch.Tensor:
+        """Per-level L0 of the global batch: the ranks' active counts summed, over the global
+        batch size (on one rank, the batch L0 itself)."""
+        if not self.dist.active:
+            return out.l0
+        counts = torch.round(out.l0.detach().float() * self.local_batch)
+        return all_reduce_sum_(self.dist, counts) / self.cfg.batch_size
 
     # ------------------------------------------------------------ the hierarchy
     def _update_due(self) -> bool:
@@ -153,8 +203,14 @@ class Trainer:
     def update_hierarchy(self) -> Forest:
         """Re-assign every child to its most similar parent (§3.3)."""
         cfg = self.cfg
-        self.model.forest = assign_forest(self.model.levels, cfg.similarity, cfg.exclude_quantile,
-                                          cfg.tree, self.coactivation).to(self.device)
+        if self.dist.is_main or self.coactivation is None:
+            forest = assign_forest(self.model.levels, cfg.similarity, cfg.exclude_quantile,
+                                   cfg.tree, self.coactivation).to(self.device)
+        else:  # only rank 0 holds the co-activation statistics; it sends the forest below
+            forest = Forest.empty(cfg.level_sizes, self.device)
+        if self.dist.active:  # one forest on every rank, whatever float ties did elsewhere
+            forest = Forest(cfg.level_sizes, [broadcast_(self.dist, p.contiguous()) for p in forest.parent_of])
+        self.model.forest = forest
         self.n_updates += 1
         return self.model.forest
 
@@ -176,30 +232,55 @@ class Trainer:
 
     @torch.no_grad()
     def _track_firing(self, out: HSAEOutput) -> None:
-        for s, code in zip(self.since_fired, out.codes):
-            s += code.pattern.n_rows
-            s[code.pattern.cols[code.active]] = 0
-        if self.coactivation is not None:
+        if self.dist.active:  # a feature fired in the global batch if it fired on any rank
+            for s, code in zip(self.since_fired, out.codes):
+                fired = torch.zeros(s.numel(), dtype=torch.int32, device=s.device)
+                fired[code.pattern.cols[code.active]] = 1
+                all_reduce_max_(self.dist, fired)
+                s += self.cfg.batch_size
+                s[fired.bool()] = 0
+        else:
+            for s, code in zip(self.since_fired, out.codes):
+                s += code.pattern.n_rows
+                s[code.pattern.cols[code.active]] = 0
+        if self.coactivation is not None and self.dist.is_main:
             self.coactivation.update(out.codes)
 
     # ------------------------------------------------------------ reporting
     @torch.no_grad()
-    def _stats(self, x: torch.Tensor, out: HSAEOutput, loss: torch.Tensor, lr: float) -> StepStats:
-        total_var = (x - x.mean(0)).pow(2).sum()
+    def _stats(self, x: torch.Tensor, out: HSAEOutput, loss: torch.Tensor, lr: float,
+               l0: torch.Tensor) -> StepStats:
         n = x.shape[0]
+        sq_error, pc = out.sq_error, out.pc.detach()
+        if self.dist.active:  # global sums: squared errors, loss, PC, and the batch's variance
+            L, d = self.cfg.n_levels, self.cfg.d_model
+            xf = x.float()
+            packed = torch.cat([sq_error.float(), loss.detach().float().reshape(1), pc.float(),
+                                xf.sum(0), xf.pow(2).sum().reshape(1)])
+            all_reduce_sum_(self.dist, packed)
+            n = self.cfg.batch_size
+            sq_error = packed[:L]
+            loss = packed[L] / self.dist.world_size
+            pc = packed[L + 1: L + 1 + pc.numel()] / self.dist.world_size
+            x_sum, x_sq = packed[L + 1 + pc.numel(): -1], packed[-1]
+            total_var = x_sq - x_sum.pow(2).sum() / n
+            assert x_sum.numel() == d
+        else:
+            total_var = (x - x.mean(0)).pow(2).sum()
         dead = self._dead_masks() or [s >= 10 ** 18 for s in self.since_fired]
         return StepStats(
             step=self.step, loss=float(loss), lr=lr,
-            mse=(out.sq_error / n).tolist(), fve=(1 - out.sq_error / total_var).tolist(),
-            l0=out.l0.detach().tolist(), pc=out.pc.detach().tolist(),
+            mse=(sq_error / n).tolist(), fve=(1 - sq_error / total_var).tolist(),
+            l0=l0.detach().tolist(), pc=pc.tolist(),
             lambdas=self.controller.lambdas.tolist(), dead=[int(d.sum()) for d in dead],
             assigned=[self.model.forest.n_assigned(l) for l in range(self.model.forest.n_pairs)])
 
     def _check_batch(self, x: torch.Tensor) -> None:
-        want = (self.cfg.batch_size, self.cfg.d_model)
+        want = (self.local_batch, self.cfg.d_model)
         if tuple(x.shape) != want:
+            per_rank = f" / {self.dist.world_size} ranks" if self.dist.active else ""
             raise ValueError(f"batch of shape {tuple(x.shape)} but the config asks for {want} "
-                             f"(batch_size, d_model): fix the reader's batch size or d_model")
+                             f"(batch_size{per_rank}, d_model): fix the reader's batch size or d_model")
 
     # ------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
@@ -233,16 +314,17 @@ class Trainer:
             self.coactivation.load_state_dict(state["coactivation"])
         self.swap_gen.set_state(state["swap_gen"])
 
-    def save_checkpoint(self, path: str | Path | None = None) -> Path:
-        path = Path(path or self.checkpoint_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, path)
+    def save_checkpoint(self, path: str | Path | None = None) -> str | Path:
+        """Write the state (rank 0 only: every rank holds the same) to a path or fsspec URL,
+        atomically; the other ranks wait until it is written."""
+        path = fsio.as_location(path or self.checkpoint_path)
+        if self.dist.is_main:
+            fsio.save_torch(self.state_dict(), path)
+        barrier(self.dist)
         return path
 
     def load_checkpoint(self, path: str | Path) -> None:
-        self.load_state_dict(torch.load(path, map_location=self.device, weights_only=False))
+        self.load_state_dict(fsio.load_torch(fsio.as_location(path), map_location=self.device))
 
 
 def _fast_adam_kwargs(device: torch.device) -> dict:

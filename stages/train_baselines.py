@@ -21,10 +21,10 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 @app.command()
 def main(
     params: Path = typer.Option(Path("params.yaml"), help="params file (sections sae, train)"),
-    store: Path = typer.Option(Path("data/activations.zarr"), help="activation store"),
+    store: str = typer.Option("data/activations.zarr", help="activation store (path or fsspec URL)"),
     normalization: Path = typer.Option(Path("data/normalization.json"), help="normalisation JSON"),
-    out: Path = typer.Option(Path("data/baseline"), help="folder of the trained independent SAEs"),
-    checkpoint: Path = typer.Option(Path("data/checkpoints/baseline.pt"), help="resumable checkpoint"),
+    out: str = typer.Option("data/baseline", help="folder of the trained independent SAEs (path or URL)"),
+    checkpoint: str = typer.Option("data/checkpoints/baseline.pt", help="resumable checkpoint (path or URL)"),
     curves: Path = typer.Option(Path("plots/train/baseline"), help="folder of the per-level curves"),
 ) -> None:
     train_stage("train-baselines", True, params, store, normalization, out, checkpoint, curves)

@@ -6,6 +6,12 @@
 Reads ``sae:`` + ``hierarchy:`` (HSAEConfig fields, d_model from the store) and ``train:``
 (checkpoints, curves). A killed run resumes from data/checkpoints/hsae.pt when rerun; live curves
 per level go to plots/train/hsae/level<l>.tsv (``dvc plots show``).
+
+Data-parallel on N processes (Gloo on CPU, NCCL on CUDA; rank 0 writes every output)::
+
+    torchrun --nproc_per_node N -m stages.train_hsae --params params.yaml
+
+``--store``, ``--checkpoint`` and ``--out`` also take fsspec URLs (``s3://...``).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from pathlib import Path
 import typer
 from rich import print as rprint
 
+from hsae_core.distributed import init_from_env, shutdown
 from hsae_core.io import save_hsae
 from hsae_core.params import TrainRunConfig, hsae_config, load_params, section_config
 from hsae_core.store import open_store
@@ -23,32 +30,38 @@ from hsae_core.train_run import train_on_store
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
-def train_stage(stage: str, independent: bool, params: Path, store: Path, normalization: Path, out: Path,
-                checkpoint: Path, curves: Path) -> None:
-    """Shared body of train-hsae and train-baselines: validate, train (resuming), save."""
+def train_stage(stage: str, independent: bool, params: Path, store: str, normalization: Path, out: str,
+                checkpoint: str, curves: Path) -> None:
+    """Shared body of train-hsae and train-baselines: validate, train (resuming), save.
+    Under torchrun every rank trains its slice of each batch and rank 0 writes the outputs."""
     try:
         p = load_params(params)
         run = section_config(p, "train", TrainRunConfig)
         info = open_store(store)
         cfg = hsae_config(p, info.d_model, independent=independent)
-        rprint(f"{stage}: levels {list(cfg.level_sizes)} on d = {cfg.d_model}, target L0 {cfg.target_l0}, "
-               f"{cfg.total_steps} steps x {cfg.batch_size} tokens, rho {cfg.rho}, r {cfg.swap_rate}")
+        dist = init_from_env(cfg.device)
+        if dist.is_main:
+            ranks = f" on {dist.world_size} ranks ({dist.device})" if dist.active else ""
+            rprint(f"{stage}: levels {list(cfg.level_sizes)} on d = {cfg.d_model}, target L0 {cfg.target_l0}, "
+                   f"{cfg.total_steps} steps x {cfg.batch_size} tokens, rho {cfg.rho}, r {cfg.swap_rate}{ranks}")
         model = train_on_store(cfg, info, normalization, checkpoint=checkpoint, curves=curves, run=run,
-                               name=stage)
-    except ValueError as err:  # config, store and normalisation errors name the key and the fix
+                               name=stage, dist=dist)
+    except ValueError as err:  # config, store, device and normalisation errors name the key and the fix
         rprint(f"[red]{stage}: {err}[/red]")
         raise typer.Exit(2) from err
-    save_hsae(model, out)
-    rprint(f"{stage}: wrote {out}")
+    if dist.is_main:
+        save_hsae(model, out)
+        rprint(f"{stage}: wrote {out}")
+    shutdown(dist)
 
 
 @app.command()
 def main(
     params: Path = typer.Option(Path("params.yaml"), help="params file (sections sae, hierarchy, train)"),
-    store: Path = typer.Option(Path("data/activations.zarr"), help="activation store"),
+    store: str = typer.Option("data/activations.zarr", help="activation store (path or fsspec URL)"),
     normalization: Path = typer.Option(Path("data/normalization.json"), help="normalisation JSON"),
-    out: Path = typer.Option(Path("data/hsae"), help="folder of the trained HSAE"),
-    checkpoint: Path = typer.Option(Path("data/checkpoints/hsae.pt"), help="resumable checkpoint"),
+    out: str = typer.Option("data/hsae", help="folder of the trained HSAE (path or fsspec URL)"),
+    checkpoint: str = typer.Option("data/checkpoints/hsae.pt", help="resumable checkpoint (path or URL)"),
     curves: Path = typer.Option(Path("plots/train/hsae"), help="folder of the per-level training curves"),
 ) -> None:
     train_stage("train-hsae", False, params, store, normalization, out, checkpoint, curves)
