@@ -9,6 +9,12 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
+# Headless Chromium for the report's browser test (tests/test_report.py): Debian's package, only
+# when missing and only where we may install it (root with apt-get); elsewhere that test skips.
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium) \
+    >/dev/null 2>&1 || echo "setup: could not install chromium (the browser test will skip)" >&2
+fi
 VPY=.venv/bin/python
 stamp=.venv/.hsae-installed
 if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ]; then

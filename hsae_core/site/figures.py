@@ -1,0 +1,287 @@
+"""The paper's figures as PNG + SVG (matplotlib, Agg): hierarchy metrics HSAE vs post-hoc
+baseline (Figure 3), ablations (Figures 4, 7, 9), the rho / r trade-off (Figure 8), UMAP of
+sibling features against an unrelated one (Figures 5, 10) and AutoInterp by branching (Figure 11).
+
+Every function takes plain data (metrics dicts, ablation rows, judge pairs, arrays) and writes
+``<out>/<stem>.png`` and ``.svg``. Where an input is missing, the figure is still written and
+says what is missing and how to produce it, instead of failing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+HSAE_C, BASE_C, RAND_C, MISSING_C = "#e07b00", "#4c72b0", "#999999", "#dddddd"
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, out: Path, stem: str) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{stem}.png", out / f"{stem}.svg"]
+    fig.savefig(paths[0], dpi=130, bbox_inches="tight")
+    fig.savefig(paths[1], bbox_inches="tight")
+    _plt().close(fig)
+    return paths
+
+
+def _note(ax, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", wrap=True, fontsize=9, color="#8a4b00",
+            transform=ax.transAxes, bbox={"boxstyle": "round", "fc": "#fff4e6", "ec": "#f5d2a8"})
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def missing_figure(out: Path, stem: str, title: str, reason: str) -> list[Path]:
+    """A figure that only states why it could not be drawn."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 2.6))
+    ax.set_title(title, fontsize=10)
+    _note(ax, reason)
+    return _save(fig, out, stem)
+
+
+def _ok(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# ----- Figure 3 -------------------------------------------------------------------------------
+
+def judge_rates(pairs: Sequence[dict] | None) -> dict[str, dict]:
+    """Yes rate per source (hsae, posthoc, random) over parseable verdicts (Appendix C)."""
+    out: dict[str, dict] = {}
+    for p in pairs or []:
+        d = out.setdefault(p["source"], {"yes": 0, "no": 0, "unparseable": 0})
+        d[p["verdict"] if p["verdict"] in d else "unparseable"] += 1
+    for d in out.values():
+        n = d["yes"] + d["no"]
+        d["rate"] = d["yes"] / n if n else float("nan")
+        d["n"] = n
+    return out
+
+
+def fig3_hierarchy(out: Path, metrics: dict | None, judge_pairs: Sequence[dict] | None,
+                   judge_note: str | None = None) -> list[Path]:
+    """Figure 3: (a) Hamming, (b) P(p|c), (c) P(c|p) per level pair and their mean, HSAE vs the
+    post-hoc baseline (metrics/metrics.json), (d) the judge's Yes rate per source."""
+    title = "Figure 3: hierarchy consistency, HSAE vs post-hoc baseline"
+    if not metrics or "hsae" not in metrics or "posthoc" not in metrics:
+        return missing_figure(out, "fig3_hierarchy", title,
+                              "metrics/metrics.json is missing: run `dvc repro compute-metrics`")
+    plt = _plt()
+    fig, axes = plt.subplots(1, 4, figsize=(15, 3.6))
+    pairs = sorted(int(k[4:]) for k in metrics["hsae"] if k.startswith("pair"))
+    labels = [f"{p}\u2192{p + 1}" for p in pairs] + ["mean"]
+    x = np.arange(len(labels))
+    for ax, (key, name) in zip(axes, (("hamming", "(a) Hamming distance \u2193"),
+                                      ("p_parent_given_child", "(b) P(parent | child) \u2191"),
+                                      ("p_child_given_parent", "(c) P(child | parent) \u2191"))):
+        for k, (model, color, label) in enumerate((("hsae", HSAE_C, "HSAE"), ("posthoc", BASE_C, "post-hoc baseline"))):
+            vals = [metrics[model].get(f"pair{p}", {}).get(key) for p in pairs] + [metrics[model].get("mean", {}).get(key)]
+            vals = [v if _ok(v) else np.nan for v in vals]
+            bars = ax.bar(x + (k - 0.5) * 0.38, vals, 0.38, color=color, label=label)
+            ax.bar_label(bars, fmt="%.3g", fontsize=7)
+        ax.set_xticks(x, labels)
+        ax.set_xlabel("level pair")
+        ax.set_title(name, fontsize=10)
+    axes[0].legend(fontsize=8)
+    ax = axes[3]
+    ax.set_title("(d) AutoInterp: judge's Yes rate \u2191", fontsize=10)
+    rates = judge_rates(judge_pairs)
+    if not rates:
+        _note(ax, judge_note or "no judge output yet (data/judge/pairs.jsonl):\nrun the judge stage")
+    else:
+        names = [s for s in ("hsae", "posthoc", "random") if s in rates]
+        colors = {"hsae": HSAE_C, "posthoc": BASE_C, "random": RAND_C}
+        bars = ax.bar(names, [rates[s]["rate"] for s in names], color=[colors[s] for s in names])
+        ax.bar_label(bars, labels=[f"{rates[s]['rate']:.2f}\n(n={rates[s]['n']})" for s in names], fontsize=7)
+        ax.set_ylim(0, 1.15)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return _save(fig, out, "fig3_hierarchy")
+
+
+# ----- ablations (Figures 4, 7, 9) and the trade-off (Figure 8) --------------------------------
+
+def _norm(v) -> str:
+    try:
+        return f"{float(v):g}"
+    except (TypeError, ValueError):
+        return str(v)
+
+
+def find_row(rows: Sequence[dict], overrides: dict | None) -> dict | None:
+    """The ablation row whose changed params equal ``overrides`` (None / {} = the reference)."""
+    want = {k: _norm(v) for k, v in (overrides or {}).items()}
+    for row in rows:
+        if {k: _norm(v) for k, v in row.get("changed", {}).items()} == want:
+            return row
+    return None
+
+
+HOW_TO_ABLATE = ("run the ablations: `python -m stages.ablations queue`, `dvc queue start -j 1`,\n"
+                 "then `python -m stages.ablations table` (writes metrics/ablations.json)")
+
+
+def fig_ablation(out: Path, stem: str, title: str, rows: Sequence[dict] | None,
+                 bars: Sequence[tuple[str, str, dict | None]]) -> list[Path]:
+    """Hamming distance of each variant: ``bars`` = (label, column of the row, overrides).
+    A variant without a finished experiment is drawn as an empty grey bar marked 'not run'."""
+    if not rows:
+        return missing_figure(out, stem, title, "no ablation results found:\n" + HOW_TO_ABLATE)
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(1.5 + 1.4 * len(bars), 3.6))
+    missing = []
+    for k, (label, column, overrides) in enumerate(bars):
+        row = find_row(rows, overrides)
+        v = row.get(column) if row else None
+        if _ok(v):
+            color = BASE_C if column.startswith("post-hoc") else (HSAE_C if not overrides else "#f2b26b")
+            b = ax.bar([k], [v], color=color)
+            ax.bar_label(b, fmt="%.3g", fontsize=8)
+        else:
+            ax.bar([k], [0], color=MISSING_C)
+            ax.text(k, 0, "not run", ha="center", va="bottom", fontsize=8, color="#8a4b00", rotation=90)
+            missing.append(label)
+    ax.set_xticks(range(len(bars)), [b[0] for b in bars], fontsize=8)
+    ax.set_ylabel("Hamming distance (mean over level pairs) \u2193")
+    ax.set_title(title, fontsize=10)
+    if missing:
+        ax.set_xlabel("not run yet: " + ", ".join(missing), fontsize=8, color="#8a4b00")
+    fig.tight_layout()
+    return _save(fig, out, stem)
+
+
+def fig8_tradeoff(out: Path, rows: Sequence[dict] | None, reference: dict[str, float]) -> list[Path]:
+    """Figure 8: FVE vs Hamming for the rho sweep and the r sweep (reference point included);
+    ``reference`` = the reference run's {"hierarchy.rho": ..., "hierarchy.swap_rate": ...}."""
+    title = "Figure 8: consistency / fidelity trade-off"
+    if not rows:
+        return missing_figure(out, "fig8_tradeoff", title, "no ablation results found:\n" + HOW_TO_ABLATE)
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, name in ((axes[0], "hierarchy.rho", "(a) constraint weight \u03c1"),
+                          (axes[1], "hierarchy.swap_rate", "(b) perturbation rate r")):
+        pts = []
+        ref = find_row(rows, {})
+        if ref and _ok(ref.get("FVE")) and _ok(ref.get("Hamming")):
+            pts.append((reference.get(key), ref["FVE"], ref["Hamming"]))
+        for row in rows:
+            changed = row.get("changed", {})
+            if set(changed) == {key} and _ok(row.get("FVE")) and _ok(row.get("Hamming")):
+                pts.append((float(changed[key]), row["FVE"], row["Hamming"]))
+        ax.set_title(name, fontsize=10)
+        if len(pts) < 2:
+            _note(ax, f"{len(pts)} run(s) with only {key} changed: the sweep needs at least two.\n" + HOW_TO_ABLATE)
+            continue
+        pts.sort(key=lambda p: (p[0] is None, p[0]))
+        vals = np.array([p[0] if p[0] is not None else np.nan for p in pts], dtype=float)
+        sc = ax.scatter([p[1] for p in pts], [p[2] for p in pts], c=np.log10(np.maximum(vals, 1e-6)), cmap="viridis", s=50)
+        for v, fve, ham in pts:
+            ax.annotate(f"{v:g}" if v is not None else "ref", (fve, ham), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        fig.colorbar(sc, ax=ax, label=f"log10 {key.split('.')[1]}")
+        ax.set_xlabel("fraction of variance explained (mean over levels) \u2192")
+        ax.set_ylabel("Hamming distance \u2193")
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return _save(fig, out, "fig8_tradeoff")
+
+
+# ----- UMAP (Figures 5, 10) ---------------------------------------------------------------------
+
+def fig_umap(out: Path, stem: str, title: str, panels: Sequence[dict], seed: int = 0,
+             reason: str | None = None) -> list[Path]:
+    """UMAP of the input activations on which each feature fires. ``panels``: dicts with
+    ``parent`` (level, id), ``siblings`` [(level, id)], ``unrelated`` (level, id) and
+    ``inputs`` {(level, id): [n, d] array}; one subplot per panel."""
+    if not panels:
+        return missing_figure(out, stem, title, reason or "no parent with two children that both fire enough")
+    import umap
+
+    plt = _plt()
+    cols = min(2, len(panels))
+    rows_n = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(5.6 * cols, 4.6 * rows_n), squeeze=False)
+    palette = ["#e07b00", "#2a9d8f", "#8e44ad", "#c0392b", "#1f77b4", "#6b8e23"]
+    for ax, panel in zip(axes.ravel(), panels):
+        feats = list(panel["siblings"]) + [panel["unrelated"]]
+        xs = [np.asarray(panel["inputs"][f], dtype=np.float32) for f in feats]
+        data = np.concatenate(xs)
+        emb = umap.UMAP(n_components=2, n_neighbors=min(15, len(data) - 1), random_state=seed,
+                        n_jobs=1).fit_transform(data)
+        start = 0
+        for k, (f, x) in enumerate(zip(feats, xs)):
+            part = emb[start:start + len(x)]
+            start += len(x)
+            unrelated = k == len(feats) - 1
+            label = (f"unrelated L{f[0]}#{f[1]}" if unrelated else f"sibling L{f[0]}#{f[1]}") + f" (n={len(x)})"
+            ax.scatter(part[:, 0], part[:, 1], s=7, alpha=0.6, label=label,
+                       color="#555555" if unrelated else palette[k % len(palette)], marker="x" if unrelated else "o")
+        p = panel["parent"]
+        ax.set_title(f"siblings under parent L{p[0]}#{p[1]} vs an unrelated feature", fontsize=9)
+        ax.legend(fontsize=7, markerscale=2)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for ax in axes.ravel()[len(panels):]:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return _save(fig, out, stem)
+
+
+# ----- Figure 11 --------------------------------------------------------------------------------
+
+def root_scores(pairs: Sequence[dict] | None, n_children_root: np.ndarray, parent_of_root: np.ndarray | None = None,
+                source: str = "hsae") -> dict[int, float]:
+    """Per judged root (a level-0 parent with children): its Yes rate over its judged links."""
+    got: dict[int, list[int]] = {}
+    for p in pairs or []:
+        if p["source"] != source or p["parent_level"] != 0 or p["verdict"] not in ("yes", "no"):
+            continue
+        got.setdefault(int(p["parent"]), []).append(p["verdict"] == "yes")
+    return {r: float(np.mean(v)) for r, v in got.items() if n_children_root[r] > 0}
+
+
+def fig11_branching(out: Path, pairs: Sequence[dict] | None, n_children_root: np.ndarray,
+                    judge_note: str | None = None) -> list[Path]:
+    """Figure 11: AutoInterp score of roots with one child vs several (§4.6, Appendix G.2). A
+    root's score is the judge's Yes rate over its judged links (the paper uses SAEBench's
+    per-feature AutoInterp score; this project's judge scores parent-child pairs)."""
+    title = "Figure 11: AutoInterp score by branching factor (HSAE roots)"
+    scores = root_scores(pairs, n_children_root)
+    if not scores:
+        return missing_figure(out, "fig11_branching", title, judge_note or (
+            "no judge output with HSAE level-0 parents (data/judge/pairs.jsonl): run the judge stage"))
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    single = [s for r, s in scores.items() if n_children_root[r] == 1]
+    multi = [s for r, s in scores.items() if n_children_root[r] > 1]
+    bins = np.linspace(0, 1, 11)
+    for vals, color, name in ((single, BASE_C, "single child"), (multi, HSAE_C, "multiple children")):
+        if vals:
+            ax.hist(vals, bins=bins, alpha=0.6, color=color, density=True,
+                    label=f"{name}: n={len(vals)}, mean {np.mean(vals):.3f}")
+    if single and multi:
+        ax.set_title(f"{title}\ngap (multi - single) = {100 * (np.mean(multi) - np.mean(single)):+.2f} points", fontsize=10)
+    else:
+        ax.set_title(f"{title}\n(only one group judged: no gap)", fontsize=10)
+    ax.set_xlabel("root's judge Yes rate over its judged links")
+    ax.set_ylabel("density")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, out, "fig11_branching")
+
+
+__all__ = ["fig11_branching", "fig3_hierarchy", "fig8_tradeoff", "fig_ablation", "fig_umap", "find_row",
+           "judge_rates", "missing_figure", "root_scores"]

@@ -1,0 +1,175 @@
+"""Everything the report stage produces from a finished run: the browser and the figures.
+
+Inputs are plain objects (models, eval batches, evidence, judge pairs, metrics, ablation rows),
+so the stage reads files and this module only computes and writes under ``out``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hsae_core.evidence import PAD, Evidence
+from hsae_core.model import HSAE
+
+from . import figures
+from .build import ModelView, TreeIndex, write_site
+from .config import ReportConfig
+from .stats import ForestStats, feature_inputs, forest_stats
+
+Batches = Callable[[], Iterable[torch.Tensor]]
+
+
+def evidence_contexts(ev: Evidence | None) -> Callable[[int, int], list]:
+    """A feature's contexts from collected evidence (hsae_core.evidence): top ones first, then
+    the activation-sampled ones, each as (token strings, activations) without padding."""
+    if ev is None:
+        return lambda level, i: []
+    vocab = ev.vocab
+
+    def contexts(level: int, i: int) -> list:
+        lv = ev.levels[level]
+        out = []
+        for e in range(lv.rows.shape[1]):
+            if lv.rows[i, e] < 0:
+                continue
+            ids = lv.token_ids[i, e]
+            keep = ids != PAD
+            out.append(([vocab[t] if 0 <= t < len(vocab) else "\ufffd" for t in ids[keep].tolist()],
+                        lv.acts[i, e][keep].tolist()))
+        return out
+    return contexts
+
+
+def judge_verdicts(pairs: Sequence[dict] | None, source: str) -> dict | None:
+    """(parent_level, parent, child_level, child) -> (verdict, confidence) of one source."""
+    if pairs is None:
+        return None
+    return {(int(p["parent_level"]), int(p["parent"]), int(p["child_level"]), int(p["child"])):
+            (str(p["verdict"]), str(p.get("confidence") or "")) for p in pairs if p.get("source") == source}
+
+
+def read_judge(path: Path) -> tuple[list[dict] | None, str | None]:
+    """The judge's pairs (data/judge/pairs.jsonl) or (None, why not)."""
+    if not path.is_file():
+        return None, f"no judge output ({path} missing): run the judge stage"
+    pairs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    need = {"source", "parent_level", "parent", "child_level", "child", "verdict"}
+    bad = [k for k, p in enumerate(pairs) if not need <= set(p)]
+    if bad:
+        raise ValueError(f"{path}: line {bad[0] + 1} lacks {sorted(need - set(pairs[bad[0]]))}")
+    if not pairs:
+        return None, f"judge output {path} is empty"
+    return pairs, None
+
+
+@dataclass
+class UmapPanel:
+    parent: tuple[int, int]
+    siblings: list[tuple[int, int]]
+    unrelated: tuple[int, int]
+
+
+def choose_umap_panels(stats: ForestStats, cfg: ReportConfig, max_siblings: int = 3) -> list[UmapPanel]:
+    """Sibling groups for Figures 5/10: parents whose two best-firing children both fire on at
+    least ``umap_min_fires`` tokens (best groups first; the paper's example is siblings at
+    level 2), each against the best-firing eligible feature of the siblings' level in another tree."""
+    forest = stats.forest
+    idx = TreeIndex.of(forest)
+    cands = []
+    for pair in range(forest.n_pairs):
+        parent_of = forest.parent_of[pair].cpu().numpy()
+        fired = stats.fired[pair + 1]
+        for p in np.unique(parent_of[parent_of >= 0]):
+            kids = np.nonzero(parent_of == p)[0]
+            kids = kids[np.argsort(-fired[kids], kind="stable")]
+            kids = kids[fired[kids] >= cfg.umap_min_fires][:max_siblings]
+            if len(kids) >= 2:
+                cands.append((-int(fired[kids[1]]), -pair, pair, int(p), kids.tolist()))
+    cands.sort()
+    panels = []
+    for _, _, pair, p, kids in cands[:cfg.umap_panels]:
+        level = pair + 1
+        tree = idx.root[idx.offsets[pair] + p]
+        fired = stats.fired[level]
+        other = [j for j in np.argsort(-fired, kind="stable").tolist()
+                 if fired[j] >= cfg.umap_min_fires and idx.root[idx.offsets[level] + j] != tree]
+        if other:
+            panels.append(UmapPanel((pair, p), [(level, k) for k in kids], (level, other[len(panels) % len(other)])))
+    return panels
+
+
+def build_report(out: Path, models: dict[str, HSAE], batches: Batches, cfg: ReportConfig, *,
+                 evidence: dict[str, Evidence | None], judge_pairs: list[dict] | None,
+                 judge_note: str | None, metrics: dict | None, ablation_rows: list[dict] | None,
+                 reference_params: dict[str, float], labels: dict[str, str] | None = None,
+                 log: Callable[[str], None] = print) -> dict:
+    """Write ``out/site`` (the browser) and ``out/figures``; return a summary (also written to
+    ``out/summary.json``). ``models`` maps "hsae" and "baseline" (the post-hoc forest) to models;
+    ``evidence`` the same names to collected evidence (None: contexts are absent, the site says so)."""
+    out = Path(out)
+    labels = labels or {"hsae": "HSAE", "baseline": "Baseline (independent SAEs + post-hoc forest)"}
+    sources = {"hsae": "hsae", "baseline": "posthoc"}
+    stats: dict[str, ForestStats] = {}
+    views = []
+    for name, model in models.items():
+        stats[name] = forest_stats(model, batches())
+        notes = []
+        if evidence.get(name) is None:
+            notes.append(f"No collected evidence for {name}: contexts are absent (run `dvc repro collect-evidence`).")
+        views.append(ModelView(name, labels.get(name, name), model.forest.to("cpu"), stats[name],
+                               evidence_contexts(evidence.get(name)), judge_verdicts(judge_pairs, sources.get(name, name)),
+                               notes))
+        log(f"report: {name}: counted firings over {stats[name].tokens} eval tokens")
+    index = write_site(out / "site", views, contexts_per_feature=cfg.contexts_per_feature,
+                       info={"judge": judge_note or "judge output present"})
+    log(f"report: site -> {index}")
+
+    fig_dir = out / "figures"
+    written: dict[str, list[str]] = {}
+
+    def keep(name: str, paths: list[Path]) -> None:
+        written[name] = [str(p) for p in paths]
+
+    keep("fig3", figures.fig3_hierarchy(fig_dir, metrics, judge_pairs, judge_note))
+    keep("fig4", figures.fig_ablation(fig_dir, "fig4_mechanisms", "Figure 4: ablation of training mechanisms", ablation_rows, [
+        ("Baseline\n(post-hoc)", "post-hoc Hamming", {}), ("w/o constraint\n(\u03c1 = 0)", "Hamming", {"hierarchy.rho": 0.0}),
+        ("w/o perturbation\n(r = 0)", "Hamming", {"hierarchy.swap_rate": 0.0}), ("HSAE", "Hamming", {})]))
+    keep("fig7", figures.fig_ablation(fig_dir, "fig7_similarity", "Figure 7: similarity metric of hierarchy updates", ablation_rows, [
+        ("Co-activ", "Hamming", {"hierarchy.similarity": "coactivation"}),
+        ("Decoder", "Hamming", {"hierarchy.similarity": "decoder"}), ("Encoder (HSAE)", "Hamming", {})]))
+    keep("fig9", figures.fig_ablation(fig_dir, "fig9_tree", "Figure 9: tree structural assumptions", ablation_rows, [
+        ("Fix tree", "Hamming", {"hierarchy.tree": "fixed"}), ("Full tree", "Hamming", {"hierarchy.tree": "full"}),
+        ("Binary tree", "Hamming", {"hierarchy.tree": "binary"}), ("HSAE\n(partial)", "Hamming", {})]))
+    keep("fig8", figures.fig8_tradeoff(fig_dir, ablation_rows, reference_params))
+
+    hsae = models["hsae"]
+    panels = choose_umap_panels(stats["hsae"], cfg)
+    if panels:
+        feats = sorted({f for p in panels for f in [*p.siblings, p.unrelated]})
+        inputs = feature_inputs(hsae, batches(), feats, cfg.umap_points)
+        data = [{"parent": p.parent, "siblings": p.siblings, "unrelated": p.unrelated, "inputs": inputs} for p in panels]
+    else:
+        data = []
+    why = f"no HSAE parent has two children firing on >= {cfg.umap_min_fires} eval tokens"
+    keep("fig5", figures.fig_umap(fig_dir, "fig5_umap", "Figure 5: siblings vs an unrelated feature (UMAP of activations)",
+                                  data[:1], cfg.seed, why))
+    keep("fig10", figures.fig_umap(fig_dir, "fig10_umap", "Figure 10: more sibling groups (UMAP of activations)",
+                                   data, cfg.seed, why))
+    keep("fig11", figures.fig11_branching(fig_dir, judge_pairs, hsae.forest.n_children(0).cpu().numpy(), judge_note))
+    summary = {"site": str(index), "figures": written, "judge": judge_note or "present",
+               "ablation_rows": len(ablation_rows or []),
+               "umap_panels": [{"parent": p.parent, "siblings": p.siblings, "unrelated": p.unrelated} for p in panels],
+               "trees": {v.name: len(TreeIndex.of(v.forest).tree_roots()) for v in views},
+               "eval_tokens": {k: s.tokens for k, s in stats.items()}}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    log(f"report: figures -> {fig_dir}")
+    return summary
+
+
+__all__ = ["UmapPanel", "build_report", "choose_umap_panels", "evidence_contexts", "judge_verdicts", "read_judge"]

@@ -1,0 +1,87 @@
+"""Per-feature and per-link statistics of a forest on the eval split, for the browser (§4.2):
+firing frequency of every feature and P(parent|child), P(child|parent) of every assigned link,
+counted with :class:`~hsae_core.metrics.HierarchyStats` (the same counts as compute-metrics);
+and, for the UMAP figures (§4.6, Appendix G.1), the input activations where chosen features fire.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from hsae_core.evaluate import active_mask
+from hsae_core.forest import Forest
+from hsae_core.metrics import HierarchyStats
+from hsae_core.model import HSAE
+
+
+@dataclass
+class ForestStats:
+    """``fired[l][i]``: eval tokens on which feature i of level l fired; ``joint[l][j]``: tokens
+    on which child j of level l+1 fired together with its parent (0 when unassigned)."""
+
+    forest: Forest
+    tokens: int
+    fired: list[np.ndarray]
+    joint: list[np.ndarray]
+
+    def freq(self, level: int) -> np.ndarray:
+        return self.fired[level] / max(1, self.tokens)
+
+    def p_parent_given_child(self, pair: int) -> np.ndarray:
+        """Per feature of level ``pair + 1``: P(parent fires | it fires); NaN if unassigned or silent."""
+        parent_of = self.forest.parent_of[pair].cpu().numpy()
+        kid = self.fired[pair + 1].astype(np.float64)
+        out = np.divide(self.joint[pair], kid, out=np.full(kid.shape, np.nan), where=kid > 0)
+        out[parent_of < 0] = np.nan
+        return out
+
+    def p_child_given_parent(self, pair: int) -> np.ndarray:
+        parent_of = self.forest.parent_of[pair].cpu().numpy()
+        par = self.fired[pair][np.clip(parent_of, 0, None)].astype(np.float64)
+        out = np.divide(self.joint[pair], par, out=np.full(par.shape, np.nan), where=par > 0)
+        out[parent_of < 0] = np.nan
+        return out
+
+
+@torch.no_grad()
+def forest_stats(model: HSAE, batches: Iterable[torch.Tensor]) -> ForestStats:
+    """Count firings and parent-child co-firings of ``model``'s forest over ``batches``."""
+    if model.n_levels < 2:
+        raise ValueError(f"the forest browser needs at least two levels, the model has {model.n_levels}")
+    device = model.levels[0].W_dec.device
+    hier = HierarchyStats(model.forest.to("cpu"))
+    for x in batches:
+        hier.update(active_mask(model, x.to(device).float())[1])
+    if hier.tokens == 0:
+        raise ValueError("forest_stats: no eval tokens (the eval split is empty)")
+    fired = [hier.parent_count[0].numpy()] + [c.numpy() for c in hier.child_count]
+    return ForestStats(hier.forest, hier.tokens, fired, [j.numpy() for j in hier.joint])
+
+
+@torch.no_grad()
+def feature_inputs(model: HSAE, batches: Iterable[torch.Tensor], features: list[tuple[int, int]],
+                   per_feature: int) -> dict[tuple[int, int], np.ndarray]:
+    """The first ``per_feature`` input activations ``[n, d]`` on which each (level, id) fires."""
+    device = model.levels[0].W_dec.device
+    got: dict[tuple[int, int], list[np.ndarray]] = {f: [] for f in features}
+    need = {f: per_feature for f in features}
+    for x in batches:
+        x = x.to(device).float()
+        _, actives = active_mask(model, x)
+        for f in features:
+            if need[f] <= 0:
+                continue
+            rows = actives[f[0]][:, f[1]].nonzero(as_tuple=True)[0][:need[f]]
+            if rows.numel():
+                got[f].append(x[rows].cpu().numpy())
+                need[f] -= rows.numel()
+        if all(n <= 0 for n in need.values()):
+            break
+    return {f: (np.concatenate(v) if v else np.zeros((0, model.cfg.d_model), np.float32)) for f, v in got.items()}
+
+
+__all__ = ["ForestStats", "feature_inputs", "forest_stats"]

@@ -1,0 +1,106 @@
+"""Stage report: the feature-forest browser and the paper's figures (issue 6) -> data/report/.
+
+    python -m stages.report [--params params.yaml] [--hsae data/hsae] [--posthoc data/posthoc]
+        [--evidence data/evidence] [--judge data/judge/pairs.jsonl] [--metrics metrics/metrics.json]
+        [--ablations metrics/ablations.json] [--out data/report]
+
+Reads ``report:``. Writes data/report/site/index.html (open it from disk: no server), the
+figures data/report/figures/fig*.{png,svg} and data/report/summary.json. The judge's pairs and
+the ablation results are optional: where one is missing, the site and the figures say so.
+``--ablations`` is either ``dvc exp show --json`` output or the rows of
+``hsae_core.ablations.experiment_rows`` (``python -m stages.ablations table --json``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import typer
+from rich import print as rprint
+
+from hsae_core.ablations import experiment_rows
+from hsae_core.config import ConfigError
+from hsae_core.evidence import load_evidence
+from hsae_core.io import load_hsae
+from hsae_core.normalize import resolve_scale
+from hsae_core.params import MetricsConfig, load_params, section_config
+from hsae_core.reader import EvalActivations
+from hsae_core.site.config import ReportConfig
+from hsae_core.site.make import build_report, read_judge
+from hsae_core.store import open_store
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+def read_ablations(path: Path) -> tuple[list[dict] | None, str]:
+    """Ablation rows from a ``dvc exp show --json`` dump or from saved rows; (None, why) if absent."""
+    if not path.is_file():
+        return None, f"{path} missing"
+    data = json.loads(path.read_text())
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list (dvc exp show --json, or ablation rows)")
+    if data and "rev" in data[0]:
+        data = experiment_rows(data)
+    if any("changed" not in row for row in data):
+        raise ValueError(f"{path}: rows need a 'changed' field (hsae_core.ablations.experiment_rows)")
+    return data, f"{len(data)} rows from {path}"
+
+
+@app.command()
+def main(
+    params: Path = typer.Option(Path("params.yaml"), help="params file (sections report, hierarchy)"),
+    hsae: Path = typer.Option(Path("data/hsae"), help="trained HSAE"),
+    posthoc: Path = typer.Option(Path("data/posthoc"), help="baseline SAEs with their post-hoc forest"),
+    evidence: Path = typer.Option(Path("data/evidence"), help="collected evidence (hsae/, baseline/)"),
+    judge: Path = typer.Option(Path("data/judge/pairs.jsonl"), help="the judge's verdicts (optional)"),
+    metrics: Path = typer.Option(Path("metrics/metrics.json"), help="compute-metrics output (Figure 3)"),
+    ablations: Path = typer.Option(Path("metrics/ablations.json"), help="ablation results (optional)"),
+    store: Path = typer.Option(Path("data/activations.zarr"), help="activation store (eval split)"),
+    normalization: Path = typer.Option(Path("data/normalization.json"), help="normalisation JSON"),
+    out: Path = typer.Option(Path("data/report"), help="output folder"),
+) -> None:
+    t0 = time.perf_counter()
+    try:
+        all_params = load_params(params)
+        cfg = section_config(all_params, "report", ReportConfig)
+        info = open_store(store)
+        scale = resolve_scale(normalization, info)
+        models = {"hsae": load_hsae(hsae, cfg.device), "baseline": load_hsae(posthoc, cfg.device)}
+        for name, model in models.items():
+            if model.cfg.d_model != info.d_model:
+                raise ValueError(f"{name} model has d_model {model.cfg.d_model}, store {store} holds "
+                                 f"d = {info.d_model}: retrain it on this store")
+        ev = {}
+        for name in models:
+            folder = evidence / name
+            ev[name] = load_evidence(folder) if (folder / "index.json").is_file() else None
+            if ev[name] is not None and ev[name].index["level_sizes"] != list(models[name].cfg.level_sizes):
+                raise ValueError(f"evidence {folder} has level sizes {ev[name].index['level_sizes']}, the model "
+                                 f"{list(models[name].cfg.level_sizes)}: rerun collect-evidence")
+            if ev[name] is None:
+                rprint(f"[yellow]report: no evidence at {folder}: the site shows no contexts[/yellow]")
+        judge_pairs, judge_note = read_judge(judge)
+        metrics_data = json.loads(metrics.read_text()) if metrics.is_file() else None
+        rows, how = read_ablations(ablations)
+        hier = all_params.get("hierarchy", {})
+        reference = {f"hierarchy.{k}": float(hier[k]) for k in ("rho", "swap_rate") if k in hier}
+    except (ValueError, FileNotFoundError, ConfigError) as err:
+        rprint(f"[red]report: {err}[/red]")
+        raise typer.Exit(2) from err
+    print(f"report: judge: {judge_note or f'{len(judge_pairs)} pairs'}; ablations: {how}")
+    mcfg = MetricsConfig(eval_tokens=cfg.eval_tokens, batch_size=cfg.batch_size, lm_loss_tokens=0, device=cfg.device)
+
+    def batches():
+        for batch in EvalActivations(info, scale, batch_size=mcfg.batch_size, max_tokens=mcfg.eval_tokens):
+            yield batch.activations
+
+    summary = build_report(out, models, batches, cfg, evidence=ev, judge_pairs=judge_pairs, judge_note=judge_note,
+                           metrics=metrics_data, ablation_rows=rows, reference_params=reference)
+    print(f"report: {summary['trees']} trees; open {summary['site']} in a browser "
+          f"({time.perf_counter() - t0:.1f} s)")
+
+
+if __name__ == "__main__":
+    app()
