@@ -4,6 +4,13 @@
 
 Reads the ``extract:`` section of params.yaml (fields: :class:`hsae_core.data_config.ExtractConfig`);
 options given on the command line override it. An interrupted run resumes when rerun.
+
+Distributed over N processes (each runs the model on its share of the windows; the store equals
+a 1-process one)::
+
+    torchrun --nproc_per_node N -m stages.extract_activations --params params.yaml
+
+``--out`` also takes an fsspec URL (``s3://bucket/acts.zarr``).
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import typer
 from rich import print as rprint
 
 from hsae_core.data_config import ExtractConfig, read_params_section
+from hsae_core.distributed import init_from_env, shutdown
 from hsae_core.extract import extract_activations
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
@@ -23,7 +31,7 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 @app.command()
 def main(
     params: Optional[Path] = typer.Option(None, help="params.yaml whose `extract:` section is read"),
-    out: Path = typer.Option(Path("data/activations.zarr"), help="store to write"),
+    out: str = typer.Option("data/activations.zarr", help="store to write (path or fsspec URL)"),
     model: Optional[str] = typer.Option(None, help="hub name, folder, .gguf file or embedded:smollm2"),
     layer: Optional[int] = typer.Option(None, help="residual stream after this block (0-based)"),
     corpus: Optional[str] = typer.Option(None, help="embedded:wiki, a file/folder, or an HF dataset"),
@@ -41,10 +49,14 @@ def main(
     try:
         cfg = ExtractConfig.from_dict(read_params_section(params, "extract")
                                       | {k: v for k, v in overrides.items() if v is not None})
-        store = extract_activations(cfg, out, overwrite=overwrite)
+        dist = init_from_env(cfg.device)
+        store = extract_activations(cfg, out, overwrite=overwrite, dist=dist)
     except ValueError as err:  # config, model, corpus and store errors name the problem and the fix
         rprint(f"[red]extract-activations: {err}[/red]")
         raise typer.Exit(2) from err
+    shutdown(dist)
+    if not dist.is_main:
+        return
     rprint(f"wrote {store.path}: {store.attrs['n_tokens']} tokens of {cfg.model} layer {cfg.layer}, "
            f"d={store.d_model}, {cfg.dtype}")
 
