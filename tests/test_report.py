@@ -120,7 +120,7 @@ def write_judge(run, path: Path) -> list[dict]:
         kids = (p == parent).nonzero(as_tuple=True)[0].tolist()[:2 if source == "hsae" else 1]
         for k, j in enumerate(kids):
             rows.append({"source": source, "parent_level": 0, "parent": int(p[j]), "child_level": 1, "child": j,
-                         "order": "parent-first", "raw": "HaveRelationship: Yes", "verdict": "yes" if k == 0 else "no",
+                         "order": "parent_first", "raw": "HaveRelationship: Yes", "verdict": "yes" if k == 0 else "no",
                          "confidence": "High"})
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return rows

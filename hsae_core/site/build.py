@@ -33,8 +33,8 @@ SINGLE_CHUNK = 256
 
 #: one context: its tokens (decoded strings) and the feature's activation on each
 Context = tuple[Sequence[str], Sequence[float]]
-#: (parent_level, parent, child_level, child) -> (verdict, confidence)
-JudgeVerdicts = dict[tuple[int, int, int, int], tuple[str, str]]
+#: (parent_level, parent, child_level, child) -> [(verdict, confidence, order), ...]
+JudgeVerdicts = dict[tuple[int, int, int, int], list[tuple[str, str, str]]]
 
 
 @dataclass
@@ -142,7 +142,7 @@ def _tree_nodes(view: ModelView, idx: TreeIndex, level: int, root: int, limit: i
             if view.judge is not None:
                 verdict = view.judge.get((l, i, l + 1, j))
                 if verdict:
-                    node["j"] = list(verdict)
+                    node["j"] = [list(v) for v in verdict]
             nodes.append(node)
             placed.append((l + 1, j, len(nodes) - 1))
         stack.extend(reversed(placed))
@@ -211,7 +211,7 @@ def _write_model(folder: Path, view: ModelView, limit: int) -> dict:
         (folder / f"t{level}_{i}.js").write_text(_script(key, {"model": view.name, "nodes": nodes}),
                                                  encoding="utf-8")
         internal = sum(1 for n in nodes if n["n"] > 0)
-        judged = [n["j"][0] for n in nodes if "j" in n]
+        judged = [v[0] for n in nodes for v in n.get("j", []) if v[0] in ("yes", "no")]
         cols["l"].append(level)
         cols["i"].append(i)
         cols["size"].append(len(nodes))

@@ -10,6 +10,7 @@ says what is missing and how to produce it, instead of failing.
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -36,8 +37,9 @@ def _save(fig, out: Path, stem: str) -> list[Path]:
     return paths
 
 
-def _note(ax, text: str) -> None:
-    ax.text(0.5, 0.5, text, ha="center", va="center", wrap=True, fontsize=9, color="#8a4b00",
+def _note(ax, text: str, width: int = 60) -> None:
+    text = "\n".join(textwrap.fill(line, width) for line in text.splitlines())
+    ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=9, color="#8a4b00",
             transform=ax.transAxes, bbox={"boxstyle": "round", "fc": "#fff4e6", "ec": "#f5d2a8"})
     ax.set_xticks([])
     ax.set_yticks([])
@@ -95,12 +97,13 @@ def fig3_hierarchy(out: Path, metrics: dict | None, judge_pairs: Sequence[dict] 
         ax.set_xticks(x, labels)
         ax.set_xlabel("level pair")
         ax.set_title(name, fontsize=10)
-    axes[0].legend(fontsize=8)
+        ax.set_ylim(0, ax.get_ylim()[1] * 1.25)  # room for the legend above the bars
+        ax.legend(fontsize=7, loc="upper left", ncol=2)
     ax = axes[3]
     ax.set_title("(d) AutoInterp: judge's Yes rate \u2191", fontsize=10)
     rates = judge_rates(judge_pairs)
     if not rates:
-        _note(ax, judge_note or "no judge output yet (data/judge/pairs.jsonl):\nrun the judge stage")
+        _note(ax, judge_note or "no judge output yet (data/judge/pairs.jsonl): run the judge stage", width=30)
     else:
         names = [s for s in ("hsae", "posthoc", "random") if s in rates]
         colors = {"hsae": HSAE_C, "posthoc": BASE_C, "random": RAND_C}
@@ -242,8 +245,7 @@ def fig_umap(out: Path, stem: str, title: str, panels: Sequence[dict], seed: int
 
 # ----- Figure 11 --------------------------------------------------------------------------------
 
-def root_scores(pairs: Sequence[dict] | None, n_children_root: np.ndarray, parent_of_root: np.ndarray | None = None,
-                source: str = "hsae") -> dict[int, float]:
+def root_scores(pairs: Sequence[dict] | None, n_children_root: np.ndarray, source: str = "hsae") -> dict[int, float]:
     """Per judged root (a level-0 parent with children): its Yes rate over its judged links."""
     got: dict[int, list[int]] = {}
     for p in pairs or []:

@@ -47,11 +47,16 @@ def evidence_contexts(ev: Evidence | None) -> Callable[[int, int], list]:
 
 
 def judge_verdicts(pairs: Sequence[dict] | None, source: str) -> dict | None:
-    """(parent_level, parent, child_level, child) -> (verdict, confidence) of one source."""
+    """(parent_level, parent, child_level, child) -> [(verdict, confidence, order), ...] of one
+    source (the judge may ask about a link in both orders: every answer is kept)."""
     if pairs is None:
         return None
-    return {(int(p["parent_level"]), int(p["parent"]), int(p["child_level"]), int(p["child"])):
-            (str(p["verdict"]), str(p.get("confidence") or "")) for p in pairs if p.get("source") == source}
+    out: dict = {}
+    for p in pairs:
+        if p.get("source") == source:
+            key = (int(p["parent_level"]), int(p["parent"]), int(p["child_level"]), int(p["child"]))
+            out.setdefault(key, []).append((str(p["verdict"]), str(p.get("confidence") or ""), str(p.get("order") or "")))
+    return out
 
 
 def read_judge(path: Path) -> tuple[list[dict] | None, str | None]:

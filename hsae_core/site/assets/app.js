@@ -89,7 +89,7 @@
       el("p", { class: "note", text: `Levels ${m.level_sizes.join(" / ")}; ${m.n_lone.toLocaleString()} features belong to no tree ` +
         `(search finds them). Firing frequencies and P(parent|child) over ${m.tokens.toLocaleString()} eval tokens.` }));
     if (!m.judge) info.append(el("p", { class: "warn", text: "No judge output for this model: link verdicts are not shown (run the judge stage)." }));
-    else info.append(el("p", { class: "note", text: `${m.judged_links} links carry the judge's verdict.` }));
+    else info.append(el("p", { class: "note", text: `${m.judged_links} judge answers (yes or no) about this forest's links; the last column counts them per tree.` }));
     for (const n of m.notes || []) info.append(el("p", { class: "warn", text: n }));
     const head = el("tr", {}, ...COLS.map(([c, label, , cls]) => el("th", {
       class: `${cls || ""} ${st.col === c ? "sorted" + (st.asc ? " asc" : "") : ""}`, text: label, "data-col": c,
@@ -109,6 +109,7 @@
     const more = rows.length > st.shown ? el("button", { class: "more pill", text: `show ${Math.min(PAGE, rows.length - st.shown)} more of ${rows.length - st.shown}`,
       onclick: () => { st.shown += PAGE; render(); } }) : null;
     main.replaceChildren(info, table, more || "");
+    performance.mark("hsae-overview");
   }
 
   // ----- one tree -----
@@ -146,9 +147,12 @@
   function linkInfo(node, m) {
     if (node.p < 0) return null;
     const span = el("span", { class: "link", text: `P(parent|child) ${fmtP(node.pc)} · P(child|parent) ${fmtP(node.cp)}` });
-    const j = node.j ? el("span", { class: `judge ${node.j[0]}`, text: `judge: ${node.j[0]}${node.j[1] ? " (" + node.j[1] + ")" : ""}` })
-      : el("span", { class: "judge none", text: m.judge ? "not judged" : "no judge run" });
-    return el("span", {}, span, " ", j);
+    const out = el("span", {}, span);
+    if (!node.j) out.append(" ", el("span", { class: "judge none", text: m.judge ? "not judged" : "no judge run" }));
+    else for (const [v, conf, order] of node.j)
+      out.append(" ", el("span", { class: `judge ${v}`, title: order ? `asked ${order.replace("_", " ")}` : "",
+                                   text: `judge: ${v}${conf ? " (" + conf + ")" : ""}` }));
+    return out;
   }
 
   function renderTree(r, data) {
@@ -181,15 +185,17 @@
     function contains(k, id) { if (`n${nodes[k].l}_${nodes[k].i}` === id) return true; return kids[k].some(c => contains(c, id)); }
     const root = nodes[0];
     const levels = new Set(nodes.map(n => n.l));
-    const judged = nodes.filter(n => n.j), yes = judged.filter(n => n.j[0] === "yes");
+    const answers = nodes.flatMap(n => n.j || []).filter(v => v[0] === "yes" || v[0] === "no");
+    const judged = answers, yes = answers.filter(v => v[0] === "yes");
     const head = el("div", {},
       el("p", {}, el("a", { href: `#/${m.name}`, text: `\u2190 all ${m.label} trees` })),
       el("h2", { text: `${m.label}: tree of ${fid(root.l, root.i)}` }),
       el("p", { class: "note", text: `${nodes.length} features over ${levels.size} levels. Orange marks the tokens where a feature fires; ` +
         `the stronger the orange, the larger the activation (relative to the feature's largest shown). ` +
-        (m.judge ? `Judge: ${yes.length} yes of ${judged.length} judged links.` : "No judge output: links show no verdicts.") }));
+        (m.judge ? `Judge: ${yes.length} yes of ${judged.length} answers about this tree's links.` : "No judge output: links show no verdicts.") }));
     main.replaceChildren(head, el("ul", { class: "tree" }, sub(0, 0)));
     if (focusId) { const f = document.getElementById(focusId); if (f) { f.classList.add("focus"); f.scrollIntoView({ block: "center" }); } }
+    performance.mark("hsae-tree");
   }
 
   function renderLone(r, chunk) {
