@@ -53,8 +53,8 @@ class TrainRunConfig:
     buffer_blocks: int = 32
     """Store blocks (about 8 MB each) shuffled together in memory by the train reader."""
     compile: bool = False
-    """Run the model's forward through ``torch.compile`` (meant for CUDA; it also runs on the
-    CPU with a C++ compiler, where it is rarely faster). Off by default."""
+    """Compile each level's dense encoder matmul with ``torch.compile`` (Trainer ``compile``; meant
+    for CUDA, also runs on the CPU given a C++ compiler, results equal eager). Off by default."""
 
     def __post_init__(self) -> None:
         _check(self, "checkpoint_every", _is_int(self.checkpoint_every) and self.checkpoint_every >= 0,

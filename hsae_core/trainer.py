@@ -83,7 +83,9 @@ class Trainer:
                  dist: DistContext = SINGLE, compile: bool = False):
         """``checkpoint_path``: a local path or an fsspec URL. ``dist``: this rank's context
         (batches are then its slices of ``cfg.batch_size``-row global batches); ``on_log`` is
-        called on rank 0 only. ``compile``: run the model's forward through ``torch.compile``."""
+        called on rank 0 only. ``compile``: run each level's dense pre-activation (encoder matmul, bias, autocast) through
+        ``torch.compile``; the whole forward cannot be compiled (its data-dependent sparse support
+        and custom autograd functions stop Dynamo with an internal error, torch 2.13)."""
         self.cfg, self.dist = cfg, dist
         if cfg.batch_size % dist.world_size:
             raise ValueError(f"batch_size {cfg.batch_size} does not split evenly over {dist.world_size} "
@@ -104,8 +106,9 @@ class Trainer:
             self.forward = DistributedDataParallel(
                 self.model, device_ids=[self.device] if cuda else None,
                 output_device=self.device if cuda else None, broadcast_buffers=False)
-        if compile:
-            self.forward = torch.compile(self.forward, dynamic=True)
+        if compile:  # the dense encoder matmul of each level (the sparse rest defeats Dynamo)
+            for lv in self.model.levels:
+                lv.preacts = torch.compile(lv.preacts, dynamic=True)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, betas=cfg.adam_betas,
                                           **_fast_adam_kwargs(self.device))
         self.controller = SparsityController(cfg.n_levels, cfg.target_l0, cfg.l0_decay_rate,

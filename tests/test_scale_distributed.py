@@ -171,3 +171,18 @@ def test_two_rank_extraction_equals_one_rank(tmp_path):
     for col in ("split", "label"):
         assert np.array_equal(one.group[f"documents/{col}"][:], two.group[f"documents/{col}"][:])
     assert not (tmp_path / "r2.zarr" / "windows_done").exists()
+
+
+def test_compile_option_equals_eager():
+    import shutil as sh
+
+    from hsae_core.config import ConfigError
+
+    with pytest.raises(ConfigError, match="compile"):
+        TrainRunConfig(compile="yes")
+    if not (sh.which("c++") or sh.which("g++")):
+        pytest.skip("torch.compile on the CPU needs a C++ compiler")
+    c = cfg(total_steps=8, update_interval=4)
+    eager = Trainer(c).fit(SYN.batches(64, seed=1))
+    compiled = Trainer(c, compile=True).fit(SYN.batches(64, seed=1))
+    assert_same_model(compiled, eager, atol=1e-6)
