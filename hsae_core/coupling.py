@@ -31,9 +31,32 @@ from dataclasses import dataclass
 
 import torch
 
-from .forest import Links
+from .forest import Forest, Links
 from .jumprelu import SparseCode
-from .sparse_ops import SupportPattern, bag_sum, sddmm
+from .sparse_ops import SupportPattern, scatter_bag_sum_, sddmm
+
+
+@dataclass
+class PairEntries:
+    """The child entries of one level pair and batch whose feature has a parent.
+
+    Shared by the PC loss and the perturbation, built once per pair and step: ``sel`` are
+    positions in the child's support, ``par`` their parents, ``keys = row * n_parent + par``
+    (flat positions in a ``[batch, n_parent]`` map; flat 1-D lookups are several times faster
+    than 2-D advanced indexing on CPU).
+    """
+
+    sel: torch.Tensor
+    par: torch.Tensor
+    keys: torch.Tensor
+
+    @classmethod
+    def build(cls, child: SupportPattern, parent_of: torch.Tensor, n_parents: int) -> "PairEntries":
+        c_par = parent_of.index_select(0, child.cols)
+        sel = (c_par >= 0).nonzero(as_tuple=True)[0]
+        par = c_par.index_select(0, sel)
+        keys = child.rows.index_select(0, sel) * n_parents + par
+        return cls(sel, par, keys)
 
 
 @dataclass
@@ -48,60 +71,57 @@ class _PCIndex:
 
     @classmethod
     def build(cls, parent: SupportPattern, child: SupportPattern, parent_of: torch.Tensor,
-              links: Links) -> "_PCIndex":
-        n_parents = links.by_parent_crow.numel() - 1
-        c_par = parent_of[child.cols]
-        assigned = c_par >= 0
-        c_keys = child.rows * n_parents + c_par
-        if parent.mask is not None:  # dense lookups: O(nnz), no search
-            hit = assigned & parent.mask[child.rows, c_par.clamp(min=0)]
-            hit_c = hit.nonzero(as_tuple=True)[0]
-            hit_p = _entry_index(parent)[child.rows[hit_c], c_par[hit_c]].long()
-        elif parent.nnz and child.nnz:
-            p_keys = parent.rows * n_parents + parent.cols  # sorted: supports are row-major
-            pos = torch.searchsorted(p_keys, c_keys).clamp_(max=p_keys.numel() - 1)
-            hit_c = (assigned & (p_keys[pos] == c_keys)).nonzero(as_tuple=True)[0]
-            hit_p = pos[hit_c]
+              links: Links, entries: PairEntries | None = None) -> "_PCIndex":
+        e = PairEntries.build(child, parent_of, parent.n_cols) if entries is None else entries
+        if parent.mask is not None:  # dense lookups: O(nnz), no search, no sort of everything
+            hit_pos = parent.mask.view(-1).index_select(0, e.keys).nonzero(as_tuple=True)[0]
+            hit_p = _entry_index(parent).index_select(0, e.keys.index_select(0, hit_pos)).long()
+            cof = _cofiring(e.keys, parent.n_rows * parent.n_cols).nonzero(as_tuple=True)[0]
+            a, b = _sibling_pairs(e.keys.index_select(0, cof))
+            sib_a, sib_b = e.sel[cof[a]], e.sel[cof[b]]
         else:
-            hit_c = hit_p = c_keys.new_zeros(0)
-        hit_link = links.by_child_crow[child.cols[hit_c]]
-        keys = torch.where(assigned, c_keys, -1)
-        if parent.mask is not None:  # sort only the entries that share a (token, parent)
-            sel = assigned.nonzero(as_tuple=True)[0]
-            sel = sel[_cofiring(child.rows[sel], c_par[sel], child.n_rows, n_parents)]
-            a, b = _sibling_pairs(keys[sel])
-            sib_a, sib_b = sel[a], sel[b]
-        else:
-            sib_a, sib_b = _sibling_pairs(keys)
+            p_keys = parent.rows * parent.n_cols + parent.cols  # sorted: supports are row-major
+            if p_keys.numel() and e.keys.numel():
+                pos = torch.searchsorted(p_keys, e.keys).clamp_(max=p_keys.numel() - 1)
+                hit_pos = (p_keys[pos] == e.keys).nonzero(as_tuple=True)[0]
+                hit_p = pos[hit_pos]
+            else:
+                hit_pos = hit_p = e.keys.new_zeros(0)
+            a, b = _sibling_pairs(e.keys)
+            sib_a, sib_b = e.sel[a], e.sel[b]
+        hit_c = e.sel.index_select(0, hit_pos)
+        hit_link = links.by_child_crow.index_select(0, child.cols.index_select(0, hit_c))
         return cls(hit_p, hit_c, hit_link, sib_a, sib_b)
 
 
 _SCRATCH: dict[tuple, torch.Tensor] = {}
 
 
-def _scratch(name: str, n_rows: int, n_cols: int, device) -> torch.Tensor:
-    """A reusable int32 ``[n_rows, n_cols]`` buffer. Never cleared: callers write the cells
-    they read in the same step, so stale cells are never seen."""
-    key = (name, n_rows, n_cols, device)
-    if key not in _SCRATCH:
-        _SCRATCH[key] = torch.empty(n_rows, n_cols, dtype=torch.int32, device=device)
-    return _SCRATCH[key]
+def _scratch(name: str, size: int, device) -> torch.Tensor:
+    """A reusable flat int32 buffer. Never cleared: callers write the cells they read in the
+    same step, so stale cells are never seen."""
+    key = (name, device)
+    buf = _SCRATCH.get(key)
+    if buf is None or buf.numel() < size:
+        buf = _SCRATCH[key] = torch.empty(size, dtype=torch.int32, device=device)
+    return buf[:size]
 
 
 def _entry_index(pattern: SupportPattern) -> torch.Tensor:
-    """``[n_rows, n_cols]`` map from (row, col) to the entry's position, valid on the support."""
-    buf = _scratch("entry", pattern.n_rows, pattern.n_cols, pattern.rows.device)
-    buf[pattern.rows, pattern.cols] = torch.arange(pattern.nnz, dtype=torch.int32,
-                                                   device=pattern.rows.device)
+    """Flat ``[n_rows * n_cols]`` map from row * n_cols + col to the entry's position, valid
+    on the support."""
+    buf = _scratch("entry", pattern.n_rows * pattern.n_cols, pattern.rows.device)
+    keys = pattern.rows * pattern.n_cols + pattern.cols
+    buf.index_copy_(0, keys, torch.arange(pattern.nnz, dtype=torch.int32, device=keys.device))
     return buf
 
 
-def _cofiring(rows: torch.Tensor, par: torch.Tensor, n_rows: int, n_parents: int) -> torch.Tensor:
-    """Bool over entries: another entry has the same (row, parent). O(nnz), no sort."""
-    buf = _scratch("count", n_rows, n_parents, rows.device)
-    buf[rows, par] = 0
-    buf.index_put_((rows, par), torch.ones_like(rows, dtype=torch.int32), accumulate=True)
-    return buf[rows, par] > 1
+def _cofiring(keys: torch.Tensor, size: int) -> torch.Tensor:
+    """Bool over ``keys``: another entry has the same key. O(nnz), no sort."""
+    buf = _scratch("count", size, keys.device)
+    buf.index_fill_(0, keys, 0)
+    buf.index_add_(0, keys, torch.ones_like(keys, dtype=torch.int32))
+    return buf.index_select(0, keys) > 1
 
 
 def _sibling_pairs(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,78 +157,146 @@ def _link_pattern(links: Links, n_parents: int) -> SupportPattern:
                           _crow=links.by_child_crow)
 
 
-class _PCLoss(torch.autograd.Function):
+@dataclass
+class _PairPC:
+    """One level pair's share of the forest PC loss: patterns, indexes and masks."""
+
+    level: int  # the parent level l (pair l, l+1)
+    pat_p: SupportPattern
+    pat_c: SupportPattern
+    idx: _PCIndex
+    links: Links
+    has_children: torch.Tensor  # [n_l] bool
+    assigned: torch.Tensor  # [n_{l+1}] bool
+
+
+def pairs_pattern(pairs: list[_PairPC], level: int) -> SupportPattern:
+    """The support of ``level`` as recorded by the pairs it belongs to."""
+    for q in pairs:
+        if q.level == level:
+            return q.pat_p
+        if q.level + 1 == level:
+            return q.pat_c
+    raise KeyError(level)
+
+
+class _ForestPC(torch.autograd.Function):
+    """The PC loss of every level pair as one autograd node, so each decoder receives a single
+    gradient buffer (a middle level is parent in one pair and child in the next) and each
+    level's squared row norms are computed once per step."""
+
     @staticmethod
-    def forward(ctx, vals_p, vals_c, w_p, w_c, pats, idx: _PCIndex, links: Links, masks):
-        pat_p, pat_c = pats
-        has_children, assigned = masks
-        n_c = w_c.shape[0]
-        norm2_p = torch.linalg.vector_norm(w_p, dim=1).pow(2)
-        norm2_c = torch.linalg.vector_norm(w_c, dim=1).pow(2)
-        gram = sddmm(_link_pattern(links, w_p.shape[0]), w_c, w_p)  # <d_parent(j), d_j>
-        diag_p = torch.where(has_children, norm2_p, 0.0)
-        diag_c = torch.where(assigned, norm2_c, 0.0)
-        sq_p = torch.zeros_like(norm2_p).index_add_(0, pat_p.cols, vals_p.pow(2))
-        sq_c = torch.zeros_like(norm2_c).index_add_(0, pat_c.cols, vals_c.pow(2))
-        total = (sq_p * diag_p).sum() + (sq_c * diag_c).sum()
-        total = total - 2 * (vals_p[idx.hit_p] * vals_c[idx.hit_c] * gram[idx.hit_link]).sum()
-        sib_pat, sib_order = _pair_pattern(pat_c.cols[idx.sib_a], pat_c.cols[idx.sib_b], n_c)
-        sib_dot = (sddmm(sib_pat, w_c, w_c)[torch.argsort(sib_order)] if idx.sib_a.numel()
-                   else vals_c.new_zeros(0))
-        total = total + 2 * (vals_c[idx.sib_a] * vals_c[idx.sib_b] * sib_dot).sum()
-        ctx.save_for_backward(vals_p, vals_c, w_p, w_c, diag_p, diag_c, sq_p, sq_c, gram, sib_dot)
-        ctx.pats, ctx.idx, ctx.links = pats, idx, links
-        return total / pat_p.n_rows
+    def forward(ctx, pairs: list[_PairPC], n_levels: int, *tensors):
+        vals, ws = tensors[:n_levels], tensors[n_levels:]
+        norm2, sq = {}, {}  # per level: squared decoder row norms, sum over the batch of a^2
+        for l in {q.level for q in pairs} | {q.level + 1 for q in pairs}:
+            norm2[l] = torch.linalg.vector_norm(ws[l], dim=1).square_()
+            sq[l] = torch.zeros_like(norm2[l]).index_add_(0, pairs_pattern(pairs, l).cols,
+                                                          vals[l].square())
+        out = vals[0].new_zeros(n_levels - 1)
+        saved = []
+        for q in pairs:
+            p, c, idx = q.level, q.level + 1, q.idx
+            w_p, w_c = ws[p], ws[c]
+            gram = sddmm(_link_pattern(q.links, w_p.shape[0]), w_c, w_p)  # <d_parent(j), d_j>
+            diag_p = torch.where(q.has_children, norm2[p], 0.0)
+            diag_c = torch.where(q.assigned, norm2[c], 0.0)
+            total = torch.dot(sq[p], diag_p) + torch.dot(sq[c], diag_c)
+            vp_hit, vc_hit = vals[p].index_select(0, idx.hit_p), vals[c].index_select(0, idx.hit_c)
+            gram_hit = gram.index_select(0, idx.hit_link)
+            total = total - 2 * torch.dot(vp_hit * vc_hit, gram_hit)
+            va, vb = vals[c].index_select(0, idx.sib_a), vals[c].index_select(0, idx.sib_b)
+            if idx.sib_a.numel():
+                ca, cb = q.pat_c.cols.index_select(0, idx.sib_a), q.pat_c.cols.index_select(0, idx.sib_b)
+                sib_pat, sib_order = _pair_pattern(ca, cb, w_c.shape[0])
+                sib_dot = sddmm(sib_pat, w_c, w_c)[torch.argsort(sib_order)]
+                total = total + 2 * torch.dot(va * vb, sib_dot)
+            else:
+                sib_dot = ca = cb = va
+            out[p] = total / q.pat_p.n_rows
+            saved.append((diag_p, diag_c, gram.shape[0], vp_hit, vc_hit, gram_hit, va, vb, ca, cb, sib_dot))
+        ctx.save_for_backward(*tensors)
+        ctx.pairs, ctx.saved, ctx.n_levels, ctx.sq = pairs, saved, n_levels, sq
+        return out
 
     @staticmethod
     def backward(ctx, grad):
-        vals_p, vals_c, w_p, w_c, diag_p, diag_c, sq_p, sq_c, gram, sib_dot = ctx.saved_tensors
-        pat_p, pat_c = ctx.pats
-        idx: _PCIndex = ctx.idx
-        links: Links = ctx.links
-        s = grad / pat_p.n_rows
-        vp_hit, vc_hit, gram_hit = vals_p[idx.hit_p], vals_c[idx.hit_c], gram[idx.hit_link]
-        va, vb = vals_c[idx.sib_a], vals_c[idx.sib_b]
+        n_levels = ctx.n_levels
+        tensors = ctx.saved_tensors
+        vals, ws = tensors[:n_levels], tensors[n_levels:]
+        g_vals: list[torch.Tensor | None] = [None] * n_levels
+        g_w: list[torch.Tensor | None] = [None] * n_levels
+        row_coef: list[torch.Tensor | None] = [None] * n_levels
+        cross = []  # (level, its rows, partner rows, coefficients, partner level)
 
-        g_vp = 2 * vals_p * diag_p[pat_p.cols]
-        g_vp.index_add_(0, idx.hit_p, -2 * vc_hit * gram_hit)
-        g_vc = 2 * vals_c * diag_c[pat_c.cols]
-        g_vc.index_add_(0, idx.hit_c, -2 * vp_hit * gram_hit)
-        g_vc.index_add_(0, idx.sib_a, 2 * vb * sib_dot)
-        g_vc.index_add_(0, idx.sib_b, 2 * va * sib_dot)
+        def add(acc, l, g):
+            acc[l] = g if acc[l] is None else acc[l].add_(g)
 
-        # decoder rows: each diagonal term scales its own row; each cross term adds the
-        # partner's row with its coefficient summed over the batch (one bag sum per decoder)
-        beta = torch.zeros_like(gram).index_add_(0, idx.hit_link, -2 * s * vp_hit * vc_hit)
-        perm = links.by_parent_perm
-        g_wp = bag_sum(links.kids[perm], links.by_parent_crow, beta[perm], w_c)
-        g_wp.addcmul_((2 * s * sq_p * diag_p.ne(0))[:, None], w_p)
-        g_wc = bag_sum(links.par, links.by_child_crow, beta, w_p)
-        g_wc.addcmul_((2 * s * sq_c * diag_c.ne(0))[:, None], w_c)
-        if idx.sib_a.numel():
-            ca, cb = pat_c.cols[idx.sib_a], pat_c.cols[idx.sib_b]
-            coef = 2 * s * va * vb
-            sym, order = _pair_pattern(torch.cat([ca, cb]), torch.cat([cb, ca]), w_c.shape[0])
-            g_wc += bag_sum(sym.cols, sym.crow(), torch.cat([coef, coef])[order], w_c)
-        return g_vp * s, g_vc * s, g_wp, g_wc, None, None, None, None
+        for q, saved in zip(ctx.pairs, ctx.saved):
+            diag_p, diag_c, n_links, vp_hit, vc_hit, gram_hit, va, vb, ca, cb, sib_dot = saved
+            p, c, idx, links = q.level, q.level + 1, q.idx, q.links
+            s2 = grad[p] * (2.0 / q.pat_p.n_rows)
+            g_vp = vals[p] * diag_p.index_select(0, q.pat_p.cols)
+            g_vp.index_add_(0, idx.hit_p, vc_hit * gram_hit, alpha=-1)
+            g_vc = vals[c] * diag_c.index_select(0, q.pat_c.cols)
+            g_vc.index_add_(0, idx.hit_c, vp_hit * gram_hit, alpha=-1)
+            if idx.sib_a.numel():
+                g_vc.index_add_(0, idx.sib_a, vb * sib_dot)
+                g_vc.index_add_(0, idx.sib_b, va * sib_dot)
+            add(g_vals, p, g_vp.mul_(s2))
+            add(g_vals, c, g_vc.mul_(s2))
+            # decoder rows: each diagonal term scales its own row; each cross term adds the
+            # partner's row with its coefficient summed over the batch, for the links and
+            # sibling pairs met in this batch only (in place, one bag sum per row)
+            add(row_coef, p, ctx.sq[p] * diag_p.ne(0) * s2)
+            add(row_coef, c, ctx.sq[c] * diag_c.ne(0) * s2)
+            beta = vp_hit.new_zeros(n_links).index_add_(0, idx.hit_link, vp_hit * vc_hit, alpha=-1)
+            met = beta.nonzero(as_tuple=True)[0]
+            beta = beta.index_select(0, met).mul_(s2)
+            par, kids = links.par.index_select(0, met), links.kids.index_select(0, met)
+            cross.append((p, par, kids, beta, c))
+            cross.append((c, kids, par, beta, p))
+            if idx.sib_a.numel():
+                coef = (va * vb).mul_(s2)
+                cross.append((c, torch.cat([ca, cb]), torch.cat([cb, ca]), torch.cat([coef, coef]), c))
+        for l in range(n_levels):
+            if row_coef[l] is not None:
+                g_w[l] = ws[l] * row_coef[l][:, None]
+        for dst, rows, partners, coef, src in cross:
+            scatter_bag_sum_(g_w[dst], rows, partners, coef, ws[src])
+        return (None, None, *g_vals, *g_w)
+
+
+def forest_pc_loss(codes: list[SparseCode], w_decs: list[torch.Tensor], forest: Forest,
+                   entries: list[PairEntries | None] | None = None) -> torch.Tensor:
+    """``[L-1]``: sum_i ||f_i - sum_{j in C_i} f_j||^2 averaged over the batch, per level pair
+    (0 for pairs without links). ``entries`` reuses the perturbation's per-pair lookups."""
+    pairs = []
+    for l in range(len(codes) - 1):
+        links = forest.links(l)
+        if links.kids.numel() == 0:
+            continue
+        e = entries[l] if entries is not None else None
+        idx = _PCIndex.build(codes[l].pattern, codes[l + 1].pattern, forest.parent_of[l], links, e)
+        pairs.append(_PairPC(l, codes[l].pattern, codes[l + 1].pattern, idx, links,
+                             forest.has_children(l), forest.parent_of[l] >= 0))
+    if not pairs:
+        return codes[0].vals.new_zeros(len(codes) - 1)
+    return _ForestPC.apply(pairs, len(codes), *(c.vals for c in codes), *w_decs)
 
 
 def pc_loss(parent: SparseCode, child: SparseCode, w_dec_parent: torch.Tensor,
-            w_dec_child: torch.Tensor, parent_of: torch.Tensor, has_children: torch.Tensor,
-            links: Links | None = None) -> torch.Tensor:
+            w_dec_child: torch.Tensor, parent_of: torch.Tensor) -> torch.Tensor:
     """sum_i ||f_i - sum_{j in C_i} f_j||^2 averaged over the batch, for one level pair."""
-    links = Links.build(parent_of, w_dec_parent.shape[0]) if links is None else links
-    idx = _PCIndex.build(parent.pattern, child.pattern, parent_of, links)
-    return _PCLoss.apply(parent.vals, child.vals, w_dec_parent, w_dec_child,
-                         (parent.pattern, child.pattern), idx, links, (has_children, parent_of >= 0))
+    forest = Forest((w_dec_parent.shape[0], w_dec_child.shape[0]), [parent_of])
+    return forest_pc_loss([parent, child], [w_dec_parent, w_dec_child], forest)[0]
 
 
-def swap_masks(parent: SparseCode, child: SparseCode, parent_of: torch.Tensor,
-               swapped: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(keep mask over parent entries, take mask over child entries) for the ``swapped``
-    parents ([n_l] bool, only parents with children): the parent entries leave level l's
-    reconstruction and the taken child entries enter it in their place (§3.2)."""
-    keep_p = ~swapped[parent.pattern.cols]
-    c_par = parent_of[child.pattern.cols]
-    take_c = (c_par >= 0) & swapped[c_par.clamp(min=0)]
-    return keep_p, take_c
+def swap_masks(parent: SupportPattern, entries: PairEntries, swapped: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keep mask over parent entries, positions of the taken child entries) for the
+    ``swapped`` parents ([n_l] bool, only parents with children): the parent entries leave
+    level l's reconstruction and the taken child entries enter it in their place (§3.2)."""
+    keep_p = ~swapped.index_select(0, parent.cols)
+    take = entries.sel.index_select(0, swapped.index_select(0, entries.par).nonzero(as_tuple=True)[0])
+    return keep_p, take

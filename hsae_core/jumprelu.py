@@ -104,7 +104,7 @@ class JumpReLULevel(nn.Module):
             pre = self.preacts(x)
         support = pre > (self.threshold.detach() - self.bandwidth / 2)
         pattern = SupportPattern.from_mask(support)
-        pre_s = pre[pattern.rows, pattern.cols]
+        pre_s = pre.reshape(-1).index_select(0, pattern.rows * pre.shape[1] + pattern.cols)
         vals, l0 = _JumpReLUOnSupport.apply(
             self.W_enc, self.b_enc, self.threshold, x.to(pre.dtype), pre_s, pattern, self.bandwidth)
         return SparseCode(pattern, vals, l0)

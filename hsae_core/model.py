@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .config import HSAEConfig
-from .coupling import pc_loss, swap_masks
+from .coupling import PairEntries, forest_pc_loss, swap_masks
 from .sparse_ops import sparse_decode, sparse_decode_pair
 from .forest import Forest
 from .jumprelu import JumpReLULevel, SparseCode, ghost_grad_loss
@@ -67,11 +67,12 @@ class HSAE(nn.Module):
         x = x.to(self.levels[0].W_dec.dtype)
         codes = [lv.encode(x) for lv in self.levels]
         zero = x.new_zeros(())
-        recons, swap_in = self._decode_all(codes, swapped)
-        mse, sq_err, pcs, ghost = [], [], [], zero
+        entries = self._pair_entries(codes, swapped, with_pc)
+        recons, swap_in = self._decode_all(codes, swapped, entries)
+        mse, sq_err, ghost = [], [], zero
         for l, (lv, code, recon) in enumerate(zip(self.levels, codes, recons)):
             if swap_in[l] is not None:
-                recon = recon + swap_in[l]
+                recon = recon.add_(swap_in[l])  # recon is this forward's own tensor
                 with torch.no_grad():
                     sq_err.append((x - lv.decode(code)).pow(2).sum() if clean_error
                                   else x.new_tensor(float("nan")))
@@ -82,18 +83,25 @@ class HSAE(nn.Module):
             mse.append(level_mse)
             if dead is not None and bool(dead[l].any()):
                 ghost = ghost + ghost_grad_loss(lv, x, residual, dead[l], level_mse)
-        for l in range(self.n_levels - 1):
-            if with_pc and bool((self.forest.parent_of[l] >= 0).any()):
-                pcs.append(pc_loss(codes[l], codes[l + 1], self.levels[l].W_dec,
-                                   self.levels[l + 1].W_dec, self.forest.parent_of[l],
-                                   self.forest.has_children(l), self.forest.links(l)))
-            else:
-                pcs.append(zero)
-        return HSAEOutput(torch.stack(mse), torch.stack([c.l0 for c in codes]),
-                          torch.stack(pcs) if pcs else x.new_zeros(0), ghost,
+        if with_pc and not self.forest.is_empty():
+            pc = forest_pc_loss(codes, [lv.W_dec for lv in self.levels], self.forest, entries)
+        else:
+            pc = x.new_zeros(self.n_levels - 1)
+        return HSAEOutput(torch.stack(mse), torch.stack([c.l0 for c in codes]), pc, ghost,
                           torch.stack(sq_err), codes)
 
-    def _decode_all(self, codes: list[SparseCode], swapped):
+    def _pair_entries(self, codes: list[SparseCode], swapped, with_pc: bool
+                      ) -> list[PairEntries | None]:
+        """Per level pair, the child entries with a parent (shared by swap and PC), where used."""
+        out: list[PairEntries | None] = []
+        for l in range(self.n_levels - 1):
+            used = (swapped is not None and bool(swapped[l].any())) or (
+                with_pc and self.forest.links(l).kids.numel() > 0)
+            out.append(PairEntries.build(codes[l + 1].pattern, self.forest.parent_of[l],
+                                         self.levels[l].n_features) if used else None)
+        return out
+
+    def _decode_all(self, codes: list[SparseCode], swapped, entries: list[PairEntries | None]):
         """Every level's reconstruction with its swapped parents' entries masked out, and the
         children's contributions that replace them in the level above (§3.2).
 
@@ -101,15 +109,17 @@ class HSAE(nn.Module):
         swapped: both share one weight-gradient buffer per level.
         """
         recons, swap_in = [], [None] * self.n_levels
+        masks = [swap_masks(codes[l].pattern, entries[l], swapped[l])
+                 if swapped is not None and bool(swapped[l].any()) else None
+                 for l in range(self.n_levels - 1)] + [None]
         for l, (lv, code) in enumerate(zip(self.levels, codes)):
             pattern, vals = code.pattern, code.vals
-            if swapped is not None and l < self.n_levels - 1 and bool(swapped[l].any()):
-                keep, _ = swap_masks(code, codes[l + 1], self.forest.parent_of[l], swapped[l])
-                vals = vals * keep
-            if swapped is not None and l > 0 and bool(swapped[l - 1].any()):
-                _, take = swap_masks(codes[l - 1], code, self.forest.parent_of[l - 1], swapped[l - 1])
-                out, swap_in[l - 1] = sparse_decode_pair(pattern, vals, pattern.subset(take),
-                                                         code.vals[take], lv.W_dec)
+            if masks[l] is not None:
+                vals = vals * masks[l][0]
+            if l > 0 and masks[l - 1] is not None:
+                take = masks[l - 1][1]
+                out, swap_in[l - 1] = sparse_decode_pair(pattern, vals, pattern.take(take),
+                                                         code.vals.index_select(0, take), lv.W_dec)
             else:
                 out = sparse_decode(pattern, vals, lv.W_dec)
             recons.append(out + lv.b_dec)

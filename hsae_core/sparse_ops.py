@@ -75,9 +75,10 @@ class SupportPattern:
         out = vals.new_zeros(self.n_rows, self.n_cols)
         return out.index_put((self.rows, self.cols), vals)
 
-    def subset(self, keep: torch.Tensor) -> "SupportPattern":
-        """The entries where ``keep`` (a bool [nnz] mask) holds; row order is preserved."""
-        return SupportPattern(self.rows[keep], self.cols[keep], self.n_rows, self.n_cols)
+    def take(self, index: torch.Tensor) -> "SupportPattern":
+        """The entries at positions ``index`` (ascending, so row order is preserved)."""
+        return SupportPattern(self.rows.index_select(0, index), self.cols.index_select(0, index),
+                              self.n_rows, self.n_cols)
 
 
 def _offsets(counts: torch.Tensor) -> torch.Tensor:
@@ -114,6 +115,22 @@ def bag_sum(index: torch.Tensor, ptr: torch.Tensor, weights: torch.Tensor, table
     with torch.no_grad():
         return torch.nn.functional.embedding_bag(index, table, ptr[:-1], mode="sum",
                                                  per_sample_weights=weights.to(table.dtype))
+
+
+def scatter_bag_sum_(out: torch.Tensor, dest: torch.Tensor, index: torch.Tensor,
+                     weights: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """``out[dest[k]] += weights[k] * table[index[k]]`` for all k, in place: one weighted bag
+    sum per distinct destination row (no ``[k, d]`` gather, no ``[n, d]`` temporary)."""
+    if dest.numel() == 0:
+        return out
+    dest, order = torch.sort(dest, stable=True)
+    uniq, counts = torch.unique_consecutive(dest, return_counts=True)
+    with torch.no_grad():
+        sums = torch.nn.functional.embedding_bag(
+            index.index_select(0, order), table, _offsets(counts), mode="sum",
+            per_sample_weights=weights.index_select(0, order).to(table.dtype),
+            include_last_offset=True)
+    return out.index_add_(0, uniq, sums)
 
 
 def sddmm(p: SupportPattern, g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -156,7 +173,8 @@ class SparseDecode(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_w = spmm_cols(p, vals, grad_out)
             if e is not None and e.nnz:  # few entries: a direct scatter, no re-sort of p
-                grad_w.index_add_(0, e.cols, extra_vals[:, None] * grad_extra[e.rows])
+                rows = grad_extra.index_select(0, e.rows).mul_(extra_vals[:, None])
+                grad_w.index_add_(0, e.cols, rows)
         return grad_vals, grad_w, None, grad_extra_vals, None
 
 

@@ -128,6 +128,6 @@ def test_pc_loss_never_builds_batch_by_parents_by_d(monkeypatch):
         biggest.append(out.numel())
         return out
     monkeypatch.setattr(torch.Tensor, "new_zeros", spy)
-    loss = pc_loss(lp.encode(x), lc.encode(x), lp.W_dec, lc.W_dec, parent_of, forest.has_children(0))
+    loss = pc_loss(lp.encode(x), lc.encode(x), lp.W_dec, lc.W_dec, parent_of)
     loss.backward()
     assert max(biggest) < B * 2048 * d / 50
