@@ -105,7 +105,7 @@ class Trainer:
             cuda = self.device.type == "cuda"
             self.forward = DistributedDataParallel(
                 self.model, device_ids=[self.device] if cuda else None,
-                output_device=self.device if cuda else None, broadcast_buffers=False)
+                output_device=self.device if cuda else None)  # the model has no buffers
         if compile:  # the dense encoder matmul of each level (the sparse rest defeats Dynamo)
             for lv in self.model.levels:
                 lv.preacts = torch.compile(lv.preacts, dynamic=True)
