@@ -7,8 +7,9 @@
 Reads ``report:``. Writes data/report/site/index.html (open it from disk: no server), the
 figures data/report/figures/fig*.{png,svg} and data/report/summary.json. The judge's pairs and
 the ablation results are optional: where one is missing, the site and the figures say so.
-``--ablations`` is either ``dvc exp show --json`` output or the rows of
-``hsae_core.ablations.experiment_rows`` (``python -m stages.ablations table --json``).
+``--ablations`` is either ``dvc exp show --json`` output (``dvc exp show --json >
+metrics/ablations.json`` once the queued ablations have run) or a JSON list of the rows of
+``hsae_core.ablations.experiment_rows``.
 """
 
 from __future__ import annotations

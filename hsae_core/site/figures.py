@@ -133,8 +133,8 @@ def find_row(rows: Sequence[dict], overrides: dict | None) -> dict | None:
     return None
 
 
-HOW_TO_ABLATE = ("run the ablations: `python -m stages.ablations queue`, `dvc queue start -j 1`,\n"
-                 "then `python -m stages.ablations table` (writes metrics/ablations.json)")
+HOW_TO_ABLATE = ("run the ablations (`python -m stages.ablations queue`, `dvc queue start -j 1`), "
+                 "then `dvc exp show --json > metrics/ablations.json` and `dvc repro -f -s report`")
 
 
 def fig_ablation(out: Path, stem: str, title: str, rows: Sequence[dict] | None,
