@@ -2,7 +2,7 @@
 run on CPU (Gloo).
 
     torchrun --nproc_per_node N tests/dist_worker.py train CFG_JSON STORE OUT CKPT [STOP_AT]
-    torchrun --nproc_per_node N tests/dist_worker.py extract CFG_JSON OUT
+    torchrun --nproc_per_node N tests/dist_worker.py extract CFG_JSON OUT [KILL_AFTER]
 
 ``train`` runs ``train_on_store`` (rank 0 saves the model to OUT); with STOP_AT it trains only
 that many steps through the same reader and checkpoint (an interrupted run). ``extract`` runs
@@ -47,13 +47,22 @@ def train(cfg_json: str, store: str, out: str, ckpt: str, stop_at: str | None = 
     shutdown(dist)
 
 
-def extract(cfg_json: str, out: str) -> None:
+def extract(cfg_json: str, out: str, kill_after: str | None = None) -> None:
+    """With KILL_AFTER, rank 1 dies after writing that many shards (an interrupted job)."""
     from hsae_core.data_config import ExtractConfig
     from hsae_core.extract import extract_activations
 
     cfg = ExtractConfig.from_dict(json.loads(cfg_json))
     dist = init_from_env(cfg.device)
-    extract_activations(cfg, out, progress=False, dist=dist)
+    written = []
+
+    def on_shard(split: str, index: int) -> None:
+        written.append((split, index))
+        if kill_after is not None and dist.rank == 1 and len(written) == int(kill_after):
+            raise SystemExit(3)
+
+    extract_activations(cfg, out, progress=False, dist=dist, on_shard=on_shard)
+    print(f"rank {dist.rank} wrote {len(written)} shards", flush=True)
     shutdown(dist)
 
 

@@ -62,14 +62,15 @@ def cfg(**kw) -> HSAEConfig:
     return HSAEConfig(**(base | kw))
 
 
-def torchrun(n: int, *args: str) -> subprocess.CompletedProcess:
+def torchrun(n: int, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     if shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists():
         pytest.skip("torchrun is not installed beside this python")
     exe = str(Path(sys.executable).parent / "torchrun")
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([exe, "--standalone", f"--nproc_per_node={n}", str(WORKER), *args],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
 
@@ -150,18 +151,24 @@ def test_store_checkpoint_and_model_at_memory_urls(tmp_path):
 
 
 def test_two_rank_extraction_equals_one_rank(tmp_path):
-    """Same rows, order, ids and attributes; max_tokens cuts the last train window short."""
+    """A killed and resumed 2-rank job writes the 1-rank store: same rows, order, ids and
+    attributes (max_tokens cuts the last train window short)."""
     from hsae_core.data_config import ExtractConfig
     from tests.store_helpers import jsonl_corpus, tiny_llama
 
     c = ExtractConfig(model=tiny_llama(tmp_path / "model"), layer=2, corpus=jsonl_corpus(tmp_path / "c.jsonl", 40),
                       label_column="topic", context_len=48, batch_size=4, max_tokens=1500,
                       eval_fraction=0.25, chunk_bytes=2048, shard_bytes=16384, shuffle_shards=2)
-    stores = {}
-    for n in (1, 2):
-        torchrun(n, "extract", json.dumps(c.to_dict()), str(tmp_path / f"r{n}.zarr"))
-        stores[n] = open_store(tmp_path / f"r{n}.zarr")
-    one, two = stores[1], stores[2]
+    torchrun(1, "extract", json.dumps(c.to_dict()), str(tmp_path / "r1.zarr"))
+    # the 2-rank job is interrupted (rank 1 dies after writing 3 shards), then resumed
+    killed = torchrun(2, "extract", json.dumps(c.to_dict()), str(tmp_path / "r2.zarr"), "3", check=False)
+    assert killed.returncode != 0 and not (tmp_path / "r2.zarr").exists()
+    resumed = torchrun(2, "extract", json.dumps(c.to_dict()), str(tmp_path / "r2.zarr")).stdout
+    one, two = open_store(tmp_path / "r1.zarr"), open_store(tmp_path / "r2.zarr")
+    size, shard = one.attrs["shard_rows"] * 2, one.attrs["shard_rows"]
+    rank1_shards = sum(-(-min(size, one.n_rows(s) - k) // shard)  # shards in rank 1's windows
+                       for s in ("train", "eval") for k in range(size, one.n_rows(s), 2 * size))
+    assert int(resumed.split("rank 1 wrote ")[1].split()[0]) < rank1_shards  # finished windows skipped
     assert one.attrs == two.attrs
     size = one.attrs["shard_rows"] * 2
     assert one.n_rows("train") > 3 * size  # several windows: both ranks wrote some
