@@ -136,9 +136,10 @@ def test_site_data_match_a_dense_recount(run, tmp_path):
         tokens, fired, joint = dense_counts(model, run["store"], run["scale"])
         assert m["tokens"] == tokens and m["judge"] is False
         seen: dict[tuple[int, int], dict] = {}
-        for l, i in zip(m["trees"]["l"], m["trees"]["i"]):
+        for t, (l, i) in enumerate(zip(m["trees"]["l"], m["trees"]["i"])):
             key, tree = read_js(site / "data" / m["name"] / f"t{l}_{i}.js")
             assert key == f"{m['name']}/t{l}_{i}" and tree["nodes"][0]["l"] == l and tree["nodes"][0]["i"] == i
+            assert m["trees"]["live"][t] == sum(fired[n["l"]][n["i"]] > 0 for n in tree["nodes"])
             for k, n in enumerate(tree["nodes"]):
                 seen[(n["l"], n["i"])] = n
                 assert abs(n["f"] - fired[n["l"]][n["i"]] / tokens) < 1e-6

@@ -201,7 +201,7 @@ def _write_model(folder: Path, view: ModelView, limit: int) -> dict:
     pcs = [stats.p_parent_given_child(l) for l in range(len(sizes) - 1)]
     cps = [stats.p_child_given_parent(l) for l in range(len(sizes) - 1)]
     labels: list[list[str]] = [[""] * n for n in sizes]
-    cols = {k: [] for k in ("l", "i", "size", "kids", "depth", "branch", "f", "top", "judged", "yes")}
+    cols = {k: [] for k in ("l", "i", "size", "live", "kids", "depth", "branch", "f", "top", "judged", "yes")}
     for g in idx.tree_roots().tolist():
         level, i = idx.split(g)
         nodes = _tree_nodes(view, idx, level, i, limit, pcs, cps, children)
@@ -215,6 +215,7 @@ def _write_model(folder: Path, view: ModelView, limit: int) -> dict:
         cols["l"].append(level)
         cols["i"].append(i)
         cols["size"].append(len(nodes))
+        cols["live"].append(sum(1 for n in nodes if n["f"]))  # nodes that fire on the eval split
         cols["kids"].append(nodes[0]["n"])
         cols["depth"].append(max(n["l"] for n in nodes) - level + 1)
         cols["branch"].append(round((len(nodes) - 1) / max(1, internal), 2))

@@ -64,7 +64,7 @@
   // ----- overview -----
   const COLS = [
     ["root", "tree root", r => r.l * 1e7 + r.i], ["top", "top tokens", r => r.top, "lab"],
-    ["size", "nodes", r => r.size], ["kids", "root's children", r => r.kids], ["depth", "levels", r => r.depth],
+    ["size", "nodes", r => r.size], ["live", "firing nodes", r => r.live], ["kids", "root's children", r => r.kids], ["depth", "levels", r => r.depth],
     ["branch", "mean branching", r => r.branch], ["f", "root freq.", r => r.f], ["yes", "judge yes / judged", r => (r.judged ? r.yes / r.judged : -1)]
   ];
   const sortState = {};
@@ -72,14 +72,14 @@
   function rowsOf(m) {
     const t = m.trees, out = [];
     for (let k = 0; k < t.l.length; k++)
-      out.push({ l: t.l[k], i: t.i[k], size: t.size[k], kids: t.kids[k], depth: t.depth[k], branch: t.branch[k],
+      out.push({ l: t.l[k], i: t.i[k], size: t.size[k], live: t.live[k], kids: t.kids[k], depth: t.depth[k], branch: t.branch[k],
                  f: t.f[k], top: t.top[k], judged: t.judged[k], yes: t.yes[k] });
     return out;
   }
 
   function renderOverview(r) {
     const m = models[r.model];
-    const st = sortState[m.name] || (sortState[m.name] = { col: "size", asc: false, shown: PAGE });
+    const st = sortState[m.name] || (sortState[m.name] = { col: "live", asc: false, shown: PAGE });
     const rows = rowsOf(m);
     const key = COLS.find(c => c[0] === st.col)[2];
     rows.sort((a, b) => { const x = key(a), y = key(b); const c = x < y ? -1 : x > y ? 1 : 0; return st.asc ? c : -c; });
@@ -102,7 +102,7 @@
         el("td", {}, el("span", { class: "fid", text: fid(x.l, x.i) })),
         el("td", { class: "lab top", text: x.top || "" }),
         el("td", {}, el("span", { class: "bar", style: `width:${Math.max(1, Math.round(60 * x.size / maxSize))}px` }), ` ${x.size}`),
-        el("td", { text: x.kids }), el("td", { text: x.depth }), el("td", { text: x.branch }),
+        el("td", { text: x.live }), el("td", { text: x.kids }), el("td", { text: x.depth }), el("td", { text: x.branch }),
         el("td", { text: fmtPct(x.f) }), el("td", { text: x.judged ? `${x.yes} / ${x.judged}` : "–" })));
     }
     const table = el("table", { class: "trees" }, el("thead", {}, head), body);
