@@ -31,6 +31,8 @@ from tests.store_helpers import WORDS, jsonl_corpus, tiny_llama
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
 LEVELS = (8, 16, 32, 64)
+COMMON = dict(d_model=32, level_sizes=LEVELS, target_l0=3.0, batch_size=128, total_steps=40,
+              dead_window_tokens=0, update_interval=10)
 REPORT = {"contexts_per_feature": 4, "umap_points": 40, "umap_panels": 2, "umap_min_fires": 5, "batch_size": 256}
 
 
@@ -50,10 +52,8 @@ def run(tmp_path_factory):
     store = extract_activations(ext, root / "store.zarr", progress=False)
     norm = estimate_normalization(store)
     norm.save(root / "normalization.json")
-    common = dict(d_model=32, level_sizes=LEVELS, target_l0=3.0, batch_size=128, total_steps=60,
-                  dead_window_tokens=0, update_interval=15)
-    hsae = _train(HSAEConfig(**common, rho=0.05, swap_rate=0.05), store, norm.scale, root, "hsae")
-    base = _train(HSAEConfig(**common, rho=0.0, swap_rate=0.0), store, norm.scale, root, "baseline")
+    hsae = _train(HSAEConfig(**COMMON, rho=0.05, swap_rate=0.05), store, norm.scale, root, "hsae")
+    base = _train(HSAEConfig(**COMMON, rho=0.0, swap_rate=0.0), store, norm.scale, root, "baseline")
     save_hsae(hsae, root / "hsae")
     save_hsae(base, root / "baseline")
     base.forest = posthoc_forest(base, "encoder", 0.2, "partial")
@@ -174,9 +174,7 @@ def test_figures_from_a_small_run(run, tmp_path):
     # ablation rows as hsae_core.ablations.experiment_rows gives them: the reference and a real
     # rho = 0 retraining of the same small run
     root = run["root"]
-    common = dict(d_model=32, level_sizes=LEVELS, target_l0=3.0, batch_size=128, total_steps=60,
-                  dead_window_tokens=0, update_interval=15)
-    free = _train(HSAEConfig(**common, rho=0.0, swap_rate=0.05), run["store"], run["scale"], tmp_path, "free")
+    free = _train(HSAEConfig(**COMMON, rho=0.0, swap_rate=0.05), run["store"], run["scale"], tmp_path, "free")
     batches = lambda: (b.activations for b in EvalActivations(run["store"], run["scale"], batch_size=512))  # noqa: E731
     ref = json.loads((root / "metrics.json").read_text())
     free_m = {"hsae": evaluate_hsae(free, batches()), "posthoc": ref["posthoc"]}
