@@ -6,8 +6,10 @@ with ``W_enc [d_in, d_sae]``, unit-norm ``W_dec [d_sae, d_in]``, ``b_enc``, ``b_
 (``CustomSAEConfig``: model_name, d_in, d_sae, hook_layer, hook_name, context_size, ...).
 :class:`JumpReLULevelSAE` subclasses ``BaseSAE`` when ``sae_bench`` is installed, so SAEBench's
 evals accept it as is; without it the same class is a plain module honouring the same contract
-(what the tests check here: SAEBench needs internet and a GPU, so its evals were not run in this
-project).
+(what the tests check). Checked by hand against sae-bench 0.6.0 (installed ``--no-deps`` beside
+sae-lens 6.54 in a scratch venv): the class is a ``BaseSAE`` and SAEBench's own
+``load_and_format_sae`` (decoder-norm check, cfg standardisation) accepts every level, as it
+accepts the export loaded with SAELens. SAEBench's evals need internet and a GPU: not run here.
 
 Run SAEBench on every level (internet for the model and eval datasets, a GPU)::
 

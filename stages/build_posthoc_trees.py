@@ -28,7 +28,7 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 def main(
     params: Path = typer.Option(Path("params.yaml"), help="params file (sections hierarchy, posthoc)"),
     baseline: Path = typer.Option(Path("data/baseline"), help="trained independent SAEs"),
-    store: Path = typer.Option(Path("data/activations.zarr"), help="store (co-activation similarity only)"),
+    store: str = typer.Option("data/activations.zarr", help="store (co-activation similarity only) (path or fsspec URL)"),
     normalization: Path = typer.Option(Path("data/normalization.json"), help="normalisation JSON"),
     out: Path = typer.Option(Path("data/posthoc"), help="folder of the baseline with its forest"),
 ) -> None:

@@ -30,7 +30,7 @@ def main(
     params: Path = typer.Option(Path("params.yaml"), help="params file (section metrics)"),
     hsae: Path = typer.Option(Path("data/hsae"), help="trained HSAE"),
     posthoc: Path = typer.Option(Path("data/posthoc"), help="baseline with its post-hoc forest"),
-    store: Path = typer.Option(Path("data/activations.zarr"), help="activation store (eval split)"),
+    store: str = typer.Option("data/activations.zarr", help="activation store (eval split) (path or fsspec URL)"),
     normalization: Path = typer.Option(Path("data/normalization.json"), help="normalisation JSON"),
     out: Path = typer.Option(Path("metrics/metrics.json"), help="metrics JSON"),
     table: Path = typer.Option(Path("metrics/table.md"), help="human-readable table"),
