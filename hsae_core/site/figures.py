@@ -156,12 +156,12 @@ def fig_ablation(out: Path, stem: str, title: str, rows: Sequence[dict] | None,
         else:
             ax.bar([k], [0], color=MISSING_C)
             ax.text(k, 0, "not run", ha="center", va="bottom", fontsize=8, color="#8a4b00", rotation=90)
-            missing.append(label)
+            missing.append(label.replace("\n", " "))
     ax.set_xticks(range(len(bars)), [b[0] for b in bars], fontsize=8)
-    ax.set_ylabel("Hamming distance (mean over level pairs) \u2193")
+    ax.set_ylabel("Hamming distance \u2193\n(mean over level pairs)")
     ax.set_title(title, fontsize=10)
     if missing:
-        ax.set_xlabel("not run yet: " + ", ".join(missing), fontsize=8, color="#8a4b00")
+        ax.set_xlabel(textwrap.fill("not run yet: " + ", ".join(missing), 70), fontsize=8, color="#8a4b00")
     fig.tight_layout()
     return _save(fig, out, stem)
 
