@@ -110,6 +110,9 @@ def fig3_hierarchy(out: Path, metrics: dict | None, judge_pairs: Sequence[dict] 
         bars = ax.bar(names, [rates[s]["rate"] for s in names], color=[colors[s] for s in names])
         ax.bar_label(bars, labels=[f"{rates[s]['rate']:.2f}\n(n={rates[s]['n']})" for s in names], fontsize=7)
         ax.set_ylim(0, 1.15)
+        judges = sorted({str(p.get("model")) for p in judge_pairs if p.get("model")})
+        if judges:
+            ax.set_xlabel("judge: " + ", ".join(judges), fontsize=8)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     return _save(fig, out, "fig3_hierarchy")
