@@ -18,10 +18,10 @@ once): each feature keeps its ``n_top * (2 buffer + 1)`` best activations and it
 ``(n_top + n_sampled) * (2 buffer + 1)`` best keys. That is exact: each chosen window excludes
 at most ``2 buffer + 1`` positions, so the greedy choice over the kept candidates equals the
 choice over all positions. A second pass fills in each chosen window's per-token activations
-(it encodes only the store blocks that hold a window). Memory: the candidate buffers
-(12 bytes x ``sum(n_l) x (2 n_top + n_sampled) x (2 buffer + 1)``: 7,680 features -> 48 MB,
-30,720 -> 194 MB) plus one batch, plus 16 bytes per eval token (token, sequence and document
-ids); never the ``[tokens, features]`` activation matrix.
+(it encodes only the batches that hold a window). Memory: the candidate buffers
+(16 bytes x ``sum(n_l) x (2 n_top + n_sampled) x (2 buffer + 1)``: 7,680 features -> 65 MB,
+30,720 -> 258 MB) plus one batch, plus 24 bytes per eval token (token, sequence, document ids
+and position); never the ``[tokens, features]`` activation matrix.
 
 On-disk format (``save_evidence`` / ``load_evidence``), one folder per model::
 
@@ -49,7 +49,8 @@ On-disk format (``save_evidence`` / ``load_evidence``), one folder per model::
 
 Examples ``0 .. n_top-1`` are the top contexts in descending activation, ``n_top ..`` the
 sampled ones in draw order. The centre token is always window index ``buffer``; the window is
-cut (padded with -1) at sequence edges, never crosses into another sequence. Activations are
+cut (padded with -1) at the edges of the centre's document (packed sequences hold several; a
+document's closing EOS token belongs to it) and never crosses into another sequence. Activations are
 in the SAE's units on normalised inputs (Appendix A.1). :func:`render` marks activating tokens
 ``<<tok>>`` (adjacent ones merged, newlines shown as ``↵``), as SAEBench formats them.
 """
@@ -260,14 +261,15 @@ def collect_evidence(model: HSAE, batches: Callable[[], Iterable[Batch]], cfg: E
         centres.append(cen)
     del tops, iws
 
-    # windows: rows centre - buffer .. centre + buffer within the centre's sequence
+    # windows: rows centre - buffer .. centre + buffer within the centre's sequence and document
     offsets = np.arange(-cfg.buffer, cfg.buffer + 1)
     needed = np.zeros(n_rows, dtype=bool)
     out, slot_keys, slot_ids = [], [], []
     for l, cen in enumerate(centres):
         win = cen[:, :, None] + offsets
         ok = (cen[:, :, None] >= 0) & (win >= 0) & (win < n_rows)
-        ok[ok] &= seq[win[ok]] == seq[np.broadcast_to(cen[:, :, None], win.shape)[ok]]
+        centre = np.broadcast_to(cen[:, :, None], win.shape)[ok]
+        ok[ok] &= (seq[win[ok]] == seq[centre]) & (doc[win[ok]] == doc[centre])
         win = np.where(ok, win, PAD)
         needed[win[ok]] = True
         token_ids = np.full(win.shape, PAD, dtype=np.int32)

@@ -12,6 +12,7 @@ Sections and the stages that read them::
     posthoc:    PosthocConfig                            build-posthoc-trees
     metrics:    MetricsConfig                            compute-metrics
     evidence:   EvidenceConfig (hsae_core.evidence)      collect-evidence
+    judge:      JudgeConfig (hsae_core.judge)            judge
     report:     ReportConfig (hsae_core.site.config)     report
 
 Splitting the HSAE's fields into ``sae`` and ``hierarchy`` is what lets DVC re-run only what
@@ -34,6 +35,7 @@ import yaml
 from hsae_core.config import ConfigError, HSAEConfig
 from hsae_core.data_config import ExtractConfig, NormalizeConfig
 from hsae_core.evidence import EvidenceConfig
+from hsae_core.judge import JudgeConfig
 from hsae_core.site.config import ReportConfig
 
 #: HSAEConfig fields that only the HSAE uses (the baseline forces rho = swap_rate = 0).
@@ -112,6 +114,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "posthoc": tuple(f.name for f in dataclasses.fields(PosthocConfig)),
     "metrics": tuple(f.name for f in dataclasses.fields(MetricsConfig)),
     "evidence": tuple(f.name for f in dataclasses.fields(EvidenceConfig)),
+    "judge": tuple(f.name for f in dataclasses.fields(JudgeConfig)),
     "report": tuple(f.name for f in dataclasses.fields(ReportConfig)),
 }
 

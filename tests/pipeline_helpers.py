@@ -29,6 +29,7 @@ def micro_params(model: str, corpus: str) -> dict:
         "hierarchy": {"update_interval": 10},
         "train": {"checkpoint_every": 10, "log_every": 5},
         "metrics": {"batch_size": 200, "lm_loss_tokens": 120, "lm_batch_sequences": 4},
+        "judge": {"model": model, "n_pairs": 3, "n_random": 2, "max_tokens": 3},  # tiny Llama as judge
     }
     return {section: params[section] | small.get(section, {}) for section in params}
 

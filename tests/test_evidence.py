@@ -22,8 +22,8 @@ from tests.store_helpers import jsonl_corpus, tiny_llama
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("evidence")
     cfg = ExtractConfig(model=tiny_llama(root / "model", d_model=32, n_layers=2), layer=0,
-                        corpus=jsonl_corpus(root / "corpus.jsonl", n_docs=200, max_words=60),
-                        context_len=24, batch_size=16, max_tokens=None, eval_fraction=0.15,
+                        corpus=jsonl_corpus(root / "corpus.jsonl", n_docs=500, max_words=16),
+                        context_len=32, batch_size=16, max_tokens=None, eval_fraction=0.15,
                         chunk_bytes=4096, shard_bytes=65536)
     store = extract_activations(cfg, root / "store.zarr", progress=False)
     scale = estimate_normalization(store).scale
@@ -71,8 +71,9 @@ def test_streaming_matches_brute_force(setup, batch_size):
     dense = dense_activations(model, store, scale, batch_size)
     seq = store.array("eval", "sequence_ids")[:]
     tok = store.array("eval", "token_ids")[:]
+    doc = store.array("eval", "doc_ids")[:]
     n_rows = len(seq)
-    assert n_rows > 500 and len(np.unique(seq)) > 20
+    assert n_rows > 500 and len(np.unique(seq)) > 20 and len(np.unique(doc)) > len(np.unique(seq))
     want = brute_force(dense, seq, cfg)
     for l, (ev, a, cen) in enumerate(zip(levels, dense, want)):
         np.testing.assert_array_equal(ev.rows, cen, err_msg=f"level {l}")
@@ -87,7 +88,7 @@ def test_streaming_matches_brute_force(setup, batch_size):
                     assert (ev.token_ids[f, e] == PAD).all() and (ev.acts[f, e] == 0).all()
                     continue
                 for j, r in enumerate(range(c - cfg.buffer, c + cfg.buffer + 1)):
-                    inside = 0 <= r < n_rows and seq[r] == seq[c]
+                    inside = 0 <= r < n_rows and seq[r] == seq[c] and doc[r] == doc[c]
                     assert ev.token_ids[f, e, j] == (tok[r] if inside else PAD)
                     assert ev.acts[f, e, j] == (a[r, f] if inside else 0.0)
                 assert ev.acts[f, e, cfg.buffer] > 0

@@ -14,7 +14,7 @@ import yaml
 from tests.pipeline_helpers import dvc, env, git, micro_assets, micro_params, micro_project, ran_stages
 
 ALL = {"extract-activations", "normalize", "train-hsae", "train-baselines", "build-posthoc-trees",
-       "compute-metrics", "export-saelens", "collect-evidence", "report"}
+       "compute-metrics", "export-saelens", "collect-evidence", "judge", "report"}
 
 
 def test_repro_ablation_and_metrics_diff(tmp_path):
@@ -52,7 +52,7 @@ def test_repro_ablation_and_metrics_diff(tmp_path):
     git(root, "add", "dvc.lock", "metrics", "plots")
     git(root, "commit", "-q", "-m", "reference run")
     assert ran_stages(dvc(root, "exp", "run", "-S", "hierarchy.rho=0.5").stdout) == {"train-hsae", "compute-metrics", "export-saelens",
-                                                                                "collect-evidence", "report"}
+                                                                                "collect-evidence", "judge", "report"}
     diff = json.loads(dvc(root, "metrics", "diff", "--json").stdout)["metrics/metrics.json"]
     assert any(k.startswith("hsae.pair") for k in diff)
     assert not [k for k in diff if k.startswith("posthoc.")]  # the baseline was not retrained

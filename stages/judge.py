@@ -1,0 +1,99 @@
+"""Stage judge: an LLM judges sampled parent-child pairs of the HSAE forest, the post-hoc
+baseline forest and random non-linked pairs (§4.3, Appendix C) -> data/judge/pairs.jsonl
+(one record per pair) and metrics/judge.json (Yes rates with 95% intervals, ``dvc metrics``).
+
+    python -m stages.judge [--params params.yaml] [--hsae data/hsae] [--posthoc data/posthoc]
+        [--evidence data/evidence] [--out data/judge] [--metrics metrics/judge.json]
+
+Reads ``judge:``. Answers are cached in <out>/cache (keyed by backend, model, settings and
+prompt), so a re-run or an interrupted run pays only for pairs not yet answered.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import typer
+from rich import print as rprint
+
+from hsae_core.evidence import load_evidence
+from hsae_core.forest import Forest
+from hsae_core.judge import JudgeConfig, judge_pairs, sample_pairs, summarize
+from hsae_core.judge_backends import JudgeBackendError, LocalChatBackend, OpenAIChatBackend, ResponseCache, RetryPolicy
+from hsae_core.params import load_params, section_config
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+def make_backend(cfg: JudgeConfig):
+    if cfg.backend == "openai":
+        return OpenAIChatBackend(cfg.base_url, cfg.model, api_key_env=cfg.api_key_env, concurrency=cfg.concurrency,
+                                 timeout_s=cfg.timeout_s, max_tokens=cfg.max_tokens, temperature=cfg.temperature,
+                                 retry=RetryPolicy(cfg.max_retries, cfg.backoff_base_s, cfg.backoff_max_s))
+    return LocalChatBackend(cfg.model, max_new_tokens=cfg.max_tokens, batch_size=cfg.batch_size,
+                            answer_prefix=cfg.answer_prefix, device=cfg.device)
+
+
+@app.command()
+def main(
+    params: Path = typer.Option(Path("params.yaml"), help="params file (section judge)"),
+    hsae: Path = typer.Option(Path("data/hsae"), help="trained HSAE (its forest.json)"),
+    posthoc: Path = typer.Option(Path("data/posthoc"), help="baseline with its post-hoc forest"),
+    evidence: Path = typer.Option(Path("data/evidence"), help="collect-evidence output (hsae/, baseline/)"),
+    out: Path = typer.Option(Path("data/judge"), help="pairs.jsonl and the response cache"),
+    metrics: Path = typer.Option(Path("metrics/judge.json"), help="metrics JSON"),
+) -> None:
+    t0 = time.perf_counter()
+    try:
+        cfg = section_config(load_params(params), "judge", JudgeConfig)
+        forests = {"hsae": Forest.load(_need(hsae / "forest.json")), "posthoc": Forest.load(_need(posthoc / "forest.json"))}
+        ev = {"hsae": load_evidence(evidence / "hsae"), "posthoc": load_evidence(evidence / "baseline")}
+        ev["random"] = ev["hsae"]
+        for name, forest in forests.items():
+            got = tuple(ev[name].index["level_sizes"])
+            if got != forest.level_sizes:
+                raise ValueError(f"evidence for {name} has level sizes {got}, its forest {forest.level_sizes}: "
+                                 "re-run collect-evidence on these models")
+        pairs, info = sample_pairs(forests, ev, cfg)
+        backend = make_backend(cfg)
+    except (ValueError, FileNotFoundError, OSError, JudgeBackendError) as err:
+        rprint(f"[red]judge: {err}[/red]")
+        raise typer.Exit(2) from err
+    counts = {s: sum(p.source == s for p in pairs) for s in ("hsae", "posthoc", "random")}
+    print(f"judge: {counts} pairs, backend {backend.name} model {backend.model}")
+    cache = ResponseCache(out / "cache")
+    try:
+        records = judge_pairs(pairs, ev, backend, cache)
+    except JudgeBackendError as err:
+        rprint(f"[red]judge: {err}[/red]")
+        raise typer.Exit(2) from err
+    finally:
+        cache.close()
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "pairs.jsonl").open("w") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    summary = summarize(records) | {"sampling": info}
+    metrics.parent.mkdir(parents=True, exist_ok=True)
+    metrics.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    asked = sum(not r["cached"] for r in records)
+    print(f"judge: {len(records)} pairs, {asked} asked, {len(records) - asked} from cache, "
+          f"{sum(r['error'] is not None for r in records)} failed ({time.perf_counter() - t0:.0f} s)")
+    for source in ("hsae", "posthoc", "random"):
+        s = summary[source]
+        shown = "n/a" if s["yes_rate"] is None else \
+            f"{s['yes_rate']:.3f} [{s['yes_rate_lo']:.3f}, {s['yes_rate_hi']:.3f}]"
+        print(f"  {source:8s} yes rate {shown} of {s['n_yes'] + s['n_no']} parsed, {s['n_unparseable']} unparseable")
+    print(f"judge: wrote {out / 'pairs.jsonl'} and {metrics}")
+
+
+def _need(path: Path) -> Path:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run the training stages first (dvc repro)")
+    return path
+
+
+if __name__ == "__main__":
+    app()
