@@ -50,7 +50,7 @@ def synthetic_store(path, n_train: int = 4096, n_eval: int = 256, seed: int = 0)
                 "positions": np.ones(k, np.int32), "sequence_ids": np.arange(start, start + k)})
         writer.mark(split, n, n - 1, done=True)
     writer.write_documents(np.zeros(n_train, np.uint8), np.full(n_train, -1, np.int32), [])
-    writer.commit({"model": "synthetic", "layer": 0, "d_model": SYN.d, "dtype": "float32",
+    writer.commit({"model": "synthetic", "layer": 0, "d_model": SYN.d, "dtype": "float32", "context_len": 64,
                    "n_tokens": {"train": n_train, "eval": n_eval}, "chunk_rows": layout.chunk_rows,
                    "shard_rows": layout.shard_rows})
     return open_store(path)

@@ -87,3 +87,30 @@ def test_saebench_adapter_matches_ours(tmp_path, models):
 def test_export_refuses_a_bad_scale(tmp_path, models):
     with pytest.raises(ValueError, match="scale must be positive"):
         export_saelens(models["hsae"], tmp_path, ExportMetadata("m", 0, 8, activation_scale=0.0))
+
+
+def test_export_stage_writes_loadable_levels_and_names_bad_inputs(tmp_path, models):
+    from typer.testing import CliRunner
+
+    from hsae_core.io import save_hsae
+    from hsae_core.normalize import estimate_normalization
+    from stages.export_saelens import app
+    from tests.test_scale_distributed import synthetic_store
+
+    store = synthetic_store(tmp_path / "acts.zarr")
+    norm = estimate_normalization(store)
+    norm.save(tmp_path / "norm.json")
+    save_hsae(models["hsae"], tmp_path / "hsae")
+    save_hsae(models["baseline"], tmp_path / "posthoc")
+    args = ["--hsae", str(tmp_path / "hsae"), "--baseline", str(tmp_path / "posthoc"), "--store", str(store.path),
+            "--normalization", str(tmp_path / "norm.json"), "--out", str(tmp_path / "export")]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    for kind, model in models.items():
+        cfg = json.loads((tmp_path / "export" / kind / "level2" / "cfg.json").read_text())
+        assert cfg["d_sae"] == model.cfg.level_sizes[2] and cfg["metadata"]["hook_name"] == "blocks.0.hook_resid_post"
+        assert cfg["metadata"]["hsae"]["activation_scale"] == pytest.approx(norm.scale)
+        forest = json.loads((tmp_path / "export" / kind / "forest.json").read_text())
+        assert forest["pairs"][1]["parent_of"] == model.forest.parent_of[1].tolist()
+    bad = CliRunner().invoke(app, args[:1] + [str(tmp_path / "missing")] + args[2:])
+    assert bad.exit_code == 2 and "is not a saved HSAE" in " ".join(bad.output.split())
