@@ -98,8 +98,10 @@ class ResponseCache:
             self._file = None
 
 
-def complete_cached(backend: Backend, requests: list[Messages], cache: ResponseCache) -> list[Completion]:
-    """Serve what the cache holds, send the rest to ``backend``, cache each success."""
+def complete_cached(backend: Backend, requests: list[Messages], cache: ResponseCache,
+                    log=print) -> list[Completion]:
+    """Serve what the cache holds, send the rest to ``backend``, cache each success (as it
+    arrives, so an interrupted run keeps what it paid for); progress every 5%."""
     keys = [cache_key(backend.name, backend.model, backend.settings(), m) for m in requests]
     out: list[Completion | None] = [None] * len(requests)
     todo = []
@@ -110,10 +112,16 @@ def complete_cached(backend: Backend, requests: list[Messages], cache: ResponseC
         else:
             todo.append(i)
     if todo:
+        finished = [0]
+        step = max(1, len(todo) // 20)
+
         def store(i: int, done: Completion) -> None:
             if done.text is not None:
                 cache.put(keys[i], backend.model, done.text)
             out[i] = done
+            finished[0] += 1
+            if finished[0] % step == 0 or finished[0] == len(todo):
+                log(f"judge: {finished[0]}/{len(todo)} answered ({len(requests) - len(todo)} from the cache)")
         backend.complete([requests[i] for i in todo], on_done=lambda j, done: store(todo[j], done))
     return [c for c in out]  # type: ignore[misc]
 
@@ -255,13 +263,13 @@ class LocalChatBackend:
     name = "local"
 
     def __init__(self, model: str, *, max_new_tokens: int = 24, batch_size: int = 1,
-                 answer_prefix: str | None = None, device: str = "cpu", log=print):
+                 answer_prefix: str | None = None, device: str = "cpu"):
         from hsae_core.lm import resolve_model
 
         self.source = resolve_model(model)  # a missing file fails here, before any work
         self.model, self.max_new_tokens, self.batch_size = model, max_new_tokens, batch_size
         self.answer_prefix = answer_prefix or ""
-        self.device, self.log = device, log
+        self.device = device
         self.generated = 0
         self.tokenizer = self.lm = None  # loaded on the first request: a fully cached run loads nothing
 
@@ -309,7 +317,6 @@ class LocalChatBackend:
                 self.generated += 1
                 if on_done is not None:
                     on_done(start + j, done)
-            self.log(f"judge: {min(start + self.batch_size, len(requests))}/{len(requests)} answered locally")
         return out
 
 
