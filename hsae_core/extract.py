@@ -110,8 +110,10 @@ def _extract_distributed(cfg: ExtractConfig, lm: LanguageModel, out, layout: Lay
     barrier(dist)
     if not dist.is_main:
         writer = StoreWriter(out, layout, cfg.to_dict(), attach=True)
-    total = sum(rows for rows, _ in plan.values())
-    with tqdm(total=total, unit="tok", unit_scale=True, disable=not (progress and dist.is_main),
+    size = layout.shard_rows * cfg.shuffle_shards  # rank 0 shows its own share of the rows
+    mine = sum(min(size, rows - k) for rows, _ in plan.values()
+               for k in range(0, rows, dist.world_size * size))
+    with tqdm(total=mine, unit="tok", unit_scale=True, disable=not (progress and dist.is_main),
               desc=f"extract (rank 0 of {dist.world_size})", smoothing=0.1) as bar:
         for split in SPLITS:
             _extract_windows(cfg, lm, writer, split, plan[split][0], dist, bar, on_shard)
@@ -185,7 +187,7 @@ def _extract_windows(cfg: ExtractConfig, lm: LanguageModel, writer: StoreWriter,
                 _write_window(cfg, writer, split, k, size, *bufs.pop(k)[:2], on_shard)
                 fsio.write_bytes(fsio.join(writer.partial, f"{WINDOWS}/{split}-{k}"), b"")
                 todo.remove(k)
-                bar.update((w1 - w0) * dist.world_size)  # rank 0's view of the whole job's pace
+                bar.update(w1 - w0)
 
 
 def _write_window(cfg: ExtractConfig, writer: StoreWriter, split: str, k: int, size: int,
