@@ -172,7 +172,7 @@ class JudgeServer:
                 if kind == 2 and attempt <= 2:
                     return self.reply(500, {"error": "boom"})
                 if kind == 3 and attempt == 1:
-                    time.sleep(1.0)
+                    time.sleep(4.0)  # past the client timeout (2 s)
                 if kind == 5 and attempt == 1:
                     return self.reply(200, None, raw=b'{"choices": [')
                 text = "I think these neurons are related." if kind == 4 else answer_text(verdict, conf, attempt + kind)
@@ -218,7 +218,7 @@ def run_stage(root: Path, judge: dict, hsae: Path, posthoc: Path, evidence: Path
 
 def server_params(url: str, **kw) -> dict:
     return {"n_pairs": 14, "n_random": 14, "backend": "openai", "model": "judge-model", "base_url": url,
-            "api_key_env": "HSAE_TEST_JUDGE_KEY", "concurrency": 4, "max_retries": 4, "timeout_s": 0.4,
+            "api_key_env": "HSAE_TEST_JUDGE_KEY", "concurrency": 4, "max_retries": 4, "timeout_s": 2.0,
             "backoff_base_s": 0.01, "backoff_max_s": 0.05} | kw
 
 
