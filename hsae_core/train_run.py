@@ -31,7 +31,7 @@ from hsae_core.model import HSAE
 from hsae_core.params import TrainRunConfig
 from hsae_core.reader import TrainActivations
 from hsae_core.store import StoreInfo, open_store
-from hsae_core.trainer import Trainer
+from hsae_core.trainer import Trainer, code_fingerprint
 
 CURVE_COLUMNS = ("step", "loss", "lr", "mse", "fve", "l0", "lambda", "dead", "with_parent")
 
@@ -68,17 +68,20 @@ class TrainingCurves:
 
 def usable_checkpoint(path: str | Path, cfg: HSAEConfig, dist: DistContext = SINGLE) -> int:
     """The step of the checkpoint at ``path`` (a path or fsspec URL) if it was written for
-    ``cfg``; else rank 0 deletes it, and 0."""
+    ``cfg`` by this code (:func:`~hsae_core.trainer.code_fingerprint`); else rank 0 deletes it,
+    and 0."""
     path = fsio.as_location(path)
     if not fsio.exists(path):
         return 0
     state = fsio.load_torch(path)
-    if state.get("config") == cfg.to_dict():
+    same_config = state.get("config") == cfg.to_dict()
+    if same_config and state.get("code") == code_fingerprint():
         return int(state["step"])
     barrier(dist)  # every rank has read it before rank 0 removes it
     if dist.is_main:
         fsio.remove(path)
-        print(f"removed checkpoint {path}: it was written for another config")
+        why = "by another version of hsae_core" if same_config else "for another config"
+        print(f"removed checkpoint {path}: it was written {why}")
     barrier(dist)
     return 0
 

@@ -22,6 +22,7 @@ with dead features present a multi-rank run differs from a 1-process one in that
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import math
 from dataclasses import dataclass
@@ -298,6 +299,7 @@ class Trainer:
             "since_fired": [s.cpu() for s in self.since_fired],
             "coactivation": self.coactivation.state_dict() if self.coactivation else None,
             "swap_gen": self.swap_gen.get_state(),
+            "code": code_fingerprint(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -328,6 +330,17 @@ class Trainer:
 
     def load_checkpoint(self, path: str | Path) -> None:
         self.load_state_dict(fsio.load_torch(fsio.as_location(path), map_location=self.device))
+
+
+def code_fingerprint() -> str:
+    """SHA-256 of this package's Python sources: a checkpoint records it, so a run is resumed
+    only by the code that started it (a pipeline re-run after a code change starts afresh)."""
+    h = hashlib.sha256()
+    root = Path(__file__).resolve().parent
+    for f in sorted(root.rglob("*.py")):
+        h.update(f.relative_to(root).as_posix().encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
 
 
 def _fast_adam_kwargs(device: torch.device) -> dict:

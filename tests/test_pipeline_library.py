@@ -18,7 +18,7 @@ from hsae_core.params import TrainRunConfig
 from hsae_core.posthoc import posthoc_forest
 from hsae_core.reader import EvalActivations, TrainActivations
 from hsae_core.splice import SplicedLoss, batched_by_length, eval_sequences, load_full_lm
-from hsae_core.train_run import TrainingCurves, train_on_store
+from hsae_core.train_run import TrainingCurves, train_on_store, usable_checkpoint
 from hsae_core.trainer import Trainer
 from tests.pipeline_helpers import micro_assets
 
@@ -71,6 +71,15 @@ def test_resumed_training_equals_uninterrupted_with_the_same_curves(store, tmp_p
                            run=run)
     assert not torch.equal(other.levels[0].W_enc, full.levels[0].W_enc)
     assert [int(r["step"]) for r in rows(tmp_path / "b" / "level0.tsv")] == list(range(5, 31, 5))
+
+    # nor is a finished checkpoint of the same config written by other code (a `dvc repro`
+    # after a code change must retrain, not hand back the old run)
+    state = torch.load(tmp_path / "a.pt", weights_only=False)
+    assert usable_checkpoint(tmp_path / "a.pt", cfg) == 30
+    state["code"] = "another version"
+    torch.save(state, tmp_path / "a.pt")
+    assert usable_checkpoint(tmp_path / "a.pt", cfg) == 0
+    assert not (tmp_path / "a.pt").exists()
 
 
 def test_streaming_evaluation_matches_a_dense_recomputation(store):
