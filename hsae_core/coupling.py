@@ -180,97 +180,112 @@ def pairs_pattern(pairs: list[_PairPC], level: int) -> SupportPattern:
     raise KeyError(level)
 
 
+def pc_forward(pairs: list[_PairPC], vals: list[torch.Tensor], ws: list[torch.Tensor]):
+    """The PC loss ``[L-1]`` of every level pair in ``pairs`` (0 elsewhere), and what its
+    backward needs. Each level's squared decoder norms and sum over the batch of a^2 are
+    computed once (a middle level is parent in one pair and child in the next)."""
+    n_levels = len(vals)
+    norm2, sq = {}, {}  # per level: squared decoder row norms, sum over the batch of a^2
+    for l in {q.level for q in pairs} | {q.level + 1 for q in pairs}:
+        norm2[l] = torch.linalg.vector_norm(ws[l], dim=1).square_()
+        sq[l] = torch.zeros_like(norm2[l]).index_add_(0, pairs_pattern(pairs, l).cols,
+                                                      vals[l].square())
+    out = vals[0].new_zeros(n_levels - 1)
+    saved = []
+    for q in pairs:
+        p, c, idx = q.level, q.level + 1, q.idx
+        w_p, w_c = ws[p], ws[c]
+        gram = sddmm(_link_pattern(q.links, w_p.shape[0]), w_c, w_p)  # <d_parent(j), d_j>
+        diag_p = torch.where(q.has_children, norm2[p], 0.0)
+        diag_c = torch.where(q.assigned, norm2[c], 0.0)
+        total = torch.dot(sq[p], diag_p) + torch.dot(sq[c], diag_c)
+        vp_hit, vc_hit = vals[p].index_select(0, idx.hit_p), vals[c].index_select(0, idx.hit_c)
+        gram_hit = gram.index_select(0, idx.hit_link)
+        total = total - 2 * torch.dot(vp_hit * vc_hit, gram_hit)
+        va, vb = vals[c].index_select(0, idx.sib_a), vals[c].index_select(0, idx.sib_b)
+        if idx.sib_a.numel():
+            ca, cb = q.pat_c.cols.index_select(0, idx.sib_a), q.pat_c.cols.index_select(0, idx.sib_b)
+            sib_pat, sib_order = _pair_pattern(ca, cb, w_c.shape[0])
+            sib_dot = sddmm(sib_pat, w_c, w_c)[torch.argsort(sib_order)]
+            total = total + 2 * torch.dot(va * vb, sib_dot)
+        else:
+            sib_dot = ca = cb = va
+        out[p] = total / q.pat_p.n_rows
+        saved.append((diag_p, diag_c, gram.shape[0], vp_hit, vc_hit, gram_hit, va, vb, ca, cb, sib_dot))
+    return out, (saved, sq)
+
+
+def pc_backward_(pairs: list[_PairPC], state, grad: torch.Tensor, vals, ws,
+                 g_vals: list[torch.Tensor | None], g_w: list[torch.Tensor | None]) -> None:
+    """Adds the gradients of ``grad . pc_forward(...)`` to ``g_vals`` and ``g_w`` in place
+    (``None`` entries are created): the decoder rows' diagonal terms as one scaled copy of each
+    row, the cross terms as bag sums over the links and sibling pairs met in the batch only."""
+    saved_pairs, sq = state
+    row_coef: list[torch.Tensor | None] = [None] * len(vals)
+    cross = []  # (level, its rows, partner rows, coefficients, partner level)
+
+    def add(acc, l, g):
+        acc[l] = g if acc[l] is None else acc[l].add_(g)
+
+    for q, saved in zip(pairs, saved_pairs):
+        diag_p, diag_c, n_links, vp_hit, vc_hit, gram_hit, va, vb, ca, cb, sib_dot = saved
+        p, c, idx, links = q.level, q.level + 1, q.idx, q.links
+        s2 = grad[p] * (2.0 / q.pat_p.n_rows)
+        g_vp = vals[p] * diag_p.index_select(0, q.pat_p.cols)
+        g_vp.index_add_(0, idx.hit_p, vc_hit * gram_hit, alpha=-1)
+        g_vc = vals[c] * diag_c.index_select(0, q.pat_c.cols)
+        g_vc.index_add_(0, idx.hit_c, vp_hit * gram_hit, alpha=-1)
+        if idx.sib_a.numel():
+            g_vc.index_add_(0, idx.sib_a, vb * sib_dot)
+            g_vc.index_add_(0, idx.sib_b, va * sib_dot)
+        add(g_vals, p, g_vp.mul_(s2))
+        add(g_vals, c, g_vc.mul_(s2))
+        add(row_coef, p, sq[p] * diag_p.ne(0) * s2)
+        add(row_coef, c, sq[c] * diag_c.ne(0) * s2)
+        beta = vp_hit.new_zeros(n_links).index_add_(0, idx.hit_link, vp_hit * vc_hit, alpha=-1)
+        met = beta.nonzero(as_tuple=True)[0]
+        beta = beta.index_select(0, met).mul_(s2)
+        par, kids = links.par.index_select(0, met), links.kids.index_select(0, met)
+        cross.append((p, par, kids, beta, c))
+        cross.append((c, kids, par, beta, p))
+        if idx.sib_a.numel():
+            coef = (va * vb).mul_(s2)
+            cross.append((c, torch.cat([ca, cb]), torch.cat([cb, ca]), torch.cat([coef, coef]), c))
+    for l, coef in enumerate(row_coef):
+        if coef is None:
+            continue
+        if g_w[l] is None:
+            g_w[l] = ws[l] * coef[:, None]
+        else:
+            g_w[l].addcmul_(ws[l], coef[:, None])
+    for dst, rows, partners, coef, src in cross:
+        scatter_bag_sum_(g_w[dst], rows, partners, coef, ws[src])
+
+
 class _ForestPC(torch.autograd.Function):
-    """The PC loss of every level pair as one autograd node, so each decoder receives a single
-    gradient buffer (a middle level is parent in one pair and child in the next) and each
-    level's squared row norms are computed once per step."""
+    """The PC loss of every level pair alone, as one autograd node (the trainer's path is
+    :mod:`hsae_core.coupled_decode`, which also decodes)."""
 
     @staticmethod
     def forward(ctx, pairs: list[_PairPC], n_levels: int, *tensors):
-        vals, ws = tensors[:n_levels], tensors[n_levels:]
-        norm2, sq = {}, {}  # per level: squared decoder row norms, sum over the batch of a^2
-        for l in {q.level for q in pairs} | {q.level + 1 for q in pairs}:
-            norm2[l] = torch.linalg.vector_norm(ws[l], dim=1).square_()
-            sq[l] = torch.zeros_like(norm2[l]).index_add_(0, pairs_pattern(pairs, l).cols,
-                                                          vals[l].square())
-        out = vals[0].new_zeros(n_levels - 1)
-        saved = []
-        for q in pairs:
-            p, c, idx = q.level, q.level + 1, q.idx
-            w_p, w_c = ws[p], ws[c]
-            gram = sddmm(_link_pattern(q.links, w_p.shape[0]), w_c, w_p)  # <d_parent(j), d_j>
-            diag_p = torch.where(q.has_children, norm2[p], 0.0)
-            diag_c = torch.where(q.assigned, norm2[c], 0.0)
-            total = torch.dot(sq[p], diag_p) + torch.dot(sq[c], diag_c)
-            vp_hit, vc_hit = vals[p].index_select(0, idx.hit_p), vals[c].index_select(0, idx.hit_c)
-            gram_hit = gram.index_select(0, idx.hit_link)
-            total = total - 2 * torch.dot(vp_hit * vc_hit, gram_hit)
-            va, vb = vals[c].index_select(0, idx.sib_a), vals[c].index_select(0, idx.sib_b)
-            if idx.sib_a.numel():
-                ca, cb = q.pat_c.cols.index_select(0, idx.sib_a), q.pat_c.cols.index_select(0, idx.sib_b)
-                sib_pat, sib_order = _pair_pattern(ca, cb, w_c.shape[0])
-                sib_dot = sddmm(sib_pat, w_c, w_c)[torch.argsort(sib_order)]
-                total = total + 2 * torch.dot(va * vb, sib_dot)
-            else:
-                sib_dot = ca = cb = va
-            out[p] = total / q.pat_p.n_rows
-            saved.append((diag_p, diag_c, gram.shape[0], vp_hit, vc_hit, gram_hit, va, vb, ca, cb, sib_dot))
+        out, ctx.state = pc_forward(pairs, list(tensors[:n_levels]), list(tensors[n_levels:]))
         ctx.save_for_backward(*tensors)
-        ctx.pairs, ctx.saved, ctx.n_levels, ctx.sq = pairs, saved, n_levels, sq
+        ctx.pairs, ctx.n_levels = pairs, n_levels
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        n_levels = ctx.n_levels
+        n = ctx.n_levels
         tensors = ctx.saved_tensors
-        vals, ws = tensors[:n_levels], tensors[n_levels:]
-        g_vals: list[torch.Tensor | None] = [None] * n_levels
-        g_w: list[torch.Tensor | None] = [None] * n_levels
-        row_coef: list[torch.Tensor | None] = [None] * n_levels
-        cross = []  # (level, its rows, partner rows, coefficients, partner level)
-
-        def add(acc, l, g):
-            acc[l] = g if acc[l] is None else acc[l].add_(g)
-
-        for q, saved in zip(ctx.pairs, ctx.saved):
-            diag_p, diag_c, n_links, vp_hit, vc_hit, gram_hit, va, vb, ca, cb, sib_dot = saved
-            p, c, idx, links = q.level, q.level + 1, q.idx, q.links
-            s2 = grad[p] * (2.0 / q.pat_p.n_rows)
-            g_vp = vals[p] * diag_p.index_select(0, q.pat_p.cols)
-            g_vp.index_add_(0, idx.hit_p, vc_hit * gram_hit, alpha=-1)
-            g_vc = vals[c] * diag_c.index_select(0, q.pat_c.cols)
-            g_vc.index_add_(0, idx.hit_c, vp_hit * gram_hit, alpha=-1)
-            if idx.sib_a.numel():
-                g_vc.index_add_(0, idx.sib_a, vb * sib_dot)
-                g_vc.index_add_(0, idx.sib_b, va * sib_dot)
-            add(g_vals, p, g_vp.mul_(s2))
-            add(g_vals, c, g_vc.mul_(s2))
-            # decoder rows: each diagonal term scales its own row; each cross term adds the
-            # partner's row with its coefficient summed over the batch, for the links and
-            # sibling pairs met in this batch only (in place, one bag sum per row)
-            add(row_coef, p, ctx.sq[p] * diag_p.ne(0) * s2)
-            add(row_coef, c, ctx.sq[c] * diag_c.ne(0) * s2)
-            beta = vp_hit.new_zeros(n_links).index_add_(0, idx.hit_link, vp_hit * vc_hit, alpha=-1)
-            met = beta.nonzero(as_tuple=True)[0]
-            beta = beta.index_select(0, met).mul_(s2)
-            par, kids = links.par.index_select(0, met), links.kids.index_select(0, met)
-            cross.append((p, par, kids, beta, c))
-            cross.append((c, kids, par, beta, p))
-            if idx.sib_a.numel():
-                coef = (va * vb).mul_(s2)
-                cross.append((c, torch.cat([ca, cb]), torch.cat([cb, ca]), torch.cat([coef, coef]), c))
-        for l in range(n_levels):
-            if row_coef[l] is not None:
-                g_w[l] = ws[l] * row_coef[l][:, None]
-        for dst, rows, partners, coef, src in cross:
-            scatter_bag_sum_(g_w[dst], rows, partners, coef, ws[src])
+        g_vals: list[torch.Tensor | None] = [None] * n
+        g_w: list[torch.Tensor | None] = [None] * n
+        pc_backward_(ctx.pairs, ctx.state, grad, list(tensors[:n]), list(tensors[n:]), g_vals, g_w)
         return (None, None, *g_vals, *g_w)
 
 
-def forest_pc_loss(codes: list[SparseCode], w_decs: list[torch.Tensor], forest: Forest,
-                   entries: list[PairEntries | None] | None = None) -> torch.Tensor:
-    """``[L-1]``: sum_i ||f_i - sum_{j in C_i} f_j||^2 averaged over the batch, per level pair
-    (0 for pairs without links). ``entries`` reuses the perturbation's per-pair lookups."""
+def pc_pairs(codes: list[SparseCode], forest: Forest,
+             entries: list[PairEntries | None] | None = None) -> list[_PairPC]:
+    """The level pairs with links, with this batch's index lists."""
     pairs = []
     for l in range(len(codes) - 1):
         links = forest.links(l)
@@ -280,6 +295,14 @@ def forest_pc_loss(codes: list[SparseCode], w_decs: list[torch.Tensor], forest: 
         idx = _PCIndex.build(codes[l].pattern, codes[l + 1].pattern, forest.parent_of[l], links, e)
         pairs.append(_PairPC(l, codes[l].pattern, codes[l + 1].pattern, idx, links,
                              forest.has_children(l), forest.parent_of[l] >= 0))
+    return pairs
+
+
+def forest_pc_loss(codes: list[SparseCode], w_decs: list[torch.Tensor], forest: Forest,
+                   entries: list[PairEntries | None] | None = None) -> torch.Tensor:
+    """``[L-1]``: sum_i ||f_i - sum_{j in C_i} f_j||^2 averaged over the batch, per level pair
+    (0 for pairs without links). ``entries`` reuses the perturbation's per-pair lookups."""
+    pairs = pc_pairs(codes, forest, entries)
     if not pairs:
         return codes[0].vals.new_zeros(len(codes) - 1)
     return _ForestPC.apply(pairs, len(codes), *(c.vals for c in codes), *w_decs)

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from .config import HSAEConfig
-from .coupling import PairEntries, forest_pc_loss, swap_masks
-from .sparse_ops import sparse_decode, sparse_decode_pair
+from .coupled_decode import DecodePlan, coupled_decode
+from .coupling import PairEntries, pc_pairs, swap_masks
 from .forest import Forest
 from .jumprelu import JumpReLULevel, SparseCode, ghost_grad_loss
 
@@ -68,7 +68,7 @@ class HSAE(nn.Module):
         codes = [lv.encode(x) for lv in self.levels]
         zero = x.new_zeros(())
         entries = self._pair_entries(codes, swapped, with_pc)
-        recons, swap_in = self._decode_all(codes, swapped, entries)
+        recons, swap_in, pc = self._decode_all(codes, swapped, entries, with_pc)
         mse, sq_err, ghost = [], [], zero
         for l, (lv, code, recon) in enumerate(zip(self.levels, codes, recons)):
             if swap_in[l] is not None:
@@ -83,10 +83,6 @@ class HSAE(nn.Module):
             mse.append(level_mse)
             if dead is not None and bool(dead[l].any()):
                 ghost = ghost + ghost_grad_loss(lv, x, residual, dead[l], level_mse)
-        if with_pc and not self.forest.is_empty():
-            pc = forest_pc_loss(codes, [lv.W_dec for lv in self.levels], self.forest, entries)
-        else:
-            pc = x.new_zeros(self.n_levels - 1)
         return HSAEOutput(torch.stack(mse), torch.stack([c.l0 for c in codes]), pc, ghost,
                           torch.stack(sq_err), codes)
 
@@ -101,29 +97,22 @@ class HSAE(nn.Module):
                                          self.levels[l].n_features) if used else None)
         return out
 
-    def _decode_all(self, codes: list[SparseCode], swapped, entries: list[PairEntries | None]):
-        """Every level's reconstruction with its swapped parents' entries masked out, and the
-        children's contributions that replace them in the level above (§3.2).
-
-        Level l+1 decodes its own rows and, as a second output, its entries whose parent is
-        swapped: both share one weight-gradient buffer per level.
-        """
-        recons, swap_in = [], [None] * self.n_levels
-        masks = [swap_masks(codes[l].pattern, entries[l], swapped[l])
-                 if swapped is not None and bool(swapped[l].any()) else None
-                 for l in range(self.n_levels - 1)] + [None]
-        for l, (lv, code) in enumerate(zip(self.levels, codes)):
-            pattern, vals = code.pattern, code.vals
-            if masks[l] is not None:
-                vals = vals * masks[l][0]
-            if l > 0 and masks[l - 1] is not None:
-                take = masks[l - 1][1]
-                out, swap_in[l - 1] = sparse_decode_pair(pattern, vals, pattern.take(take),
-                                                         code.vals.index_select(0, take), lv.W_dec)
-            else:
-                out = sparse_decode(pattern, vals, lv.W_dec)
-            recons.append(out + lv.b_dec)
-        return recons, swap_in
+    def _decode_all(self, codes: list[SparseCode], swapped, entries: list[PairEntries | None],
+                    with_pc: bool):
+        """Every level's reconstruction with its swapped parents' entries masked out, the
+        children's contributions that replace them in the level above (§3.2), and the PC loss
+        of every level pair with links (§3.1), as one autograd node (coupled_decode.py)."""
+        n = self.n_levels
+        keep: list[torch.Tensor | None] = [None] * n
+        take: list[torch.Tensor | None] = [None] * n
+        for l in range(n - 1):
+            if swapped is not None and bool(swapped[l].any()):
+                keep[l], take[l + 1] = swap_masks(codes[l].pattern, entries[l], swapped[l])
+        pairs = pc_pairs(codes, self.forest, entries) if with_pc and not self.forest.is_empty() else []
+        plan = DecodePlan([c.pattern for c in codes], keep, take, pairs)
+        outs, swap_in, pc = coupled_decode(plan, [c.vals for c in codes], [lv.W_dec for lv in self.levels])
+        recons = [out + lv.b_dec for out, lv in zip(outs, self.levels)]
+        return recons, swap_in + [None], pc
 
     @staticmethod
     def total_loss(out: HSAEOutput, lambdas: torch.Tensor, rho: float) -> torch.Tensor:

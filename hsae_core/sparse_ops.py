@@ -145,45 +145,24 @@ def sddmm(p: SupportPattern, g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 class SparseDecode(torch.autograd.Function):
     """``out = A @ W`` for a sparse A given by (pattern, vals); gradients for vals and W.
-
-    Optionally also ``extra = E @ W`` for a second sparse matrix E over the same W (the
-    children that replace swapped parents, §3.2): both share one weight-gradient buffer.
-    """
+    (The HSAE's training forward decodes all levels at once: coupled_decode.py.)"""
 
     @staticmethod
-    def forward(ctx, vals, w, pattern: SupportPattern, extra_vals=None, extra: SupportPattern | None = None):
-        ctx.save_for_backward(vals, w, extra_vals)
-        ctx.pattern, ctx.extra = pattern, extra
-        out = spmm_rows(pattern, vals, w)
-        if extra is None:
-            return out
-        return out, spmm_rows(extra, extra_vals, w)
+    def forward(ctx, vals, w, pattern: SupportPattern):
+        ctx.save_for_backward(vals, w)
+        ctx.pattern = pattern
+        return spmm_rows(pattern, vals, w)
 
     @staticmethod
-    def backward(ctx, grad_out, grad_extra=None):
-        vals, w, extra_vals = ctx.saved_tensors
+    def backward(ctx, grad_out):
+        vals, w = ctx.saved_tensors
         p: SupportPattern = ctx.pattern
-        e: SupportPattern | None = ctx.extra
         grad_out = grad_out.contiguous()
         grad_vals = sddmm(p, grad_out, w) if ctx.needs_input_grad[0] else None
-        grad_w = grad_extra_vals = None
-        if e is not None:
-            grad_extra = grad_extra.contiguous()
-            grad_extra_vals = sddmm(e, grad_extra, w) if ctx.needs_input_grad[3] else None
-        if ctx.needs_input_grad[1]:
-            grad_w = spmm_cols(p, vals, grad_out)
-            if e is not None and e.nnz:  # few entries: a direct scatter, no re-sort of p
-                rows = grad_extra.index_select(0, e.rows).mul_(extra_vals[:, None])
-                grad_w.index_add_(0, e.cols, rows)
-        return grad_vals, grad_w, None, grad_extra_vals, None
+        grad_w = spmm_cols(p, vals, grad_out) if ctx.needs_input_grad[1] else None
+        return grad_vals, grad_w, None
 
 
 def sparse_decode(pattern: SupportPattern, vals: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Differentiable sum over the support of ``vals * w[col]`` into ``[n_rows, d]``."""
     return SparseDecode.apply(vals, w, pattern)
-
-
-def sparse_decode_pair(pattern: SupportPattern, vals: torch.Tensor, extra: SupportPattern,
-                       extra_vals: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two sparse products with the same ``w`` sharing one weight gradient."""
-    return SparseDecode.apply(vals, w, pattern, extra_vals, extra)
