@@ -243,14 +243,19 @@ def pc_backward_(pairs: list[_PairPC], state, grad: torch.Tensor, vals, ws,
         add(row_coef, p, sq[p] * diag_p.ne(0) * s2)
         add(row_coef, c, sq[c] * diag_c.ne(0) * s2)
         beta = vp_hit.new_zeros(n_links).index_add_(0, idx.hit_link, vp_hit * vc_hit, alpha=-1)
+        beta.mul_(s2)
+        # child rows: links in child order (ascending, unique); parent rows: the same links in
+        # parent order (Links.by_parent_perm), so neither side sorts; only met links are summed
         met = beta.nonzero(as_tuple=True)[0]
-        beta = beta.index_select(0, met).mul_(s2)
-        par, kids = links.par.index_select(0, met), links.kids.index_select(0, met)
-        cross.append((p, par, kids, beta, c))
-        cross.append((c, kids, par, beta, p))
+        cross.append((c, links.kids.index_select(0, met), links.par.index_select(0, met),
+                      beta.index_select(0, met), p, True))
+        perm = links.by_parent_perm
+        met = perm.index_select(0, beta.index_select(0, perm).nonzero(as_tuple=True)[0])
+        cross.append((p, links.par.index_select(0, met), links.kids.index_select(0, met),
+                      beta.index_select(0, met), c, True))
         if idx.sib_a.numel():
             coef = (va * vb).mul_(s2)
-            cross.append((c, torch.cat([ca, cb]), torch.cat([cb, ca]), torch.cat([coef, coef]), c))
+            cross.append((c, torch.cat([ca, cb]), torch.cat([cb, ca]), torch.cat([coef, coef]), c, False))
     for l, coef in enumerate(row_coef):
         if coef is None:
             continue
@@ -258,8 +263,8 @@ def pc_backward_(pairs: list[_PairPC], state, grad: torch.Tensor, vals, ws,
             g_w[l] = ws[l] * coef[:, None]
         else:
             g_w[l].addcmul_(ws[l], coef[:, None])
-    for dst, rows, partners, coef, src in cross:
-        scatter_bag_sum_(g_w[dst], rows, partners, coef, ws[src])
+    for dst, rows, partners, coef, src, rows_sorted in cross:
+        scatter_bag_sum_(g_w[dst], rows, partners, coef, ws[src], dest_sorted=rows_sorted)
 
 
 class _ForestPC(torch.autograd.Function):

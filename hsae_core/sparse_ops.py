@@ -113,23 +113,28 @@ def bag_sum(index: torch.Tensor, ptr: torch.Tensor, weights: torch.Tensor, table
     if index.numel() == 0:
         return table.new_zeros(ptr.numel() - 1, table.shape[1])
     with torch.no_grad():
-        return torch.nn.functional.embedding_bag(index, table, ptr[:-1], mode="sum",
-                                                 per_sample_weights=weights.to(table.dtype))
+        # detached: with an input that requires grad, embedding_bag takes its slower
+        # training path (bag bookkeeping for a backward we never run)
+        return torch.nn.functional.embedding_bag(index, table.detach(), ptr[:-1], mode="sum",
+                                                 per_sample_weights=weights.detach().to(table.dtype))
 
 
 def scatter_bag_sum_(out: torch.Tensor, dest: torch.Tensor, index: torch.Tensor,
-                     weights: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+                     weights: torch.Tensor, table: torch.Tensor, dest_sorted: bool = False
+                     ) -> torch.Tensor:
     """``out[dest[k]] += weights[k] * table[index[k]]`` for all k, in place: one weighted bag
-    sum per distinct destination row (no ``[k, d]`` gather, no ``[n, d]`` temporary)."""
+    sum per distinct destination row (no ``[k, d]`` gather, no ``[n, d]`` temporary).
+    ``dest_sorted`` skips the sort when ``dest`` is already ascending."""
     if dest.numel() == 0:
         return out
-    dest, order = torch.sort(dest, stable=True)
+    if not dest_sorted:
+        dest, order = torch.sort(dest, stable=True)
+        index, weights = index.index_select(0, order), weights.index_select(0, order)
     uniq, counts = torch.unique_consecutive(dest, return_counts=True)
     with torch.no_grad():
         sums = torch.nn.functional.embedding_bag(
-            index.index_select(0, order), table, _offsets(counts), mode="sum",
-            per_sample_weights=weights.index_select(0, order).to(table.dtype),
-            include_last_offset=True)
+            index, table.detach(), _offsets(counts), mode="sum",
+            per_sample_weights=weights.detach().to(table.dtype), include_last_offset=True)
     return out.index_add_(0, uniq, sums)
 
 
