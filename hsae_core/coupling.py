@@ -220,9 +220,31 @@ def pc_backward_(pairs: list[_PairPC], state, grad: torch.Tensor, vals, ws,
     """Adds the gradients of ``grad . pc_forward(...)`` to ``g_vals`` and ``g_w`` in place
     (``None`` entries are created): the decoder rows' diagonal terms as one scaled copy of each
     row, the cross terms as bag sums over the links and sibling pairs met in the batch only."""
+    row_coef, cross = pc_backward_terms_(pairs, state, grad, vals, g_vals)
+    apply_decoder_terms_(g_w, ws, row_coef, cross)
+
+
+@dataclass
+class CrossTerm:
+    """Decoder-gradient rows ``dst_level[rows[k]] += coef[k] * W_src_level[partners[k]]``."""
+
+    dst: int
+    rows: torch.Tensor
+    partners: torch.Tensor
+    coef: torch.Tensor
+    src: int
+    rows_sorted: bool
+
+
+def pc_backward_terms_(pairs: list[_PairPC], state, grad: torch.Tensor, vals,
+                       g_vals: list[torch.Tensor | None]
+                       ) -> tuple[list[torch.Tensor | None], list[CrossTerm]]:
+    """Adds the activation gradients of ``grad . pc_forward(...)`` to ``g_vals`` in place and
+    returns the decoder gradients as terms: per level the coefficient of each row's own
+    (diagonal) term, ``g_W[i] += row_coef[i] * W[i]``, and the cross terms between rows."""
     saved_pairs, sq = state
     row_coef: list[torch.Tensor | None] = [None] * len(vals)
-    cross = []  # (level, its rows, partner rows, coefficients, partner level)
+    cross: list[CrossTerm] = []
 
     def add(acc, l, g):
         acc[l] = g if acc[l] is None else acc[l].add_(g)
@@ -247,15 +269,22 @@ def pc_backward_(pairs: list[_PairPC], state, grad: torch.Tensor, vals, ws,
         # child rows: links in child order (ascending, unique); parent rows: the same links in
         # parent order (Links.by_parent_perm), so neither side sorts; only met links are summed
         met = beta.nonzero(as_tuple=True)[0]
-        cross.append((c, links.kids.index_select(0, met), links.par.index_select(0, met),
-                      beta.index_select(0, met), p, True))
+        cross.append(CrossTerm(c, links.kids.index_select(0, met), links.par.index_select(0, met),
+                               beta.index_select(0, met), p, True))
         perm = links.by_parent_perm
         met = perm.index_select(0, beta.index_select(0, perm).nonzero(as_tuple=True)[0])
-        cross.append((p, links.par.index_select(0, met), links.kids.index_select(0, met),
-                      beta.index_select(0, met), c, True))
+        cross.append(CrossTerm(p, links.par.index_select(0, met), links.kids.index_select(0, met),
+                               beta.index_select(0, met), c, True))
         if idx.sib_a.numel():
             coef = (va * vb).mul_(s2)
-            cross.append((c, torch.cat([ca, cb]), torch.cat([cb, ca]), torch.cat([coef, coef]), c, False))
+            cross.append(CrossTerm(c, torch.cat([ca, cb]), torch.cat([cb, ca]),
+                                   torch.cat([coef, coef]), c, False))
+    return row_coef, cross
+
+
+def apply_decoder_terms_(g_w: list[torch.Tensor | None], ws, row_coef: list[torch.Tensor | None],
+                         cross: list[CrossTerm]) -> None:
+    """Adds :func:`pc_backward_terms_`'s decoder terms to ``g_w`` in place, level by level."""
     for l, coef in enumerate(row_coef):
         if coef is None:
             continue
@@ -263,8 +292,8 @@ def pc_backward_(pairs: list[_PairPC], state, grad: torch.Tensor, vals, ws,
             g_w[l] = ws[l] * coef[:, None]
         else:
             g_w[l].addcmul_(ws[l], coef[:, None])
-    for dst, rows, partners, coef, src, rows_sorted in cross:
-        scatter_bag_sum_(g_w[dst], rows, partners, coef, ws[src], dest_sorted=rows_sorted)
+    for t in cross:
+        scatter_bag_sum_(g_w[t.dst], t.rows, t.partners, t.coef, ws[t.src], dest_sorted=t.rows_sorted)
 
 
 class _ForestPC(torch.autograd.Function):

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .config import HSAEConfig
-from .coupled_decode import DecodePlan, coupled_decode
+from .coupled_decode import DecodePlan, coupled_decode, stacked_decoders
 from .coupling import PairEntries, pc_pairs, swap_masks
 from .forest import Forest
 from .jumprelu import JumpReLULevel, SparseCode, ghost_grad_loss
@@ -41,6 +41,7 @@ class HSAE(nn.Module):
         if cfg.autocast_dtype:
             for lv in self.levels:
                 lv.matmul_dtype = getattr(torch, cfg.autocast_dtype)
+        self.pack_decoders_()
 
     @property
     def n_levels(self) -> int:
@@ -50,6 +51,28 @@ class HSAE(nn.Module):
         out = super().to(*args, **kwargs)
         self.forest = self.forest.to(self.levels[0].W_dec.device)
         return out
+
+    @torch.no_grad()
+    def pack_decoders_(self, slot_rows: int = 0) -> None:
+        """Put every level's decoder in one buffer: consecutive row blocks, then ``slot_rows``
+        spare rows. The training forward then reads all decoders as one table and keeps its
+        output gradient in the spare rows (coupled_decode.py). Only the storage moves: the
+        parameters stay the same objects, so an optimizer's state stays valid. ``.to()`` and
+        friends give each parameter its own storage again; the forward re-packs."""
+        ws = [lv.W_dec for lv in self.levels]
+        buf = ws[0].new_empty(sum(w.shape[0] for w in ws) + slot_rows, ws[0].shape[1])
+        row = 0
+        for w in ws:
+            block = buf[row:row + w.shape[0]]
+            block.copy_(w)
+            w.data = block
+            row += w.shape[0]
+
+    def _ensure_packed(self, batch: int) -> None:
+        ws = [lv.W_dec for lv in self.levels]
+        slot = self.n_levels * batch if torch.is_grad_enabled() and ws[0].requires_grad else 0
+        if stacked_decoders(ws, slot) is None:
+            self.pack_decoders_(slot)
 
     def encode(self, x: torch.Tensor) -> list[SparseCode]:
         return [lv.encode(x) for lv in self.levels]
@@ -65,6 +88,7 @@ class HSAE(nn.Module):
         measures the unperturbed reconstruction error of perturbed levels (for logging).
         """
         x = x.to(self.levels[0].W_dec.dtype)
+        self._ensure_packed(x.shape[0])
         codes = [lv.encode(x) for lv in self.levels]
         zero = x.new_zeros(())
         entries = self._pair_entries(codes, swapped, with_pc)

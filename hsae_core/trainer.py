@@ -99,6 +99,7 @@ class Trainer:
                              f"lower coactivation_tokens or use fewer ranks")
         self.device = torch.device(dist.device if dist.active else cfg.device)
         self.model = HSAE(cfg).to(self.device)
+        self.model.pack_decoders_(slot_rows=cfg.n_levels * self.local_batch)  # before DDP and Adam see them
         self.forward = self.model
         if dist.active:
             from torch.nn.parallel import DistributedDataParallel

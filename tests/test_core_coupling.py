@@ -72,9 +72,11 @@ def test_full_loss_and_gradients_match_dense_reference(seed, dense_kernels, monk
 
 
 @pytest.mark.parametrize("seed", range(5))
-def test_cofiring_siblings_match_reference(seed):
+@pytest.mark.parametrize("dense_kernels", [False, True])
+def test_cofiring_siblings_match_reference(seed, dense_kernels, monkeypatch):
     """Low thresholds and few parents make large groups of siblings firing together, the
     sibling-pair path of the PC loss, and many swapped children."""
+    monkeypatch.setattr(sparse_ops, "DENSE_CUTOFF", 0.0 if dense_kernels else 1.1)
     gen = torch.Generator().manual_seed(100 + seed)
     cfg = HSAEConfig(d_model=6, level_sizes=(7, 23), target_l0=2, bandwidth=0.3, seed=seed)
     model = HSAE(cfg).double()
@@ -131,3 +133,44 @@ def test_pc_loss_never_builds_batch_by_parents_by_d(monkeypatch):
     loss = pc_loss(lp.encode(x), lc.encode(x), lp.W_dec, lc.W_dec, parent_of)
     loss.backward()
     assert max(biggest) < B * 2048 * d / 50
+
+
+def test_merged_decode_reads_packed_and_unpacked_decoders_alike(monkeypatch):
+    """The merged path reads the decoders as one table: a view when HSAE.pack_decoders_ put
+    them in one buffer (with spare rows for the output gradient), a copy otherwise."""
+    from hsae_core.coupled_decode import stacked_decoders
+    monkeypatch.setattr(sparse_ops, "DENSE_CUTOFF", 1.1)
+    results = []
+    for packed in (True, False):
+        model, gen = random_model(3)  # .double() gave every parameter its own storage
+        x = torch.randn(11, 5, generator=gen, dtype=torch.float64)
+        swapped = [(torch.rand(n, generator=gen) < 0.5) & model.forest.has_children(l)
+                   for l, n in enumerate(model.cfg.level_sizes[:-1])]
+        ws = [lv.W_dec for lv in model.levels]
+        if packed:
+            model(x, swapped=swapped)  # the training forward packs, with a slot of L * batch rows
+            assert stacked_decoders(ws, slot_rows=3 * 11) is not None
+        else:
+            monkeypatch.setattr(HSAE, "_ensure_packed", lambda self, batch: None)
+            assert stacked_decoders(ws) is None
+        out = model(x, swapped=swapped)
+        loss = HSAE.total_loss(out, torch.tensor([0.3, 0.2, 0.1], dtype=torch.float64), 0.7)
+        results.append((loss.detach(), torch.autograd.grad(loss, list(model.parameters()))))
+    (la, ga), (lb, gb) = results
+    assert rel_err(la, lb) < 1e-12
+    for a, b in zip(ga, gb):
+        assert rel_err(a, b) < 1e-12 or (a.abs().max() == 0 and b.abs().max() == 0)
+
+
+def test_trainer_packs_decoders_and_repacking_keeps_the_parameters():
+    from hsae_core.coupled_decode import stacked_decoders
+    from hsae_core.trainer import Trainer
+    t = Trainer(HSAEConfig(d_model=8, level_sizes=(4, 8, 16), batch_size=32, target_l0=2, seed=0))
+    ws = [lv.W_dec for lv in t.model.levels]
+    table = stacked_decoders(ws, slot_rows=3 * 32)
+    assert table is not None and table.shape == (4 + 8 + 16 + 96, 8)
+    before = [w.detach().clone() for w in ws]
+    t.model.pack_decoders_(slot_rows=5)
+    assert all(a is b for a, b in zip(ws, [lv.W_dec for lv in t.model.levels]))  # same objects
+    assert all(torch.equal(a, b) for a, b in zip(before, ws))
+    assert {id(p) for g in t.optimizer.param_groups for p in g["params"]} >= {id(w) for w in ws}
