@@ -74,11 +74,12 @@ def _row_offsets(ws) -> list[int]:
     return out
 
 
-def _merge_grouped(sources: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]],
+def _merge_grouped(sources: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor | None]],
                    n_bags: int):
-    """Merge entry lists that are each grouped by bag (``dest`` ascending) into one list grouped
-    by bag, the sources in the given order within each bag. A source is (dest bag per entry,
-    table index, weight, entries per bag or None to count them). Returns (index, weight, ptr)."""
+    """Merge entry lists that are each grouped by bag (bag ascending) into one list grouped by
+    bag, the sources in the given order within each bag. A source is (bag per entry or None,
+    table index, weight, entries per bag or None); it gives its bags or its counts or both.
+    Returns (index, weight, ptr)."""
     counts = [torch.bincount(dest, minlength=n_bags) if c is None else c for dest, _, _, c in sources]
     total = counts[0].clone()
     for c in counts[1:]:
@@ -89,7 +90,10 @@ def _merge_grouped(sources: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor,
     weight = sources[0][2].new_empty(n)
     before = ptr[:-1].clone()  # where the next source's entries start in each bag
     for (dest, idx, w, _), c in zip(sources, counts):
-        pos = torch.arange(dest.numel(), device=dest.device) + (before - _offsets(c)[:-1]).index_select(0, dest)
+        shift = before - _offsets(c)[:-1]  # per bag: merged start minus this source's start
+        shift = (torch.repeat_interleave(shift, c, output_size=idx.numel()) if dest is None
+                 else shift.index_select(0, dest))
+        pos = torch.arange(idx.numel(), device=idx.device) + shift
         index.index_copy_(0, pos, idx)
         weight.index_copy_(0, pos, w)
         before += c
@@ -220,16 +224,15 @@ def _merged_backward(ctx, plan: DecodePlan, vals, ws, grads):
     # (rows of g), then the PC loss's diagonal term (the row itself), then the swapped-in and
     # cross terms (rows of g and partner rows)
     g_base = off[-1] if extras else 0
-    dest, src, wts, counts = [], [], [], []
+    src, wts, counts = [], [], []
     for l in range(n):
         p = plan.patterns[l]
         perm, col_ptr, rows_by_col = p.by_col()
         v = vals[l] if plan.keep[l] is None else vals[l] * plan.keep[l]
-        dest.append(p.cols.index_select(0, perm) + off[l])
         src.append(rows_by_col + (g_base + l * B))
         wts.append(v.index_select(0, perm))
         counts.append(col_ptr[1:] - col_ptr[:-1])
-    sources = [(torch.cat(dest), torch.cat(src), torch.cat(wts), torch.cat(counts))]
+    sources = [(None, torch.cat(src), torch.cat(wts), torch.cat(counts))]
     if any(c is not None for c in row_coef):
         coef = torch.cat([c if c is not None else ws[l].new_zeros(ws[l].shape[0])
                           for l, c in enumerate(row_coef)])
