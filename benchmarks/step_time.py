@@ -72,10 +72,15 @@ def matmul_gflops(d, n, batch, device, reps=5) -> float:
     return 2 * batch * d * n / best / 1e9
 
 
-def compare(d, sizes, batch, steps, warmup, device):
+def paper_density_l0(sizes) -> float:
+    """The paper's sparsity per latent (L0 50 on a first level of 2048) for this ladder."""
+    return 50.0 * sizes[0] / 2048
+
+
+def compare(d, sizes, batch, steps, warmup, device, target_l0=50.0):
     data = batches(d, batch, 4, device)
-    hsae = make_trainer(d, sizes, batch, device, independent=False)
-    indep = make_trainer(d, sizes, batch, device, independent=True)
+    hsae = make_trainer(d, sizes, batch, device, independent=False, target_l0=target_l0)
+    indep = make_trainer(d, sizes, batch, device, independent=True, target_l0=target_l0)
     for t in (hsae, indep):
         t.train_step(data[0])  # threshold init at the target L0
     t0 = time.perf_counter()
@@ -97,8 +102,8 @@ def compare(d, sizes, batch, steps, warmup, device):
     latents = sum(sizes)
     l0 = [round(float(v), 1) for v in hsae.controller.l0_ema]
     assigned = [forest.n_assigned(l) for l in range(forest.n_pairs)]
-    print(f"\nlevels {sizes} (d={d}, batch={batch}, {device}); HSAE forest assigned {assigned}, "
-          f"L0 ema {l0}")
+    print(f"\nlevels {sizes} (d={d}, batch={batch}, {device}, target L0 {target_l0:g}); "
+          f"HSAE forest assigned {assigned}, L0 ema {l0}")
     print(f"  independent step  {mi * 1e3:8.1f} ms   {batch / mi:9.0f} tok/s   "
           f"{batch * latents / mi / 1e6:7.1f} M latent-tok/s   {6 * d * latents * batch / mi / 1e9:6.1f} GFLOP/s-equiv")
     print(f"  HSAE step         {mh * 1e3:8.1f} ms   {batch / mh:9.0f} tok/s   "
@@ -135,6 +140,9 @@ def main():
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--l0", default="50",
+                    help="target L0: a number, or 'paper' for the paper's L0 per latent (50 on a first "
+                         "level of 2048: 12.5 for 512..4096, 25 for 1024..8192)")
     ap.add_argument("--no-scaling", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
@@ -149,7 +157,8 @@ def main():
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, "
           f"{args.clock} clock")
     for sizes in ladders:
-        compare(args.d, sizes, args.batch, args.steps, args.warmup, args.device)
+        l0 = paper_density_l0(sizes) if args.l0 == "paper" else float(args.l0)
+        compare(args.d, sizes, args.batch, args.steps, args.warmup, args.device, l0)
     if not args.no_scaling:
         scaling(args.d, args.batch, args.device, max(5, args.steps // 4))
 

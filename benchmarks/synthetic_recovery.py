@@ -25,9 +25,8 @@ change only the data (the models' d follows --d, the target L0 stays the test's 
   s        wall seconds to train the model.
 
 After the means: mean best F1 per level and link precision per level pair, per model. A learned
-feature that never fires on the evaluation tokens has best F1 0 and match_features maps it to
-true node 0 (argmax of a zero row); its links still count in the test's precision.
---min-f1 0.001 restricts prec@f1 to links whose endpoints both fire (dead features left out).
+feature that never fires on the evaluation tokens has nothing to match: match_features gives it
+-1 and the test's precision leaves its links out (they counted, matched to true node 0, before).
 """
 
 from __future__ import annotations

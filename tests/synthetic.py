@@ -73,7 +73,8 @@ def _unit(v: torch.Tensor) -> torch.Tensor:
 
 def match_features(levels, x: torch.Tensor, truth: list[torch.Tensor]) -> list[torch.Tensor]:
     """Map each learned feature of each level to the true node of that depth whose activity it
-    matches best (F1 over the tokens of ``x``)."""
+    matches best (F1 over the tokens of ``x``); -1 for a feature that never fires on ``x`` (its
+    F1 row is all zero: there is nothing to match)."""
     out = []
     with torch.no_grad():
         for lv, t in zip(levels, truth):
@@ -81,16 +82,19 @@ def match_features(levels, x: torch.Tensor, truth: list[torch.Tensor]) -> list[t
             t = t.float()
             inter = a.t() @ t
             f1 = 2 * inter / (a.sum(0)[:, None] + t.sum(0)[None, :]).clamp_min(1)
-            out.append(f1.argmax(1))
+            out.append(torch.where(a.sum(0) > 0, f1.argmax(1), -1))
     return out
 
 
 def link_precision(forest, matched: list[torch.Tensor], true_parent_of: list[torch.Tensor]) -> float:
-    """Fraction of learned links (i -> j) whose matched true nodes are parent and child."""
+    """Fraction of learned links (i -> j) whose matched true nodes are parent and child, over
+    the links whose two features fire (a link to a silent feature says nothing either way)."""
     correct = total = 0
     for l, parent_of in enumerate(forest.parent_of):
         kids = (parent_of >= 0).nonzero(as_tuple=True)[0]
-        ok = true_parent_of[l][matched[l + 1][kids]] == matched[l][parent_of[kids]]
+        child, parent = matched[l + 1][kids], matched[l][parent_of[kids]]
+        live = (child >= 0) & (parent >= 0)
+        ok = true_parent_of[l][child[live]] == parent[live]
         correct += int(ok.sum())
-        total += kids.numel()
+        total += int(live.sum())
     return correct / max(1, total)
