@@ -145,10 +145,24 @@ def _sibling_pairs(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return order[left], order[left + 1 + offset]
 
 
-def _pair_pattern(a: torch.Tensor, b: torch.Tensor, n: int) -> SupportPattern:
-    """The ``[n, n]`` pattern with entries (a[k], b[k]), row-sorted; also returns the order."""
-    order = torch.argsort(a, stable=True)
-    return SupportPattern(a[order], b[order], n, n), order
+@dataclass
+class _SiblingPairs:
+    """The distinct feature pairs (lo < hi) among a batch's co-firing sibling entry pairs:
+    ``inverse`` maps each entry pair to its feature pair (one Gram value, one gradient row each)."""
+
+    lo: torch.Tensor
+    hi: torch.Tensor
+    inverse: torch.Tensor
+
+    @classmethod
+    def build(cls, ca: torch.Tensor, cb: torch.Tensor, n: int) -> "_SiblingPairs":
+        keys, inverse = torch.unique(torch.minimum(ca, cb) * n + torch.maximum(ca, cb),
+                                     return_inverse=True)  # sorted: row-major pattern
+        lo = torch.div(keys, n, rounding_mode="floor")
+        return cls(lo, keys - lo * n, inverse)
+
+    def pattern(self, n: int) -> SupportPattern:
+        return SupportPattern(self.lo, self.hi, n, n)
 
 
 def _link_pattern(links: Links, n_parents: int) -> SupportPattern:
@@ -204,14 +218,14 @@ def pc_forward(pairs: list[_PairPC], vals: list[torch.Tensor], ws: list[torch.Te
         total = total - 2 * torch.dot(vp_hit * vc_hit, gram_hit)
         va, vb = vals[c].index_select(0, idx.sib_a), vals[c].index_select(0, idx.sib_b)
         if idx.sib_a.numel():
-            ca, cb = q.pat_c.cols.index_select(0, idx.sib_a), q.pat_c.cols.index_select(0, idx.sib_b)
-            sib_pat, sib_order = _pair_pattern(ca, cb, w_c.shape[0])
-            sib_dot = sddmm(sib_pat, w_c, w_c)[torch.argsort(sib_order)]
+            sibs = _SiblingPairs.build(q.pat_c.cols.index_select(0, idx.sib_a),
+                                       q.pat_c.cols.index_select(0, idx.sib_b), w_c.shape[0])
+            sib_dot = sddmm(sibs.pattern(w_c.shape[0]), w_c, w_c).index_select(0, sibs.inverse)
             total = total + 2 * torch.dot(va * vb, sib_dot)
         else:
-            sib_dot = ca = cb = va
+            sib_dot, sibs = va, None
         out[p] = total / q.pat_p.n_rows
-        saved.append((diag_p, diag_c, gram.shape[0], vp_hit, vc_hit, gram_hit, va, vb, ca, cb, sib_dot))
+        saved.append((diag_p, diag_c, gram.shape[0], vp_hit, vc_hit, gram_hit, va, vb, sibs, sib_dot))
     return out, (saved, sq)
 
 
@@ -250,7 +264,7 @@ def pc_backward_terms_(pairs: list[_PairPC], state, grad: torch.Tensor, vals,
         acc[l] = g if acc[l] is None else acc[l].add_(g)
 
     for q, saved in zip(pairs, saved_pairs):
-        diag_p, diag_c, n_links, vp_hit, vc_hit, gram_hit, va, vb, ca, cb, sib_dot = saved
+        diag_p, diag_c, n_links, vp_hit, vc_hit, gram_hit, va, vb, sibs, sib_dot = saved
         p, c, idx, links = q.level, q.level + 1, q.idx, q.links
         s2 = grad[p] * (2.0 / q.pat_p.n_rows)
         g_vp = vals[p] * diag_p.index_select(0, q.pat_p.cols)
@@ -275,9 +289,9 @@ def pc_backward_terms_(pairs: list[_PairPC], state, grad: torch.Tensor, vals,
         met = perm.index_select(0, beta.index_select(0, perm).nonzero(as_tuple=True)[0])
         cross.append(CrossTerm(p, links.par.index_select(0, met), links.kids.index_select(0, met),
                                beta.index_select(0, met), c, True))
-        if idx.sib_a.numel():
-            coef = (va * vb).mul_(s2)
-            cross.append(CrossTerm(c, torch.cat([ca, cb]), torch.cat([cb, ca]),
+        if sibs is not None:  # one coefficient per distinct feature pair, both directions
+            coef = va.new_zeros(sibs.lo.numel()).index_add_(0, sibs.inverse, va * vb).mul_(s2)
+            cross.append(CrossTerm(c, torch.cat([sibs.lo, sibs.hi]), torch.cat([sibs.hi, sibs.lo]),
                                    torch.cat([coef, coef]), c, False))
     return row_coef, cross
 
