@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 import torch
 
 #: Above this fraction of nonzeros a dense matmul beats the sparse kernels. CPU: measured with
-#: benchmarks/dense_cutoff.py (a training step of one level, d = 576, 2 cores: the sparse path
-#: is 2.3x faster at 5%, 1.2x at 20%, slower from about 25%). Other devices (CUDA): 0.08, not
+#: benchmarks/dense_cutoff.py (a training step of one level, d = 576, 1024 latents, 2 threads:
+#: the sparse path is 2.4x faster at 5%, 1.15x at 20%, 1.09x slower at 30%). Other devices (CUDA): 0.08, not
 #: yet measured there. A float here applies to every device (the tests force either path).
 DENSE_CUTOFF: float | dict[str, float] = {"cpu": 0.25, "default": 0.08}
 
