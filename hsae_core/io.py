@@ -42,3 +42,14 @@ def load_hsae(folder: str | Path, device: str | torch.device = "cpu") -> HSAE:
         raise ValueError(f"{folder}: forest sizes {model.forest.level_sizes} do not match "
                          f"config level_sizes {cfg.level_sizes}")
     return model.to(device)
+
+
+def load_for_store(folders: dict[str, str | Path], d_model: int, store: str | Path,
+                   device: str | torch.device = "cpu") -> dict[str, HSAE]:
+    """Load the named models and check that each reads the store's activation width."""
+    models = {name: load_hsae(folder, device) for name, folder in folders.items()}
+    for name, model in models.items():
+        if model.cfg.d_model != d_model:
+            raise ValueError(f"{name} model has d_model {model.cfg.d_model}, store {store} holds "
+                             f"d = {d_model}: retrain it on this store")
+    return models

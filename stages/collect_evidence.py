@@ -17,7 +17,7 @@ import typer
 from rich import print as rprint
 
 from hsae_core.evidence import EvidenceConfig, collect_evidence, decode_vocab, save_evidence
-from hsae_core.io import load_hsae
+from hsae_core.io import load_for_store
 from hsae_core.normalize import resolve_scale
 from hsae_core.params import load_params, section_config
 from hsae_core.reader import EvalActivations
@@ -48,11 +48,8 @@ def main(
         cfg = section_config(load_params(params), "evidence", EvidenceConfig)
         info = open_store(store)
         scale = resolve_scale(normalization, info)
-        models = {"hsae": (hsae, load_hsae(hsae, cfg.device)), "baseline": (baseline, load_hsae(baseline, cfg.device))}
-        for name, (_, model) in models.items():
-            if model.cfg.d_model != info.d_model:
-                raise ValueError(f"{name} model has d_model {model.cfg.d_model}, store {store} holds "
-                                 f"d = {info.d_model}: retrain it on this store")
+        folders = {"hsae": hsae, "baseline": baseline}
+        models = load_for_store(folders, info.d_model, store, cfg.device)
         vocab = decode_vocab(load_tokenizer(info.attrs["model"]))
     except (ValueError, FileNotFoundError, OSError) as err:
         rprint(f"[red]collect-evidence: {err}[/red]")
@@ -61,10 +58,10 @@ def main(
     def batches():
         return EvalActivations(info, scale, batch_size=cfg.batch_size, max_tokens=cfg.eval_tokens)
 
-    for name, (folder, model) in models.items():
+    for name, model in models.items():
         t0 = time.perf_counter()
         levels = collect_evidence(model, batches, cfg)
-        meta = {"source": name, "model_dir": str(folder), "store": str(store), "lm": info.attrs["model"],
+        meta = {"source": name, "model_dir": str(folders[name]), "store": str(store), "lm": info.attrs["model"],
                 "layer": info.attrs["layer"], "eval_tokens": min(info.n_rows("eval"), cfg.eval_tokens or 10**18)}
         save_evidence(levels, out / name, vocab=vocab, meta=meta, cfg=cfg)
         with_ex = [int((ev.rows[:, 0] >= 0).sum()) for ev in levels]

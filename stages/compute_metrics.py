@@ -16,7 +16,7 @@ from pathlib import Path
 import typer
 from rich import print as rprint
 
-from hsae_core.io import load_hsae
+from hsae_core.io import load_for_store
 from hsae_core.normalize import resolve_scale
 from hsae_core.params import MetricsConfig, load_params, section_config
 from hsae_core.report import compute_metrics, format_table, json_safe
@@ -39,11 +39,7 @@ def main(
         cfg = section_config(load_params(params), "metrics", MetricsConfig)
         info = open_store(store)
         scale = resolve_scale(normalization, info)
-        models = {"hsae": load_hsae(hsae, cfg.device), "posthoc": load_hsae(posthoc, cfg.device)}
-        for name, model in models.items():
-            if model.cfg.d_model != info.d_model:
-                raise ValueError(f"{name} model has d_model {model.cfg.d_model}, store {store} holds "
-                                 f"d = {info.d_model}: retrain it on this store")
+        models = load_for_store({"hsae": hsae, "posthoc": posthoc}, info.d_model, store, cfg.device)
         metrics = compute_metrics(models, info, scale, cfg)
     except (ValueError, FileNotFoundError) as err:
         rprint(f"[red]compute-metrics: {err}[/red]")

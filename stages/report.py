@@ -24,7 +24,7 @@ from rich import print as rprint
 from hsae_core.ablations import experiment_rows
 from hsae_core.config import ConfigError
 from hsae_core.evidence import load_evidence
-from hsae_core.io import load_hsae
+from hsae_core.io import load_for_store
 from hsae_core.normalize import resolve_scale
 from hsae_core.params import MetricsConfig, load_params, section_config
 from hsae_core.reader import EvalActivations
@@ -68,11 +68,7 @@ def main(
         cfg = section_config(all_params, "report", ReportConfig)
         info = open_store(store)
         scale = resolve_scale(normalization, info)
-        models = {"hsae": load_hsae(hsae, cfg.device), "baseline": load_hsae(posthoc, cfg.device)}
-        for name, model in models.items():
-            if model.cfg.d_model != info.d_model:
-                raise ValueError(f"{name} model has d_model {model.cfg.d_model}, store {store} holds "
-                                 f"d = {info.d_model}: retrain it on this store")
+        models = load_for_store({"hsae": hsae, "baseline": posthoc}, info.d_model, store, cfg.device)
         ev = {}
         for name in models:
             folder = evidence / name

@@ -149,3 +149,13 @@ def test_committed_params_files_are_valid():
         for section, cls in (("train", TrainRunConfig), ("posthoc", PosthocConfig), ("metrics", MetricsConfig)):
             section_config(p, section, cls)
         assert hsae_config(p, d_model).n_levels == 4 and hsae_config(p, d_model, independent=True).is_independent
+
+
+def test_models_that_do_not_read_the_store_width_are_refused(tmp_path):
+    from hsae_core.config import HSAEConfig
+    from hsae_core.io import load_for_store, save_hsae
+    from hsae_core.model import HSAE
+    save_hsae(HSAE(HSAEConfig(d_model=8, level_sizes=(4, 8), target_l0=2)), tmp_path / "m")
+    assert set(load_for_store({"hsae": tmp_path / "m"}, 8, "store.zarr")) == {"hsae"}
+    with pytest.raises(ValueError, match="hsae model has d_model 8, store store.zarr holds d = 16"):
+        load_for_store({"hsae": tmp_path / "m"}, 16, "store.zarr")
