@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hsae_core.forest import Forest
+from hsae_core.model.forest import Forest
 from hsae_core.site.build import ModelView, TreeIndex, write_site
 from hsae_core.site.stats import ForestStats
 

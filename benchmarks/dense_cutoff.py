@@ -20,9 +20,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hsae_core import sparse_ops  # noqa: E402
-from hsae_core.config import HSAEConfig  # noqa: E402
-from hsae_core.trainer import Trainer  # noqa: E402
+from hsae_core.model import sparse_ops  # noqa: E402
+from hsae_core.model.config import HSAEConfig  # noqa: E402
+from hsae_core.model.trainer import Trainer  # noqa: E402
 
 
 def sync(device: str) -> None:

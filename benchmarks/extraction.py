@@ -26,9 +26,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hsae_core.data_config import DTYPES, ExtractConfig  # noqa: E402
-from hsae_core.extract import extract_activations, residual_rows, split_sequences  # noqa: E402
-from hsae_core.lm import load_lm  # noqa: E402
+from hsae_core.data.config import DTYPES, ExtractConfig  # noqa: E402
+from hsae_core.data.extract import extract_activations, residual_rows, split_sequences  # noqa: E402
+from hsae_core.data.lm import load_lm  # noqa: E402
 
 
 def clock() -> np.ndarray:

@@ -25,8 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hsae_core.reader import EvalActivations, TrainActivations  # noqa: E402
-from hsae_core.store import COLUMNS, Layout, StoreWriter, open_store, to_storage  # noqa: E402
+from hsae_core.data.reader import EvalActivations, TrainActivations  # noqa: E402
+from hsae_core.data.store import COLUMNS, Layout, StoreWriter, open_store, to_storage  # noqa: E402
 
 
 def write_random_store(path: Path, rows: int, d_model: int, dtype: str) -> None:

@@ -25,8 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hsae_core.config import HSAEConfig  # noqa: E402
-from hsae_core.trainer import Trainer  # noqa: E402
+from hsae_core.model.config import HSAEConfig  # noqa: E402
+from hsae_core.model.trainer import Trainer  # noqa: E402
 
 
 def saelens_trainer(d: int, n: int, batch: int, steps: int):

@@ -26,8 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hsae_core.config import HSAEConfig  # noqa: E402
-from hsae_core.trainer import Trainer  # noqa: E402
+from hsae_core.model.config import HSAEConfig  # noqa: E402
+from hsae_core.model.trainer import Trainer  # noqa: E402
 
 
 def make_trainer(d, sizes, batch, device, independent: bool, target_l0=50.0) -> Trainer:

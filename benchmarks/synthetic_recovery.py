@@ -41,10 +41,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hsae_core.config import HSAEConfig  # noqa: E402
-from hsae_core.hierarchy import assign_forest  # noqa: E402
-from hsae_core.posthoc import coactivation_stats  # noqa: E402
-from hsae_core.trainer import Trainer  # noqa: E402
+from hsae_core.model.config import HSAEConfig  # noqa: E402
+from hsae_core.model.hierarchy import assign_forest  # noqa: E402
+from hsae_core.model.posthoc import coactivation_stats  # noqa: E402
+from hsae_core.model.trainer import Trainer  # noqa: E402
 from tests import test_core_recovery as recovery  # noqa: E402
 from tests.synthetic import SyntheticForest  # noqa: E402
 

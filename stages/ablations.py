@@ -18,7 +18,7 @@ from typing import List, Optional
 import typer
 from rich import print as rprint
 
-from hsae_core.ablations import ABLATIONS, experiment_rows, format_rows, queue_command
+from hsae_core.pipeline.ablations import ABLATIONS, experiment_rows, format_rows, queue_command
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 

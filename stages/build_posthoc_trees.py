@@ -16,10 +16,10 @@ from pathlib import Path
 import typer
 from rich import print as rprint
 
-from hsae_core.io import load_hsae, save_hsae
-from hsae_core.params import PosthocConfig, hsae_config, load_params, section_config
-from hsae_core.posthoc import coactivation_stats, posthoc_forest
-from hsae_core.reader import TrainActivations
+from hsae_core.data.reader import TrainActivations
+from hsae_core.model.posthoc import PosthocConfig, coactivation_stats, posthoc_forest
+from hsae_core.pipeline.io import load_hsae, save_hsae
+from hsae_core.pipeline.params import hsae_config, load_params, section_config
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 

@@ -1,5 +1,5 @@
 """Stage collect-evidence: per feature of every level, the top and activation-sampled contexts
-of the eval split (Appendix C; format in hsae_core.evidence) for the HSAE and the independent
+of the eval split (Appendix C; format in hsae_core.evaluation.evidence) for the HSAE and the independent
 baseline -> data/evidence/hsae/ and data/evidence/baseline/.
 
     python -m stages.collect_evidence [--params params.yaml] [--hsae data/hsae]
@@ -16,12 +16,12 @@ from pathlib import Path
 import typer
 from rich import print as rprint
 
-from hsae_core.evidence import EvidenceConfig, collect_evidence, decode_vocab, save_evidence
-from hsae_core.io import load_for_store
-from hsae_core.normalize import resolve_scale
-from hsae_core.params import load_params, section_config
-from hsae_core.reader import EvalActivations
-from hsae_core.store import open_store
+from hsae_core.data.normalize import resolve_scale
+from hsae_core.data.reader import EvalActivations
+from hsae_core.data.store import open_store
+from hsae_core.evaluation.evidence import EvidenceConfig, collect_evidence, decode_vocab, save_evidence
+from hsae_core.pipeline.io import load_for_store
+from hsae_core.pipeline.params import load_params, section_config
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -29,7 +29,7 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 def load_tokenizer(model: str):
     from transformers import AutoTokenizer
 
-    from hsae_core.lm import _kwargs, resolve_model
+    from hsae_core.data.lm import _kwargs, resolve_model
 
     src = resolve_model(model)
     return AutoTokenizer.from_pretrained(src.name_or_path, **_kwargs(src))

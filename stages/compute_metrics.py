@@ -5,7 +5,7 @@
         [--posthoc data/posthoc] [--out metrics/metrics.json]
 
 Reads ``metrics:``. Streams the eval split (one batch in memory); the spliced next-token loss
-reloads the store's language model whole (hsae_core.splice).
+reloads the store's language model whole (hsae_core.evaluation.splice).
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from pathlib import Path
 import typer
 from rich import print as rprint
 
-from hsae_core.io import load_for_store
-from hsae_core.normalize import resolve_scale
-from hsae_core.params import MetricsConfig, load_params, section_config
-from hsae_core.report import compute_metrics, format_table, json_safe
-from hsae_core.store import open_store
+from hsae_core.data.normalize import resolve_scale
+from hsae_core.data.store import open_store
+from hsae_core.evaluation.compute import MetricsConfig, compute_metrics, format_table, json_safe
+from hsae_core.pipeline.io import load_for_store
+from hsae_core.pipeline.params import load_params, section_config
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 

@@ -6,9 +6,9 @@ SAELens-loadable JumpReLU SAE folders, forest JSON beside them -> data/export/ (
 
 Writes ``<out>/hsae/level<l>/{cfg.json, sae_weights.safetensors}``, ``<out>/hsae/forest.json``
 and the same under ``<out>/baseline/``. The normalisation scale is folded into the weights
-(inputs are raw residual-stream activations; hsae_core.export). Load a level with
+(inputs are raw residual-stream activations; hsae_core.interop.saelens). Load a level with
 ``sae_lens.SAE.load_from_disk("data/export/hsae/level0")``; run SAEBench with
-``python -m stages.saebench_eval`` (hsae_core.saebench). ``--out`` also takes an fsspec URL.
+``python -m stages.saebench_eval`` (hsae_core.interop.saebench). ``--out`` also takes an fsspec URL.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from pathlib import Path
 import typer
 from rich import print as rprint
 
-from hsae_core import fsio
-from hsae_core.export import ExportMetadata, export_saelens
-from hsae_core.io import load_hsae
-from hsae_core.normalize import resolve_scale
-from hsae_core.store import open_store
+from hsae_core.common import fsio
+from hsae_core.data.normalize import resolve_scale
+from hsae_core.data.store import open_store
+from hsae_core.interop.saelens import ExportMetadata, export_saelens
+from hsae_core.pipeline.io import load_hsae
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 

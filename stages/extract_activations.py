@@ -2,7 +2,7 @@
 
     python -m stages.extract_activations --params params.yaml [--out data/activations.zarr]
 
-Reads the ``extract:`` section of params.yaml (fields: :class:`hsae_core.data_config.ExtractConfig`);
+Reads the ``extract:`` section of params.yaml (fields: :class:`hsae_core.data.config.ExtractConfig`);
 options given on the command line override it. An interrupted run resumes when rerun.
 
 Distributed over N processes (each runs the model on its share of the windows; the store equals
@@ -21,9 +21,9 @@ from typing import Optional
 import typer
 from rich import print as rprint
 
-from hsae_core.data_config import ExtractConfig, read_params_section
-from hsae_core.distributed import init_from_env, shutdown
-from hsae_core.extract import extract_activations
+from hsae_core.common.distributed import init_from_env, shutdown
+from hsae_core.data.config import ExtractConfig, read_params_section
+from hsae_core.data.extract import extract_activations
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 

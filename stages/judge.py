@@ -18,11 +18,11 @@ from pathlib import Path
 import typer
 from rich import print as rprint
 
-from hsae_core.evidence import load_evidence
-from hsae_core.forest import Forest
-from hsae_core.judge import JudgeConfig, judge_pairs, sample_pairs, summarize
-from hsae_core.judge_backends import JudgeBackendError, LocalChatBackend, OpenAIChatBackend, ResponseCache, RetryPolicy
-from hsae_core.params import load_params, section_config
+from hsae_core.evaluation.evidence import load_evidence
+from hsae_core.judge.backends import JudgeBackendError, LocalChatBackend, OpenAIChatBackend, ResponseCache, RetryPolicy
+from hsae_core.judge.pairs import JudgeConfig, judge_pairs, sample_pairs, summarize
+from hsae_core.pipeline.io import load_forest
+from hsae_core.pipeline.params import load_params, section_config
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -48,7 +48,7 @@ def main(
     t0 = time.perf_counter()
     try:
         cfg = section_config(load_params(params), "judge", JudgeConfig)
-        forests = {"hsae": Forest.load(_need(hsae / "forest.json")), "posthoc": Forest.load(_need(posthoc / "forest.json"))}
+        forests = {"hsae": load_forest(_need(hsae / "forest.json")), "posthoc": load_forest(_need(posthoc / "forest.json"))}
         ev = {"hsae": load_evidence(evidence / "hsae"), "posthoc": load_evidence(evidence / "baseline")}
         ev["random"] = ev["hsae"]
         for name, forest in forests.items():

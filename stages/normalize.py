@@ -3,7 +3,7 @@
     python -m stages.normalize --params params.yaml [--store data/activations.zarr]
         [--out data/normalization.json]
 
-Reads the ``normalize:`` section (fields: :class:`hsae_core.data_config.NormalizeConfig`); if the
+Reads the ``normalize:`` section (fields: :class:`hsae_core.data.config.NormalizeConfig`); if the
 params hold an ``extract:`` section, the store must have been written for its model and layer.
 """
 
@@ -15,9 +15,9 @@ from typing import Optional
 import typer
 from rich import print as rprint
 
-from hsae_core.data_config import ExtractConfig, NormalizeConfig, read_params_section
-from hsae_core.normalize import estimate_normalization
-from hsae_core.store import open_store
+from hsae_core.data.config import ExtractConfig, NormalizeConfig, read_params_section
+from hsae_core.data.normalize import estimate_normalization
+from hsae_core.data.store import open_store
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 

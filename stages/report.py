@@ -9,7 +9,7 @@ figures data/report/figures/fig*.{png,svg} and data/report/summary.json. The jud
 the ablation results are optional: where one is missing, the site and the figures say so.
 ``--ablations`` is either ``dvc exp show --json`` output (``dvc exp show --json >
 metrics/ablations.json`` once the queued ablations have run) or a JSON list of the rows of
-``hsae_core.ablations.experiment_rows``.
+``hsae_core.pipeline.ablations.experiment_rows``.
 """
 
 from __future__ import annotations
@@ -21,16 +21,17 @@ from pathlib import Path
 import typer
 from rich import print as rprint
 
-from hsae_core.ablations import experiment_rows
-from hsae_core.config import ConfigError
-from hsae_core.evidence import load_evidence
-from hsae_core.io import load_for_store
-from hsae_core.normalize import resolve_scale
-from hsae_core.params import MetricsConfig, load_params, section_config
-from hsae_core.reader import EvalActivations
+from hsae_core.common.errors import ConfigError
+from hsae_core.data.normalize import resolve_scale
+from hsae_core.data.reader import EvalActivations
+from hsae_core.data.store import open_store
+from hsae_core.evaluation.compute import MetricsConfig
+from hsae_core.evaluation.evidence import load_evidence
+from hsae_core.pipeline.ablations import experiment_rows
+from hsae_core.pipeline.io import load_for_store
+from hsae_core.pipeline.params import load_params, section_config
 from hsae_core.site.config import ReportConfig
 from hsae_core.site.make import build_report, read_judge
-from hsae_core.store import open_store
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -45,7 +46,7 @@ def read_ablations(path: Path) -> tuple[list[dict] | None, str]:
     if data and "rev" in data[0]:
         data = experiment_rows(data)
     if any("changed" not in row for row in data):
-        raise ValueError(f"{path}: rows need a 'changed' field (hsae_core.ablations.experiment_rows)")
+        raise ValueError(f"{path}: rows need a 'changed' field (hsae_core.pipeline.ablations.experiment_rows)")
     return data, f"{len(data)} rows from {path}"
 
 

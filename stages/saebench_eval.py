@@ -1,4 +1,4 @@
-"""SAEBench on every exported level (hsae_core.saebench). Not a DVC stage: it needs internet (the
+"""SAEBench on every exported level (hsae_core.interop.saebench). Not a DVC stage: it needs internet (the
 model and SAEBench's datasets) and a GPU, and was not run in this project.
 
     pip install sae-bench
@@ -15,7 +15,7 @@ import torch
 import typer
 from rich import print as rprint
 
-from hsae_core.saebench import EVALS, run_saebench, saebench_selection
+from hsae_core.interop.saebench import EVALS, run_saebench, saebench_selection
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 

@@ -21,11 +21,11 @@ from pathlib import Path
 import typer
 from rich import print as rprint
 
-from hsae_core.distributed import init_from_env, shutdown
-from hsae_core.io import save_hsae
-from hsae_core.params import TrainRunConfig, hsae_config, load_params, section_config
-from hsae_core.store import open_store
-from hsae_core.train_run import train_on_store
+from hsae_core.common.distributed import init_from_env, shutdown
+from hsae_core.data.store import open_store
+from hsae_core.pipeline.io import save_hsae
+from hsae_core.pipeline.params import hsae_config, load_params, section_config
+from hsae_core.pipeline.train_run import TrainRunConfig, train_on_store
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 

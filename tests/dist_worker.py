@@ -18,13 +18,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hsae_core.config import HSAEConfig  # noqa: E402
-from hsae_core.distributed import init_from_env, shutdown  # noqa: E402
-from hsae_core.io import save_hsae  # noqa: E402
-from hsae_core.params import TrainRunConfig  # noqa: E402
-from hsae_core.reader import TrainActivations  # noqa: E402
-from hsae_core.train_run import train_on_store  # noqa: E402
-from hsae_core.trainer import Trainer  # noqa: E402
+from hsae_core.common.distributed import init_from_env, shutdown  # noqa: E402
+from hsae_core.data.reader import TrainActivations  # noqa: E402
+from hsae_core.model.config import HSAEConfig  # noqa: E402
+from hsae_core.model.trainer import Trainer  # noqa: E402
+from hsae_core.pipeline.checkpoint import Checkpoint  # noqa: E402
+from hsae_core.pipeline.io import save_hsae  # noqa: E402
+from hsae_core.pipeline.train_run import (
+    TrainRunConfig,  # noqa: E402
+    train_on_store,  # noqa: E402
+)
 
 
 def train(cfg_json: str, store: str, out: str, ckpt: str, stop_at: str | None = None) -> None:
@@ -39,7 +42,7 @@ def train(cfg_json: str, store: str, out: str, ckpt: str, stop_at: str | None = 
         reader = TrainActivations(store, 1.0, batch_size=cfg.batch_size, seed=cfg.seed, epochs=None,
                                   max_tokens=cfg.total_steps * cfg.batch_size, drop_last=True,
                                   rank=dist.rank, world_size=dist.world_size)
-        trainer = Trainer(cfg, checkpoint_path=ckpt, checkpoint_every=int(stop_at), dist=dist)
+        trainer = Trainer(cfg, checkpoint_every=int(stop_at), on_checkpoint=Checkpoint(ckpt).save, dist=dist)
         try:
             trainer.fit(itertools.islice(reader, int(stop_at)))
         except RuntimeError as err:  # the source ran out at STOP_AT on every rank: "interrupted"
@@ -49,8 +52,8 @@ def train(cfg_json: str, store: str, out: str, ckpt: str, stop_at: str | None = 
 
 def extract(cfg_json: str, out: str, kill_after: str | None = None) -> None:
     """With KILL_AFTER, rank 1 dies after writing that many shards (an interrupted job)."""
-    from hsae_core.data_config import ExtractConfig
-    from hsae_core.extract import extract_activations
+    from hsae_core.data.config import ExtractConfig
+    from hsae_core.data.extract import extract_activations
 
     cfg = ExtractConfig.from_dict(json.loads(cfg_json))
     dist = init_from_env(cfg.device)

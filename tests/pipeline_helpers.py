@@ -56,6 +56,7 @@ def micro_project(root: Path, params: dict) -> Path:
     git(root, "config", "user.name", "test")
     dvc(root, "init", "-q")
     (root / ".dvc" / "config").write_text((REPO / ".dvc" / "config").read_text())
+    (root / ".dvcignore").write_text((REPO / ".dvcignore").read_text())
     git(root, "add", "-A")
     git(root, "commit", "-q", "-m", "micro project")
     return root

@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-from hsae_core.config import ConfigError, HSAEConfig
-from hsae_core.forest import Forest
-from hsae_core.hierarchy import CoactivationEMA, assign_children, assign_forest, top_parents
-from hsae_core.jumprelu import JumpReLULevel
-from hsae_core.sparse_ops import SupportPattern
-from hsae_core.jumprelu import SparseCode
-from hsae_core.sparsity import SparsityController
+from hsae_core.common.errors import ConfigError
+from hsae_core.model.config import HSAEConfig
+from hsae_core.model.forest import Forest
+from hsae_core.model.hierarchy import CoactivationEMA, assign_children, assign_forest, top_parents
+from hsae_core.model.jumprelu import JumpReLULevel, SparseCode
+from hsae_core.model.sparse_ops import SupportPattern
+from hsae_core.model.sparsity import SparsityController
 
 GOOD = dict(d_model=8, level_sizes=(4, 8, 16), target_l0=2)
 

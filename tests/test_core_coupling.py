@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from hsae_core.config import HSAEConfig
-from hsae_core.coupling import pc_loss
-from hsae_core.forest import Forest
-from hsae_core.model import HSAE
-from hsae_core import sparse_ops
+from hsae_core.model import sparse_ops
+from hsae_core.model.config import HSAEConfig
+from hsae_core.model.coupling import pc_loss
+from hsae_core.model.forest import Forest
+from hsae_core.model.hsae import HSAE
 from tests.reference import dense_hsae_loss, dense_level, dense_pc_loss
 
 
@@ -105,7 +105,7 @@ def test_cofiring_siblings_match_reference(seed, dense_kernels, monkeypatch):
     for a, b in zip(g_fast, g_ref):
         assert rel_err(a, b) < 1e-6 or (a.abs().max() == 0 and b.abs().max() == 0)
     # the sibling path is really exercised
-    from hsae_core.coupling import _PCIndex
+    from hsae_core.model.coupling import _PCIndex
     idx = _PCIndex.build(out.codes[0].pattern, out.codes[1].pattern, parent_of, model.forest.links(0))
     assert idx.sib_a.numel() > 10
 
@@ -114,7 +114,7 @@ def test_pc_loss_never_builds_batch_by_parents_by_d(monkeypatch):
     """At the paper's shapes a [B, n_parents, d] tensor would not fit; the fast path's largest
     intermediate stays O(nnz) or O(n_children * d)."""
     gen = torch.Generator().manual_seed(0)
-    from hsae_core.jumprelu import JumpReLULevel
+    from hsae_core.model.jumprelu import JumpReLULevel
     d, B = 64, 256
     lp, lc = JumpReLULevel(d, 2048, 0.01, gen), JumpReLULevel(d, 4096, 0.01, gen)
     x = torch.randn(B, d, generator=gen) * 4
@@ -138,7 +138,7 @@ def test_pc_loss_never_builds_batch_by_parents_by_d(monkeypatch):
 def test_merged_decode_reads_packed_and_unpacked_decoders_alike(monkeypatch):
     """The merged path reads the decoders as one table: a view when HSAE.pack_decoders_ put
     them in one buffer (with spare rows for the output gradient), a copy otherwise."""
-    from hsae_core.coupled_decode import stacked_decoders
+    from hsae_core.model.coupled_decode import stacked_decoders
     monkeypatch.setattr(sparse_ops, "DENSE_CUTOFF", 1.1)
     results = []
     for packed in (True, False):
@@ -163,8 +163,8 @@ def test_merged_decode_reads_packed_and_unpacked_decoders_alike(monkeypatch):
 
 
 def test_trainer_packs_decoders_and_repacking_keeps_the_parameters():
-    from hsae_core.coupled_decode import stacked_decoders
-    from hsae_core.trainer import Trainer
+    from hsae_core.model.coupled_decode import stacked_decoders
+    from hsae_core.model.trainer import Trainer
     t = Trainer(HSAEConfig(d_model=8, level_sizes=(4, 8, 16), batch_size=32, target_l0=2, seed=0))
     ws = [lv.W_dec for lv in t.model.levels]
     table = stacked_decoders(ws, slot_rows=3 * 32)

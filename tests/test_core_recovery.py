@@ -13,10 +13,10 @@ post-hoc cosine assignment is already near-perfect, and HSAE does not recover th
 
 import torch
 
-from hsae_core.config import HSAEConfig
-from hsae_core.hierarchy import assign_forest
-from hsae_core.metrics import HierarchyStats
-from hsae_core.trainer import Trainer
+from hsae_core.evaluation.metrics import HierarchyStats
+from hsae_core.model.config import HSAEConfig
+from hsae_core.model.hierarchy import assign_forest
+from hsae_core.model.trainer import Trainer
 from tests.synthetic import SyntheticForest, link_precision, match_features
 
 SYN = SyntheticForest.make(d=32, branching=(3, 3), n_roots=8, paths_per_token=2,

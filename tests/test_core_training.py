@@ -5,10 +5,11 @@ import math
 import pytest
 import torch
 
-from hsae_core.config import HSAEConfig
-from hsae_core.io import load_hsae, save_hsae
-from hsae_core.jumprelu import JumpReLULevel
-from hsae_core.trainer import Trainer, lr_at
+from hsae_core.model.config import HSAEConfig
+from hsae_core.model.jumprelu import JumpReLULevel
+from hsae_core.model.trainer import Trainer, lr_at
+from hsae_core.pipeline.checkpoint import Checkpoint
+from hsae_core.pipeline.io import load_hsae, save_hsae
 from tests.synthetic import SyntheticForest
 
 SYN = SyntheticForest.make(d=16, branching=(2, 2), n_roots=4, seed=3)
@@ -36,11 +37,13 @@ def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, similarity, tree
     def kill_at_23(step, record):
         if step == 23:
             raise Interrupt()
-    first = Trainer(cfg, checkpoint_path=ckpt, checkpoint_every=5, log_every=1, on_log=kill_at_23)
+    first = Trainer(cfg, checkpoint_every=5, on_checkpoint=Checkpoint(ckpt).save, log_every=1,
+                    on_log=kill_at_23)
     with pytest.raises(Interrupt):
         first.fit(SYN.batches(64, seed=1))
     assert torch.load(ckpt, weights_only=False)["step"] == 20  # work since step 20 is redone
-    resumed_trainer = Trainer(cfg, checkpoint_path=ckpt, checkpoint_every=5)
+    resumed_trainer = Trainer(cfg, checkpoint_every=5, on_checkpoint=Checkpoint(ckpt).save)
+    assert Checkpoint(ckpt).resume(resumed_trainer) == 20
     resumed = resumed_trainer.fit(SYN.batches(64, seed=1))
 
     assert resumed_trainer.step == cfg.total_steps
@@ -52,9 +55,9 @@ def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, similarity, tree
 
 def test_resume_refuses_a_checkpoint_from_another_config(tmp_path):
     ckpt = tmp_path / "ckpt.pt"
-    Trainer(small_cfg(total_steps=5), checkpoint_path=ckpt).fit(SYN.batches(64))
+    Trainer(small_cfg(total_steps=5), on_checkpoint=Checkpoint(ckpt).save).fit(SYN.batches(64))
     with pytest.raises(ValueError, match="different config.*rho"):
-        Trainer(small_cfg(total_steps=5, rho=0.5), checkpoint_path=ckpt).fit(SYN.batches(64))
+        Checkpoint(ckpt).resume(Trainer(small_cfg(total_steps=5, rho=0.5)))
 
 
 def test_save_load_round_trip(tmp_path):

@@ -7,14 +7,22 @@ import numpy as np
 import pytest
 import torch
 
-from hsae_core.config import HSAEConfig
-from hsae_core.data_config import ExtractConfig
-from hsae_core.evidence import (PAD, EvidenceConfig, choose, collect_evidence, load_evidence, render,
-                                sample_keys, save_evidence)
-from hsae_core.extract import extract_activations
-from hsae_core.model import HSAE
-from hsae_core.normalize import estimate_normalization
-from hsae_core.reader import EvalActivations
+from hsae_core.data.config import ExtractConfig
+from hsae_core.data.extract import extract_activations
+from hsae_core.data.normalize import estimate_normalization
+from hsae_core.data.reader import EvalActivations
+from hsae_core.evaluation.evidence import (
+    PAD,
+    EvidenceConfig,
+    choose,
+    collect_evidence,
+    load_evidence,
+    render,
+    sample_keys,
+    save_evidence,
+)
+from hsae_core.model.config import HSAEConfig
+from hsae_core.model.hsae import HSAE
 from tests.store_helpers import jsonl_corpus, tiny_llama
 
 

@@ -18,11 +18,21 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from hsae_core.evidence import EvidenceConfig, LevelEvidence, load_evidence, save_evidence
-from hsae_core.forest import Forest
-from hsae_core.judge import (SYSTEM_PROMPT, JudgeConfig, Pair, build_messages, judge_pairs, parse_answer, sample_pairs,
-                             summarize, wilson)
-from hsae_core.judge_backends import LocalChatBackend, ResponseCache, RetryPolicy, parse_retry_after
+from hsae_core.evaluation.evidence import EvidenceConfig, LevelEvidence, load_evidence, save_evidence
+from hsae_core.judge.backends import LocalChatBackend, ResponseCache, RetryPolicy, parse_retry_after
+from hsae_core.judge.pairs import (
+    SYSTEM_PROMPT,
+    JudgeConfig,
+    Pair,
+    build_messages,
+    judge_pairs,
+    parse_answer,
+    sample_pairs,
+    summarize,
+    wilson,
+)
+from hsae_core.model.forest import Forest
+from hsae_core.pipeline.io import load_forest, save_forest
 from stages import judge as judge_stage
 from tests.store_helpers import WORDS, tiny_llama
 
@@ -92,13 +102,13 @@ def tiny_world(root: Path, seed: int = 0) -> tuple[Path, Path, Path]:
         parent_of = [torch.tensor(np.where(rng.random(m) < 0.8, rng.integers(0, n, size=m), -1))
                      for n, m in zip(SIZES[:-1], SIZES[1:])]
         (root / name).mkdir(parents=True, exist_ok=True)
-        Forest(SIZES, parent_of).save(root / name / "forest.json")
+        save_forest(Forest(SIZES, parent_of), root / name / "forest.json")
     return root / "hsae", root / "posthoc", root / "evidence"
 
 
 def test_sampling_linked_random_and_counterbalanced(tmp_path):
     hsae, posthoc, evidence = tiny_world(tmp_path)
-    forests = {"hsae": Forest.load(hsae / "forest.json"), "posthoc": Forest.load(posthoc / "forest.json")}
+    forests = {"hsae": load_forest(hsae / "forest.json"), "posthoc": load_forest(posthoc / "forest.json")}
     ev = {"hsae": load_evidence(evidence / "hsae"), "posthoc": load_evidence(evidence / "baseline")}
     ev["random"] = ev["hsae"]
     pairs, info = sample_pairs(forests, ev, JudgeConfig(n_pairs=12, n_random=9, seed=3))
@@ -307,7 +317,7 @@ def test_openai_backend_stops_on_bad_or_missing_key(tmp_path, monkeypatch):
 def test_local_backend_tiny_model_and_cache(tmp_path):
     hsae, posthoc, evidence = tiny_world(tmp_path)
     model = tiny_llama(tmp_path / "model", d_model=32, n_layers=2)
-    forests = {"hsae": Forest.load(hsae / "forest.json"), "posthoc": Forest.load(posthoc / "forest.json")}
+    forests = {"hsae": load_forest(hsae / "forest.json"), "posthoc": load_forest(posthoc / "forest.json")}
     ev = {"hsae": load_evidence(evidence / "hsae"), "posthoc": load_evidence(evidence / "baseline")}
     ev["random"] = ev["hsae"]
     pairs, _ = sample_pairs(forests, ev, JudgeConfig(n_pairs=3, n_random=2))

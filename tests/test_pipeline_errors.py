@@ -3,13 +3,11 @@ and the fix, before any heavy work (stages run in process through their Typer ap
 
 from __future__ import annotations
 
-
 import pytest
 import yaml
 from typer.testing import CliRunner
 
-from stages import build_posthoc_trees, compute_metrics, extract_activations, normalize, train_baselines, \
-    train_hsae
+from stages import build_posthoc_trees, compute_metrics, extract_activations, normalize, train_baselines, train_hsae
 from tests.pipeline_helpers import micro_assets, micro_params
 
 runner = CliRunner()
@@ -138,9 +136,11 @@ def test_data_stages_name_the_bad_key(project, tmp_path):
 
 def test_committed_params_files_are_valid():
     """params.yaml (the embedded default) and configs/paper.yaml pass every stage's checks."""
-    from hsae_core.data_config import ExtractConfig, NormalizeConfig
-    from hsae_core.params import MetricsConfig, PosthocConfig, TrainRunConfig, hsae_config, load_params, \
-        section_config
+    from hsae_core.data.config import ExtractConfig, NormalizeConfig
+    from hsae_core.evaluation.compute import MetricsConfig
+    from hsae_core.model.posthoc import PosthocConfig
+    from hsae_core.pipeline.params import hsae_config, load_params, section_config
+    from hsae_core.pipeline.train_run import TrainRunConfig
     from tests.pipeline_helpers import REPO
 
     for path, d_model in ((REPO / "params.yaml", 576), (REPO / "configs" / "paper.yaml", 2304)):
@@ -152,9 +152,9 @@ def test_committed_params_files_are_valid():
 
 
 def test_models_that_do_not_read_the_store_width_are_refused(tmp_path):
-    from hsae_core.config import HSAEConfig
-    from hsae_core.io import load_for_store, save_hsae
-    from hsae_core.model import HSAE
+    from hsae_core.model.config import HSAEConfig
+    from hsae_core.model.hsae import HSAE
+    from hsae_core.pipeline.io import load_for_store, save_hsae
     save_hsae(HSAE(HSAEConfig(d_model=8, level_sizes=(4, 8), target_l0=2)), tmp_path / "m")
     assert set(load_for_store({"hsae": tmp_path / "m"}, 8, "store.zarr")) == {"hsae"}
     with pytest.raises(ValueError, match="hsae model has d_model 8, store store.zarr holds d = 16"):

@@ -8,18 +8,18 @@ import csv
 import pytest
 import torch
 
-from hsae_core.config import HSAEConfig
-from hsae_core.data_config import ExtractConfig
-from hsae_core.evaluate import evaluate_hsae
-from hsae_core.extract import extract_activations
-from hsae_core.model import HSAE
-from hsae_core.normalize import estimate_normalization
-from hsae_core.params import TrainRunConfig
-from hsae_core.posthoc import posthoc_forest
-from hsae_core.reader import EvalActivations, TrainActivations
-from hsae_core.splice import SplicedLoss, batched_by_length, eval_sequences, load_full_lm
-from hsae_core.train_run import TrainingCurves, train_on_store, usable_checkpoint
-from hsae_core.trainer import Trainer
+from hsae_core.data.config import ExtractConfig
+from hsae_core.data.extract import extract_activations
+from hsae_core.data.normalize import estimate_normalization
+from hsae_core.data.reader import EvalActivations, TrainActivations
+from hsae_core.evaluation.evaluate import evaluate_hsae
+from hsae_core.evaluation.splice import SplicedLoss, batched_by_length, eval_sequences, load_full_lm
+from hsae_core.model.config import HSAEConfig
+from hsae_core.model.hsae import HSAE
+from hsae_core.model.posthoc import posthoc_forest
+from hsae_core.model.trainer import Trainer
+from hsae_core.pipeline.checkpoint import Checkpoint, usable_checkpoint
+from hsae_core.pipeline.train_run import TrainingCurves, TrainRunConfig, train_on_store
 from tests.pipeline_helpers import micro_assets
 
 
@@ -51,11 +51,11 @@ def test_resumed_training_equals_uninterrupted_with_the_same_curves(store, tmp_p
     # what a run killed after its step-10 checkpoint leaves behind: the checkpoint and curves to step 15
     reader = TrainActivations(info, scale, batch_size=64, seed=cfg.seed, epochs=None, max_tokens=30 * 64,
                               drop_last=True)
-    killed = Trainer(cfg, tmp_path / "b.pt", log_every=5, on_log=TrainingCurves(tmp_path / "b", 3))
+    killed = Trainer(cfg, log_every=5, on_log=TrainingCurves(tmp_path / "b", 3))
     for step, x in enumerate(reader):
         killed.train_step(x)
         if step + 1 == 10:
-            killed.save_checkpoint()
+            Checkpoint(tmp_path / "b.pt").save(killed)
         if step + 1 == 15:
             break
     resumed = train_on_store(cfg, info, scale, checkpoint=tmp_path / "b.pt", curves=tmp_path / "b", run=run)

@@ -15,17 +15,16 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from hsae_core.config import HSAEConfig
-from hsae_core.data_config import ExtractConfig
-from hsae_core.evaluate import evaluate_hsae
-from hsae_core.evidence import EvidenceConfig, collect_evidence, save_evidence
-from hsae_core.extract import extract_activations
-from hsae_core.io import save_hsae
-from hsae_core.normalize import estimate_normalization
-from hsae_core.params import TrainRunConfig
-from hsae_core.posthoc import posthoc_forest
-from hsae_core.reader import EvalActivations
-from hsae_core.train_run import train_on_store
+from hsae_core.data.config import ExtractConfig
+from hsae_core.data.extract import extract_activations
+from hsae_core.data.normalize import estimate_normalization
+from hsae_core.data.reader import EvalActivations
+from hsae_core.evaluation.evaluate import evaluate_hsae
+from hsae_core.evaluation.evidence import EvidenceConfig, collect_evidence, save_evidence
+from hsae_core.model.config import HSAEConfig
+from hsae_core.model.posthoc import posthoc_forest
+from hsae_core.pipeline.io import save_hsae
+from hsae_core.pipeline.train_run import TrainRunConfig, train_on_store
 from tests.store_helpers import WORDS, jsonl_corpus, tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
@@ -169,9 +168,9 @@ def _png_ok(path: Path) -> None:
 
 
 def test_figures_from_a_small_run(run, tmp_path):
-    from hsae_core.ablations import COLUMNS
+    from hsae_core.pipeline.ablations import COLUMNS
 
-    # ablation rows as hsae_core.ablations.experiment_rows gives them: the reference and a real
+    # ablation rows as hsae_core.pipeline.ablations.experiment_rows gives them: the reference and a real
     # rho = 0 retraining of the same small run
     root = run["root"]
     free = _train(HSAEConfig(**COMMON, rho=0.0, swap_rate=0.05), run["store"], run["scale"], tmp_path, "free")

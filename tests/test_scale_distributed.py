@@ -21,12 +21,11 @@ import numpy as np
 import pytest
 import torch
 
-from hsae_core.config import HSAEConfig
-from hsae_core.io import load_hsae, save_hsae
-from hsae_core.params import TrainRunConfig
-from hsae_core.store import Layout, StoreWriter, open_store, to_storage
-from hsae_core.train_run import train_on_store
-from hsae_core.trainer import Trainer
+from hsae_core.data.store import Layout, StoreWriter, open_store, to_storage
+from hsae_core.model.config import HSAEConfig
+from hsae_core.model.trainer import Trainer
+from hsae_core.pipeline.io import load_hsae, save_hsae
+from hsae_core.pipeline.train_run import TrainRunConfig, train_on_store
 from tests.synthetic import SyntheticForest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,7 +114,7 @@ def test_checkpoint_of_two_ranks_resumes_in_one_process(tmp_path, store):
 
 
 def test_reader_slices_partition_the_global_batch(store):
-    from hsae_core.reader import TrainActivations
+    from hsae_core.data.reader import TrainActivations
 
     kw = dict(batch_size=64, seed=3, epochs=None, max_tokens=640, drop_last=True)
     whole = list(TrainActivations(store, 2.0, **kw))
@@ -126,7 +125,7 @@ def test_reader_slices_partition_the_global_batch(store):
     with pytest.raises(ValueError, match="drop_last"):
         TrainActivations(store, 1.0, batch_size=64, rank=0, world_size=2)
     with pytest.raises(ValueError, match="does not split evenly"):
-        Trainer(cfg(batch_size=63), dist=__import__("hsae_core.distributed", fromlist=["x"]).DistContext(0, 2))
+        Trainer(cfg(batch_size=63), dist=__import__("hsae_core.common.distributed", fromlist=["x"]).DistContext(0, 2))
 
 
 def test_store_checkpoint_and_model_at_memory_urls(tmp_path):
@@ -141,7 +140,7 @@ def test_store_checkpoint_and_model_at_memory_urls(tmp_path):
     local = train_on_store(c, synthetic_store(tmp_path / "acts.zarr"), 1.0, checkpoint=tmp_path / "c.pt",
                            curves=tmp_path / "c2", run=TrainRunConfig(checkpoint_every=6))
     assert_same_model(model, local, atol=0)
-    from hsae_core import fsio
+    from hsae_core.common import fsio
 
     assert fsio.load_torch(ckpt)["step"] == 12
     save_hsae(model, "memory://hsae-test/model")
@@ -153,7 +152,7 @@ def test_store_checkpoint_and_model_at_memory_urls(tmp_path):
 def test_two_rank_extraction_equals_one_rank(tmp_path):
     """A killed and resumed 2-rank job writes the 1-rank store: same rows, order, ids and
     attributes (max_tokens cuts the last train window short)."""
-    from hsae_core.data_config import ExtractConfig
+    from hsae_core.data.config import ExtractConfig
     from tests.store_helpers import jsonl_corpus, tiny_llama
 
     c = ExtractConfig(model=tiny_llama(tmp_path / "model"), layer=2, corpus=jsonl_corpus(tmp_path / "c.jsonl", 40),
@@ -183,7 +182,7 @@ def test_two_rank_extraction_equals_one_rank(tmp_path):
 def test_compile_option_equals_eager():
     import shutil as sh
 
-    from hsae_core.config import ConfigError
+    from hsae_core.common.errors import ConfigError
 
     with pytest.raises(ConfigError, match="compile"):
         TrainRunConfig(compile="yes")

@@ -12,10 +12,10 @@ import json
 import pytest
 import torch
 
-from hsae_core.config import HSAEConfig
-from hsae_core.export import ExportMetadata, export_saelens
-from hsae_core.posthoc import posthoc_forest
-from hsae_core.trainer import Trainer
+from hsae_core.interop.saelens import ExportMetadata, export_saelens
+from hsae_core.model.config import HSAEConfig
+from hsae_core.model.posthoc import posthoc_forest
+from hsae_core.model.trainer import Trainer
 from tests.synthetic import SyntheticForest
 
 SYN = SyntheticForest.make(d=16, branching=(2, 2), n_roots=4, seed=3)
@@ -70,7 +70,7 @@ def test_every_level_loads_in_saelens_and_matches_ours(tmp_path, models, kind):
 
 
 def test_saebench_adapter_matches_ours(tmp_path, models):
-    from hsae_core.saebench import JumpReLULevelSAE
+    from hsae_core.interop.saebench import JumpReLULevelSAE
 
     folders = export_saelens(models["hsae"], tmp_path / "e", META)
     x = torch.randn(100, 16, generator=torch.Generator().manual_seed(1)) * 3.0
@@ -92,8 +92,8 @@ def test_export_refuses_a_bad_scale(tmp_path, models):
 def test_export_stage_writes_loadable_levels_and_names_bad_inputs(tmp_path, models):
     from typer.testing import CliRunner
 
-    from hsae_core.io import save_hsae
-    from hsae_core.normalize import estimate_normalization
+    from hsae_core.data.normalize import estimate_normalization
+    from hsae_core.pipeline.io import save_hsae
     from stages.export_saelens import app
     from tests.test_scale_distributed import synthetic_store
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hsae_core.corpus import document_split, iter_documents
-from hsae_core.data_config import ExtractConfig
-from hsae_core.extract import ExtractionError, extract_activations
-from hsae_core.lm import load_lm
-from hsae_core.store import from_storage
+from hsae_core.data.config import ExtractConfig
+from hsae_core.data.corpus import document_split, iter_documents
+from hsae_core.data.extract import ExtractionError, extract_activations
+from hsae_core.data.lm import load_lm
+from hsae_core.data.store import from_storage
 from tests.store_helpers import LABELS, jsonl_corpus, tiny_llama
 
 LAYER, BATCH = 2, 4

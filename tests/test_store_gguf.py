@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from hsae_core.corpus import CorpusError, embedded_wiki, iter_documents
-from hsae_core.data_config import ExtractConfig
-from hsae_core.extract import extract_activations
-from hsae_core.lm import ModelError, embedded_gguf
-from hsae_core.reader import EvalActivations
-from hsae_core.store import from_storage
+from hsae_core.data.config import ExtractConfig
+from hsae_core.data.corpus import CorpusError, embedded_wiki, iter_documents
+from hsae_core.data.extract import extract_activations
+from hsae_core.data.lm import ModelError, embedded_gguf
+from hsae_core.data.reader import EvalActivations
+from hsae_core.data.store import from_storage
 
 
 def test_smollm2_gguf_on_wiki(tmp_path):

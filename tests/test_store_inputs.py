@@ -10,12 +10,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hsae_core.config import ConfigError
-from hsae_core.corpus import (CorpusError, check_corpus, document_split, embedded_wiki,
-                              iter_documents, pack_sequences)
-from hsae_core.data_config import ExtractConfig
-from hsae_core.extract import extract_activations
-from hsae_core.lm import ModelError, inspect_model
+from hsae_core.common.errors import ConfigError
+from hsae_core.data.config import ExtractConfig
+from hsae_core.data.corpus import (
+    CorpusError,
+    check_corpus,
+    document_split,
+    embedded_wiki,
+    iter_documents,
+    pack_sequences,
+)
+from hsae_core.data.extract import extract_activations
+from hsae_core.data.lm import ModelError, inspect_model
 from tests.store_helpers import jsonl_corpus, tiny_llama
 
 
@@ -146,7 +152,7 @@ def test_hugging_face_streaming_path(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from hsae_core.corpus import _hf_records
+    from hsae_core.data.corpus import _hf_records
 
     (tmp_path / "ds" / "data").mkdir(parents=True)
     pq.write_table(pa.table({"text": ["one two", "three"], "topic": ["x", "y"]}),

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from hsae_core.data_config import ExtractConfig, NormalizeConfig
-from hsae_core.extract import extract_activations
-from hsae_core.normalize import Normalization, NormalizationError, estimate_normalization
-from hsae_core.reader import EvalActivations, TrainActivations
-from hsae_core.store import StoreError, open_store
+from hsae_core.data.config import ExtractConfig, NormalizeConfig
+from hsae_core.data.extract import extract_activations
+from hsae_core.data.normalize import Normalization, NormalizationError, estimate_normalization
+from hsae_core.data.reader import EvalActivations, TrainActivations
+from hsae_core.data.store import StoreError, open_store
 from tests.store_helpers import jsonl_corpus, tiny_llama
 
 
@@ -104,6 +104,7 @@ def test_normalization_scale_gives_mean_squared_norm_d(store, tmp_path):
 
 def test_normalization_names_non_finite_rows(store, tmp_path):
     import shutil
+
     import zarr
 
     copy = tmp_path / "bad.zarr"

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from hsae_core.data_config import ExtractConfig
-from hsae_core.extract import extract_activations
-from hsae_core.store import StoreError, partial_path
+from hsae_core.data.config import ExtractConfig
+from hsae_core.data.extract import extract_activations
+from hsae_core.data.store import StoreError, partial_path
 from tests.store_helpers import jsonl_corpus, tiny_llama
 
 

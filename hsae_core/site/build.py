@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hsae_core.forest import Forest
+from hsae_core.model.forest import Forest
 
 from .stats import ForestStats
 

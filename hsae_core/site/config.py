@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hsae_core.config import ConfigError
+from hsae_core.common.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hsae_core.evidence import PAD, Evidence
-from hsae_core.model import HSAE
+from hsae_core.evaluation.evidence import PAD, Evidence
+from hsae_core.model.hsae import HSAE
 
 from . import figures
 from .build import ModelView, TreeIndex, write_site
@@ -26,7 +26,7 @@ Batches = Callable[[], Iterable[torch.Tensor]]
 
 
 def evidence_contexts(ev: Evidence | None) -> Callable[[int, int], list]:
-    """A feature's contexts from collected evidence (hsae_core.evidence): top ones first, then
+    """A feature's contexts from collected evidence (hsae_core.evaluation.evidence): top ones first, then
     the activation-sampled ones, each as (token strings, activations) without padding."""
     if ev is None:
         return lambda level, i: []

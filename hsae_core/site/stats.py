@@ -1,6 +1,6 @@
 """Per-feature and per-link statistics of a forest on the eval split, for the browser (§4.2):
 firing frequency of every feature and P(parent|child), P(child|parent) of every assigned link,
-counted with :class:`~hsae_core.metrics.HierarchyStats` (the same counts as compute-metrics);
+counted with :class:`~hsae_core.evaluation.metrics.HierarchyStats` (the same counts as compute-metrics);
 and, for the UMAP figures (§4.6, Appendix G.1), the input activations where chosen features fire.
 """
 
@@ -12,10 +12,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from hsae_core.evaluate import active_mask
-from hsae_core.forest import Forest
-from hsae_core.metrics import HierarchyStats
-from hsae_core.model import HSAE
+from hsae_core.evaluation.evaluate import active_mask
+from hsae_core.evaluation.metrics import HierarchyStats
+from hsae_core.model.forest import Forest
+from hsae_core.model.hsae import HSAE
 
 
 @dataclass

@@ -1,0 +1,2 @@
+"""Foundations every package may use: the configuration error, torch.distributed ranks and
+collectives, and files at local paths or fsspec URLs. Imports nothing from hsae_core."""

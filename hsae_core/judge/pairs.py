@@ -1,0 +1,287 @@
+"""Autointerp judgement of parent-child pairs (§4.3, Appendix C).
+
+Pairs: ``n_pairs`` links drawn uniformly from the HSAE's forest ("hsae") and from the post-hoc
+baseline's forest ("posthoc"), and a control of ``n_random`` random non-linked (parent, child)
+pairs of HSAE features between the same levels, in the same level-pair proportions as the
+HSAE sample ("random"), so the judge's base rate of "Yes" sits beside the linked rates. Only
+features with at least one eval context (hsae_core.evaluation.evidence) can be shown; links without one
+are skipped and counted. Within each source exactly half the pairs show the child as Neuron A
+(``order = "child_first"``), the rest the parent ("parent_first").
+
+Prompts are Appendix C's system prompt and user template verbatim (PDF line breaks undone);
+each feature's contexts (10 top + 5 activation-sampled) are listed as ``Example i: ...`` lines
+with activating tokens marked ``<<tok>>``. Answers are parsed tolerantly
+(``HaveRelationship: Yes`` in any case or spacing, markdown emphasis, a ``<think>`` block
+before it); anything else is recorded as ``unparseable``, never guessed.
+
+Metrics per source: the Yes rate over parsed answers with a 95% Wilson interval, the
+unparseable rate, and the same Yes rate by stated confidence and by presentation order.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+from hsae_core.common.errors import ConfigError
+from hsae_core.evaluation.evidence import Evidence
+from hsae_core.judge.backends import Backend, Completion, Messages, ResponseCache, complete_cached
+from hsae_core.model.forest import Forest
+
+SOURCES = ("hsae", "posthoc", "random")
+BACKENDS = ("local", "openai")
+CONFIDENCES = ("high", "medium", "low")
+
+SYSTEM_PROMPT = (
+    "We're studying neurons in a sparse autoencoder (SAE) within a neural network. Each neuron "
+    "activates on specific words, substrings, or concepts in short documents, with activating words "
+    "indicated by << ... >>. You will be given two sets of documents where two different neurons "
+    "activate. Your task is to compare the activation patterns of these two neurons and determine if "
+    "there is a parent-child relationship between them. A parent-child relationship means that one "
+    "neuron's activating concept (the child) is a subset or a more specific version of the other "
+    "neuron's activating concept (the parent). Analyze the provided examples and output your judgment "
+    "in the following format:\n"
+    "HaveRelationship: [Yes/No]\n"
+    "Confidence: [High/Medium/Low]\n"
+    "Do not include any additional text, explanations, or formatting.")
+
+USER_TEMPLATE = (
+    "Here are the activating documents for Neuron A:\n{a}\n\n"
+    "And for Neuron B:\n{b}\n\n"
+    "Based on these documents, determine if Neuron A and Neuron B have a parent-child relationship.")
+
+
+@dataclass(frozen=True)
+class JudgeConfig:
+    """The ``judge:`` section of params.yaml (stage judge)."""
+
+    n_pairs: int = 5000
+    """Linked pairs sampled from each forest (HSAE, post-hoc baseline); the paper: 5000."""
+    n_random: int | None = None
+    """Random non-linked control pairs (None = n_pairs)."""
+    backend: str = "local"
+    """``local`` (a transformers chat model in process) or ``openai`` (any OpenAI-compatible
+    chat-completions endpoint: vLLM, Ollama, hosted APIs)."""
+    model: str = "embedded:smollm2"
+    """Local: ``embedded:smollm2``, a folder, a .gguf file or a hub name. OpenAI: the served model name."""
+    base_url: str | None = None
+    """OpenAI backend: the API root, e.g. ``http://localhost:8000/v1`` or ``https://api.openai.com/v1``."""
+    api_key_env: str | None = "OPENAI_API_KEY"
+    """Name of the environment variable holding the API key (the key itself never goes in params);
+    null for a server without authentication."""
+    concurrency: int = 8
+    """OpenAI backend: requests in flight at once."""
+    max_retries: int = 6
+    """Retries per request on timeouts, connection errors, 429 and 5xx."""
+    backoff_base_s: float = 1.0
+    """First retry waits up to this long (full jitter), doubling each retry."""
+    backoff_max_s: float = 60.0
+    """Cap of one backoff wait (a longer Retry-After is still honoured)."""
+    timeout_s: float = 60.0
+    """Per-request timeout of the OpenAI backend."""
+    max_tokens: int = 24
+    """Answer length limit (the expected answer is about 12 tokens)."""
+    temperature: float = 0.0
+    """OpenAI backend sampling temperature (the local backend decodes greedily)."""
+    batch_size: int = 1
+    """Local backend: prompts generated together (left-padded)."""
+    answer_prefix: str | None = None
+    """Local backend: text that starts the assistant's answer (e.g. ``HaveRelationship:``), so a
+    small model answers in the format; recorded as part of the raw answer. A departure from
+    Appendix C's protocol for the 135M stand-in; null for a capable judge."""
+    device: str = "cpu"
+    """Local backend: torch device."""
+    seed: int = 0
+    """Seed of pair sampling and presentation order."""
+
+    def __post_init__(self) -> None:
+        def check(name: str, ok: bool, allowed: str) -> None:
+            if not ok:
+                raise ConfigError(f"JudgeConfig.{name} = {getattr(self, name)!r} is invalid: expected {allowed}")
+
+        def is_int(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        for name, low in (("n_pairs", 1), ("concurrency", 1), ("max_retries", 0), ("max_tokens", 1),
+                          ("batch_size", 1), ("seed", 0)):
+            check(name, is_int(getattr(self, name)) and getattr(self, name) >= low, f"an integer >= {low}")
+        check("n_random", self.n_random is None or (is_int(self.n_random) and self.n_random >= 0),
+              "None or an integer >= 0")
+        check("backend", self.backend in BACKENDS, f"one of {BACKENDS}")
+        check("model", isinstance(self.model, str) and self.model != "", "a model name")
+        check("base_url", self.backend != "openai" or (isinstance(self.base_url, str)
+                                                        and self.base_url.startswith(("http://", "https://"))),
+              "an http(s) URL when backend is openai (e.g. http://localhost:8000/v1)")
+        check("api_key_env", self.api_key_env is None or (isinstance(self.api_key_env, str)
+                                                          and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.api_key_env)),
+              "None or an environment variable name (the key itself never goes in params)")
+        for name in ("backoff_base_s", "backoff_max_s", "timeout_s"):
+            v = getattr(self, name)
+            check(name, isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, "a number > 0")
+        check("temperature", isinstance(self.temperature, (int, float)) and 0 <= self.temperature <= 2,
+              "a number in [0, 2]")
+        check("answer_prefix", self.answer_prefix is None or isinstance(self.answer_prefix, str),
+              "None or a string")
+        check("device", isinstance(self.device, str) and self.device.split(":")[0] in ("cpu", "cuda", "mps"),
+              "cpu, cuda, cuda:N or mps")
+
+
+class Pair(NamedTuple):
+    source: str
+    parent_level: int
+    parent: int
+    child_level: int
+    child: int
+    order: str  # "parent_first" | "child_first"
+
+
+def _with_examples(ev: Evidence, level: int) -> np.ndarray:
+    return ev.levels[level].rows[:, 0] >= 0
+
+
+def sample_linked(forest: Forest, ev: Evidence, n: int, rng: np.random.Generator) -> tuple[list[tuple[int, int, int]], int]:
+    """Up to ``n`` links ``(parent_level, parent, child)`` drawn uniformly without replacement
+    among the links whose two features have contexts; also returns how many links had none."""
+    links, skipped = [], 0
+    for l, parent_of in enumerate(forest.parent_of):
+        p = parent_of.cpu().numpy()
+        kids = np.flatnonzero(p >= 0)
+        ok = _with_examples(ev, l + 1)[kids] & _with_examples(ev, l)[p[kids]]
+        skipped += int((~ok).sum())
+        links += [(l, int(p[c]), int(c)) for c in kids[ok]]
+    pick = rng.permutation(len(links))[:n]
+    return [links[i] for i in sorted(pick)], skipped
+
+
+def sample_random(forest: Forest, ev: Evidence, level_pairs: list[int], rng: np.random.Generator,
+                  n: int) -> list[tuple[int, int, int]]:
+    """``n`` random (parent, child) pairs, not linked in ``forest``, level pairs drawn from
+    ``level_pairs`` (the linked sample's mix), features with contexts only, no repeats."""
+    out, seen = [], set()
+    if not level_pairs:
+        return out
+    for _ in range(100 * n + 100):
+        if len(out) == n:
+            break
+        l = int(level_pairs[rng.integers(len(level_pairs))])
+        parents, kids = np.flatnonzero(_with_examples(ev, l)), np.flatnonzero(_with_examples(ev, l + 1))
+        if not len(parents) or not len(kids):
+            continue
+        p, c = int(parents[rng.integers(len(parents))]), int(kids[rng.integers(len(kids))])
+        if int(forest.parent_of[l][c]) == p or (l, p, c) in seen:
+            continue
+        seen.add((l, p, c))
+        out.append((l, p, c))
+    return out
+
+
+def with_orders(source: str, links: list[tuple[int, int, int]], rng: np.random.Generator) -> list[Pair]:
+    """Pairs of ``source``; exactly half (rounded down) shown child first, chosen at random."""
+    flip = np.zeros(len(links), dtype=bool)
+    flip[rng.permutation(len(links))[: len(links) // 2]] = True
+    return [Pair(source, l, p, l + 1, c, "child_first" if f else "parent_first")
+            for (l, p, c), f in zip(links, flip)]
+
+
+def examples_block(ev: Evidence, level: int, feature: int) -> str:
+    return "\n".join(f"Example {i + 1}: {text}" for i, text in enumerate(ev.examples(level, feature)))
+
+
+def build_messages(pair: Pair, ev: Evidence) -> Messages:
+    """Appendix C's prompts for one pair, Neuron A/B in the pair's order."""
+    parent = examples_block(ev, pair.parent_level, pair.parent)
+    child = examples_block(ev, pair.child_level, pair.child)
+    a, b = (parent, child) if pair.order == "parent_first" else (child, parent)
+    return [{"role": "system", "content": SYSTEM_PROMPT},
+            {"role": "user", "content": USER_TEMPLATE.format(a=a, b=b)}]
+
+
+_THINK = re.compile(r"<think>.*?</think>", re.S | re.I)
+_SEP = r"[\s*_:：\-]{0,8}"  # spacing, colons, markdown emphasis; not "[" (an echoed template)
+_VERDICT = re.compile(r"have[\s_\-]*relationship" + _SEP + r"(yes|no)\b(?!\s*/)", re.I)
+_CONFIDENCE = re.compile(r"confidence" + _SEP + r"(high|medium|low)\b(?!\s*/)", re.I)
+
+
+def parse_answer(text: str | None) -> tuple[str, str | None]:
+    """``(verdict, confidence)``: verdict ``yes`` / ``no`` when the answer states exactly one
+    HaveRelationship value, else ``unparseable``; confidence ``high`` / ``medium`` / ``low`` or None."""
+    if text is None:
+        return "unparseable", None
+    body = _THINK.sub(" ", text)
+    verdicts = {m.lower() for m in _VERDICT.findall(body)}
+    confidences = {m.lower() for m in _CONFIDENCE.findall(body)}
+    verdict = verdicts.pop() if len(verdicts) == 1 else "unparseable"
+    confidence = confidences.pop() if len(confidences) == 1 else None
+    return verdict, confidence
+
+
+def wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion ``k / n`` (NaN for n = 0)."""
+    if n == 0:
+        return float("nan"), float("nan")
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def rate(records: list[dict]) -> dict:
+    """Counts and the Yes rate over parsed answers with its 95% interval (None where undefined)."""
+    yes = sum(r["verdict"] == "yes" for r in records)
+    no = sum(r["verdict"] == "no" for r in records)
+    lo, hi = wilson(yes, yes + no) if yes + no else (None, None)
+    return {"n": len(records), "n_yes": yes, "n_no": no, "n_unparseable": len(records) - yes - no,
+            "yes_rate": yes / (yes + no) if yes + no else None, "yes_rate_lo": lo, "yes_rate_hi": hi,
+            "unparseable_rate": (len(records) - yes - no) / len(records) if records else None}
+
+
+def summarize(records: list[dict]) -> dict:
+    """Per source: Yes rate over parsed answers with its 95% interval, by confidence and order."""
+    out = {}
+    for source in SOURCES:
+        rs = [r for r in records if r["source"] == source]
+        out[source] = rate(rs) | {
+            "by_confidence": {c: rate([r for r in rs if r["confidence"] == c]) for c in (*CONFIDENCES, None)},
+            "by_order": {o: rate([r for r in rs if r["order"] == o]) for o in ("parent_first", "child_first")}}
+        out[source]["by_confidence"]["none"] = out[source]["by_confidence"].pop(None)
+    return out
+
+
+def sample_pairs(forests: dict[str, Forest], evidence: dict[str, Evidence], cfg: JudgeConfig) -> tuple[list[Pair], dict]:
+    """The judged pairs of all three sources and the sampling counts (see the module docstring)."""
+    rng = np.random.default_rng(cfg.seed)
+    pairs, info = [], {}
+    hsae_links: list[tuple[int, int, int]] = []
+    for source in ("hsae", "posthoc"):
+        links, skipped = sample_linked(forests[source], evidence[source], cfg.n_pairs, rng)
+        info[f"{source}_links_without_contexts"] = skipped
+        pairs += with_orders(source, links, rng)
+        if source == "hsae":
+            hsae_links = links
+    n_random = cfg.n_pairs if cfg.n_random is None else cfg.n_random
+    rand = sample_random(forests["hsae"], evidence["random"], [l for l, _, _ in hsae_links], rng, n_random)
+    pairs += with_orders("random", rand, rng)
+    return pairs, info
+
+
+def judge_pairs(pairs: list[Pair], evidence: dict[str, Evidence], backend: Backend,
+                cache: ResponseCache) -> list[dict]:
+    """Ask ``backend`` about every pair (cached answers are not asked again); one record each."""
+    messages = [build_messages(p, evidence[p.source]) for p in pairs]
+    answers: list[Completion] = complete_cached(backend, messages, cache)
+    records = []
+    for pair, ans in zip(pairs, answers):
+        verdict, confidence = parse_answer(ans.text)
+        records.append(pair._asdict() | {"raw": ans.text, "verdict": verdict, "confidence": confidence,
+                                         "error": ans.error, "cached": ans.cached,
+                                         "backend": backend.name, "model": backend.model})
+    return records
+
+
+__all__ = ["BACKENDS", "JudgeConfig", "Pair", "SOURCES", "SYSTEM_PROMPT", "USER_TEMPLATE", "build_messages",
+           "judge_pairs", "parse_answer", "sample_linked", "sample_pairs", "sample_random", "summarize",
+           "wilson", "with_orders"]

@@ -1,0 +1,8 @@
+"""The paper's method (§3, Appendix A): JumpReLU levels and their sparse kernels, the
+parent-child coupling (PC loss, perturbation), the partial forest and its similarity-based
+updates, adaptive sparsity, the trainer, and the post-hoc forest of the independent baseline.
+
+Pure PyTorch on CPU or CUDA: imports only ``hsae_core.common`` (errors, distributed
+collectives); no file I/O, no zarr, no transformers. Saving, loading and checkpoint files live
+in ``hsae_core.pipeline``.
+"""

@@ -1,0 +1,373 @@
+"""The two couplings between adjacent levels, in exact sparse form (METHOD §3).
+
+Never builds a ``[batch, parents, d]`` tensor. For a parent i with children C_i and
+``S_i = sum_{j in C_i} a_j d_j``:
+
+  ||a_i d_i - S_i||^2 = a_i^2 ||d_i||^2 - 2 a_i sum_j a_j <d_i, d_j>
+                        + sum_j a_j^2 ||d_j||^2 + 2 sum_{j<k in C_i} a_j a_k <d_j, d_k>
+
+summed over tokens b and parents i with children (§3.1), averaged over the batch:
+
+- the diagonal terms are per-feature sums of a^2 times squared row norms;
+- the parent-child term pairs each child entry with its parent's entry at the same token (a
+  sorted-key lookup) and uses one Gram value <d_parent(j), d_j> per link, sampled from
+  ``W_c W_p^T`` on the link pattern;
+- the sibling term runs over pairs of children of one parent that fire on the same token
+  (rare: the sparsity penalty discourages it), again with sampled Gram values.
+
+Support entries with value 0 (inside the JumpReLU window) are kept: they add nothing to the
+loss but carry its gradient to the threshold, exactly as the dense formula does.
+The backward is written by hand: each decoder receives one gradient buffer, built with
+embedding-bag sums (no ``[pairs, d]`` gathers). Cost per step: O(nnz + links + n * d).
+
+The perturbation (§3.2, METHOD §1) is applied in :meth:`HSAE._decode_all` with
+:func:`swap_masks`: swapped parents' entries are masked out of level l's decode and their
+children's entries are decoded into level l's reconstruction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from hsae_core.model.forest import Forest, Links
+from hsae_core.model.jumprelu import SparseCode
+from hsae_core.model.sparse_ops import SupportPattern, scatter_bag_sum_, sddmm
+
+
+@dataclass
+class PairEntries:
+    """The child entries of one level pair and batch whose feature has a parent.
+
+    Shared by the PC loss and the perturbation, built once per pair and step: ``sel`` are
+    positions in the child's support, ``par`` their parents, ``keys = row * n_parent + par``
+    (flat positions in a ``[batch, n_parent]`` map; flat 1-D lookups are several times faster
+    than 2-D advanced indexing on CPU).
+    """
+
+    sel: torch.Tensor
+    par: torch.Tensor
+    keys: torch.Tensor
+
+    @classmethod
+    def build(cls, child: SupportPattern, parent_of: torch.Tensor, n_parents: int) -> "PairEntries":
+        c_par = parent_of.index_select(0, child.cols)
+        sel = (c_par >= 0).nonzero(as_tuple=True)[0]
+        par = c_par.index_select(0, sel)
+        keys = child.rows.index_select(0, sel) * n_parents + par
+        return cls(sel, par, keys)
+
+
+@dataclass
+class _PCIndex:
+    """Index lists of one level pair for one batch (no gradients flow through these)."""
+
+    hit_p: torch.Tensor  # parent entry met by ...
+    hit_c: torch.Tensor  # ... the child entry at the same token whose parent it is
+    hit_link: torch.Tensor  # the link (child feature) of each hit
+    sib_a: torch.Tensor  # child entries a < b of one parent firing on one token
+    sib_b: torch.Tensor
+
+    @classmethod
+    def build(cls, parent: SupportPattern, child: SupportPattern, parent_of: torch.Tensor,
+              links: Links, entries: PairEntries | None = None) -> "_PCIndex":
+        e = PairEntries.build(child, parent_of, parent.n_cols) if entries is None else entries
+        if parent.mask is not None:  # dense lookups: O(nnz), no search, no sort of everything
+            hit_pos = parent.mask.view(-1).index_select(0, e.keys).nonzero(as_tuple=True)[0]
+            hit_p = _entry_index(parent).index_select(0, e.keys.index_select(0, hit_pos)).long()
+            cof = _cofiring(e.keys, parent.n_rows * parent.n_cols).nonzero(as_tuple=True)[0]
+            a, b = _sibling_pairs(e.keys.index_select(0, cof))
+            sib_a, sib_b = e.sel[cof[a]], e.sel[cof[b]]
+        else:
+            p_keys = parent.rows * parent.n_cols + parent.cols  # sorted: supports are row-major
+            if p_keys.numel() and e.keys.numel():
+                pos = torch.searchsorted(p_keys, e.keys).clamp_(max=p_keys.numel() - 1)
+                hit_pos = (p_keys[pos] == e.keys).nonzero(as_tuple=True)[0]
+                hit_p = pos[hit_pos]
+            else:
+                hit_pos = hit_p = e.keys.new_zeros(0)
+            a, b = _sibling_pairs(e.keys)
+            sib_a, sib_b = e.sel[a], e.sel[b]
+        hit_c = e.sel.index_select(0, hit_pos)
+        hit_link = links.by_child_crow.index_select(0, child.cols.index_select(0, hit_c))
+        return cls(hit_p, hit_c, hit_link, sib_a, sib_b)
+
+
+_SCRATCH: dict[tuple, torch.Tensor] = {}
+
+
+def _scratch(name: str, size: int, device) -> torch.Tensor:
+    """A reusable flat int32 buffer. Never cleared: callers write the cells they read in the
+    same step, so stale cells are never seen."""
+    key = (name, device)
+    buf = _SCRATCH.get(key)
+    if buf is None or buf.numel() < size:
+        buf = _SCRATCH[key] = torch.empty(size, dtype=torch.int32, device=device)
+    return buf[:size]
+
+
+def _entry_index(pattern: SupportPattern) -> torch.Tensor:
+    """Flat ``[n_rows * n_cols]`` map from row * n_cols + col to the entry's position, valid
+    on the support."""
+    buf = _scratch("entry", pattern.n_rows * pattern.n_cols, pattern.rows.device)
+    keys = pattern.rows * pattern.n_cols + pattern.cols
+    buf.index_copy_(0, keys, torch.arange(pattern.nnz, dtype=torch.int32, device=keys.device))
+    return buf
+
+
+def _cofiring(keys: torch.Tensor, size: int) -> torch.Tensor:
+    """Bool over ``keys``: another entry has the same key. O(nnz), no sort."""
+    buf = _scratch("count", size, keys.device)
+    buf.index_fill_(0, keys, 0)
+    buf.index_add_(0, keys, torch.ones_like(keys, dtype=torch.int32))
+    return buf.index_select(0, keys) > 1
+
+
+def _sibling_pairs(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """All pairs (a, b), a before b in sorted order, of entries with equal keys >= 0."""
+    sorted_keys, order = torch.sort(keys, stable=True)
+    n = sorted_keys.numel()
+    if n < 2:
+        return keys.new_zeros(0), keys.new_zeros(0)
+    same_as_next = (sorted_keys[1:] == sorted_keys[:-1]) & (sorted_keys[1:] >= 0)
+    if not bool(same_as_next.any()):
+        return keys.new_zeros(0), keys.new_zeros(0)
+    # end (exclusive) of each position's run of equal keys
+    boundary = torch.ones(n, dtype=torch.bool, device=keys.device)
+    boundary[:-1] = ~same_as_next
+    run_end = torch.flip(torch.cummin(torch.flip(
+        torch.where(boundary, torch.arange(1, n + 1, device=keys.device), n + 1), [0]), 0).values, [0])
+    count = run_end - 1 - torch.arange(n, device=keys.device)  # partners after each position
+    left = torch.repeat_interleave(torch.arange(n, device=keys.device), count)
+    offset = torch.arange(left.numel(), device=keys.device) - torch.repeat_interleave(
+        torch.cumsum(count, 0) - count, count)
+    return order[left], order[left + 1 + offset]
+
+
+@dataclass
+class _SiblingPairs:
+    """The distinct feature pairs (lo < hi) among a batch's co-firing sibling entry pairs:
+    ``inverse`` maps each entry pair to its feature pair (one Gram value, one gradient row each)."""
+
+    lo: torch.Tensor
+    hi: torch.Tensor
+    inverse: torch.Tensor
+
+    @classmethod
+    def build(cls, ca: torch.Tensor, cb: torch.Tensor, n: int) -> "_SiblingPairs":
+        keys, inverse = torch.unique(torch.minimum(ca, cb) * n + torch.maximum(ca, cb),
+                                     return_inverse=True)  # sorted: row-major pattern
+        lo = torch.div(keys, n, rounding_mode="floor")
+        return cls(lo, keys - lo * n, inverse)
+
+    def pattern(self, n: int) -> SupportPattern:
+        return SupportPattern(self.lo, self.hi, n, n)
+
+
+def _link_pattern(links: Links, n_parents: int) -> SupportPattern:
+    """The links as a ``[n_child, n_parent]`` support with one entry per assigned child."""
+    return SupportPattern(links.kids, links.par, links.by_child_crow.numel() - 1, n_parents,
+                          _crow=links.by_child_crow)
+
+
+@dataclass
+class _PairPC:
+    """One level pair's share of the forest PC loss: patterns, indexes and masks."""
+
+    level: int  # the parent level l (pair l, l+1)
+    pat_p: SupportPattern
+    pat_c: SupportPattern
+    idx: _PCIndex
+    links: Links
+    has_children: torch.Tensor  # [n_l] bool
+    assigned: torch.Tensor  # [n_{l+1}] bool
+
+
+def pairs_pattern(pairs: list[_PairPC], level: int) -> SupportPattern:
+    """The support of ``level`` as recorded by the pairs it belongs to."""
+    for q in pairs:
+        if q.level == level:
+            return q.pat_p
+        if q.level + 1 == level:
+            return q.pat_c
+    raise KeyError(level)
+
+
+def pc_forward(pairs: list[_PairPC], vals: list[torch.Tensor], ws: list[torch.Tensor]):
+    """The PC loss ``[L-1]`` of every level pair in ``pairs`` (0 elsewhere), and what its
+    backward needs. Each level's squared decoder norms and sum over the batch of a^2 are
+    computed once (a middle level is parent in one pair and child in the next)."""
+    n_levels = len(vals)
+    norm2, sq = {}, {}  # per level: squared decoder row norms, sum over the batch of a^2
+    for l in {q.level for q in pairs} | {q.level + 1 for q in pairs}:
+        norm2[l] = torch.linalg.vector_norm(ws[l], dim=1).square_()
+        sq[l] = torch.zeros_like(norm2[l]).index_add_(0, pairs_pattern(pairs, l).cols,
+                                                      vals[l].square())
+    out = vals[0].new_zeros(n_levels - 1)
+    saved = []
+    for q in pairs:
+        p, c, idx = q.level, q.level + 1, q.idx
+        w_p, w_c = ws[p], ws[c]
+        gram = sddmm(_link_pattern(q.links, w_p.shape[0]), w_c, w_p)  # <d_parent(j), d_j>
+        diag_p = torch.where(q.has_children, norm2[p], 0.0)
+        diag_c = torch.where(q.assigned, norm2[c], 0.0)
+        total = torch.dot(sq[p], diag_p) + torch.dot(sq[c], diag_c)
+        vp_hit, vc_hit = vals[p].index_select(0, idx.hit_p), vals[c].index_select(0, idx.hit_c)
+        gram_hit = gram.index_select(0, idx.hit_link)
+        total = total - 2 * torch.dot(vp_hit * vc_hit, gram_hit)
+        va, vb = vals[c].index_select(0, idx.sib_a), vals[c].index_select(0, idx.sib_b)
+        if idx.sib_a.numel():
+            sibs = _SiblingPairs.build(q.pat_c.cols.index_select(0, idx.sib_a),
+                                       q.pat_c.cols.index_select(0, idx.sib_b), w_c.shape[0])
+            sib_dot = sddmm(sibs.pattern(w_c.shape[0]), w_c, w_c).index_select(0, sibs.inverse)
+            total = total + 2 * torch.dot(va * vb, sib_dot)
+        else:
+            sib_dot, sibs = va, None
+        out[p] = total / q.pat_p.n_rows
+        saved.append((diag_p, diag_c, gram.shape[0], vp_hit, vc_hit, gram_hit, va, vb, sibs, sib_dot))
+    return out, (saved, sq)
+
+
+def pc_backward_(pairs: list[_PairPC], state, grad: torch.Tensor, vals, ws,
+                 g_vals: list[torch.Tensor | None], g_w: list[torch.Tensor | None]) -> None:
+    """Adds the gradients of ``grad . pc_forward(...)`` to ``g_vals`` and ``g_w`` in place
+    (``None`` entries are created): the decoder rows' diagonal terms as one scaled copy of each
+    row, the cross terms as bag sums over the links and sibling pairs met in the batch only."""
+    row_coef, cross = pc_backward_terms_(pairs, state, grad, vals, g_vals)
+    apply_decoder_terms_(g_w, ws, row_coef, cross)
+
+
+@dataclass
+class CrossTerm:
+    """Decoder-gradient rows ``dst_level[rows[k]] += coef[k] * W_src_level[partners[k]]``."""
+
+    dst: int
+    rows: torch.Tensor
+    partners: torch.Tensor
+    coef: torch.Tensor
+    src: int
+    rows_sorted: bool
+
+
+def pc_backward_terms_(pairs: list[_PairPC], state, grad: torch.Tensor, vals,
+                       g_vals: list[torch.Tensor | None]
+                       ) -> tuple[list[torch.Tensor | None], list[CrossTerm]]:
+    """Adds the activation gradients of ``grad . pc_forward(...)`` to ``g_vals`` in place and
+    returns the decoder gradients as terms: per level the coefficient of each row's own
+    (diagonal) term, ``g_W[i] += row_coef[i] * W[i]``, and the cross terms between rows."""
+    saved_pairs, sq = state
+    row_coef: list[torch.Tensor | None] = [None] * len(vals)
+    cross: list[CrossTerm] = []
+
+    def add(acc, l, g):
+        acc[l] = g if acc[l] is None else acc[l].add_(g)
+
+    for q, saved in zip(pairs, saved_pairs):
+        diag_p, diag_c, n_links, vp_hit, vc_hit, gram_hit, va, vb, sibs, sib_dot = saved
+        p, c, idx, links = q.level, q.level + 1, q.idx, q.links
+        s2 = grad[p] * (2.0 / q.pat_p.n_rows)
+        g_vp = vals[p] * diag_p.index_select(0, q.pat_p.cols)
+        g_vp.index_add_(0, idx.hit_p, vc_hit * gram_hit, alpha=-1)
+        g_vc = vals[c] * diag_c.index_select(0, q.pat_c.cols)
+        g_vc.index_add_(0, idx.hit_c, vp_hit * gram_hit, alpha=-1)
+        if idx.sib_a.numel():
+            g_vc.index_add_(0, idx.sib_a, vb * sib_dot)
+            g_vc.index_add_(0, idx.sib_b, va * sib_dot)
+        add(g_vals, p, g_vp.mul_(s2))
+        add(g_vals, c, g_vc.mul_(s2))
+        add(row_coef, p, sq[p] * diag_p.ne(0) * s2)
+        add(row_coef, c, sq[c] * diag_c.ne(0) * s2)
+        beta = vp_hit.new_zeros(n_links).index_add_(0, idx.hit_link, vp_hit * vc_hit, alpha=-1)
+        beta.mul_(s2)
+        # child rows: links in child order (ascending, unique); parent rows: the same links in
+        # parent order (Links.by_parent_perm), so neither side sorts; only met links are summed
+        met = beta.nonzero(as_tuple=True)[0]
+        cross.append(CrossTerm(c, links.kids.index_select(0, met), links.par.index_select(0, met),
+                               beta.index_select(0, met), p, True))
+        perm = links.by_parent_perm
+        met = perm.index_select(0, beta.index_select(0, perm).nonzero(as_tuple=True)[0])
+        cross.append(CrossTerm(p, links.par.index_select(0, met), links.kids.index_select(0, met),
+                               beta.index_select(0, met), c, True))
+        if sibs is not None:  # one coefficient per distinct feature pair, both directions
+            coef = va.new_zeros(sibs.lo.numel()).index_add_(0, sibs.inverse, va * vb).mul_(s2)
+            cross.append(CrossTerm(c, torch.cat([sibs.lo, sibs.hi]), torch.cat([sibs.hi, sibs.lo]),
+                                   torch.cat([coef, coef]), c, False))
+    return row_coef, cross
+
+
+def apply_decoder_terms_(g_w: list[torch.Tensor | None], ws, row_coef: list[torch.Tensor | None],
+                         cross: list[CrossTerm]) -> None:
+    """Adds :func:`pc_backward_terms_`'s decoder terms to ``g_w`` in place, level by level."""
+    for l, coef in enumerate(row_coef):
+        if coef is None:
+            continue
+        if g_w[l] is None:
+            g_w[l] = ws[l] * coef[:, None]
+        else:
+            g_w[l].addcmul_(ws[l], coef[:, None])
+    for t in cross:
+        scatter_bag_sum_(g_w[t.dst], t.rows, t.partners, t.coef, ws[t.src], dest_sorted=t.rows_sorted)
+
+
+class _ForestPC(torch.autograd.Function):
+    """The PC loss of every level pair alone, as one autograd node (the trainer's path is
+    :mod:`hsae_core.model.coupled_decode`, which also decodes)."""
+
+    @staticmethod
+    def forward(ctx, pairs: list[_PairPC], n_levels: int, *tensors):
+        out, ctx.state = pc_forward(pairs, list(tensors[:n_levels]), list(tensors[n_levels:]))
+        ctx.save_for_backward(*tensors)
+        ctx.pairs, ctx.n_levels = pairs, n_levels
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        n = ctx.n_levels
+        tensors = ctx.saved_tensors
+        g_vals: list[torch.Tensor | None] = [None] * n
+        g_w: list[torch.Tensor | None] = [None] * n
+        pc_backward_(ctx.pairs, ctx.state, grad, list(tensors[:n]), list(tensors[n:]), g_vals, g_w)
+        return (None, None, *g_vals, *g_w)
+
+
+def pc_pairs(codes: list[SparseCode], forest: Forest,
+             entries: list[PairEntries | None] | None = None) -> list[_PairPC]:
+    """The level pairs with links, with this batch's index lists."""
+    pairs = []
+    for l in range(len(codes) - 1):
+        links = forest.links(l)
+        if links.kids.numel() == 0:
+            continue
+        e = entries[l] if entries is not None else None
+        idx = _PCIndex.build(codes[l].pattern, codes[l + 1].pattern, forest.parent_of[l], links, e)
+        pairs.append(_PairPC(l, codes[l].pattern, codes[l + 1].pattern, idx, links,
+                             forest.has_children(l), forest.parent_of[l] >= 0))
+    return pairs
+
+
+def forest_pc_loss(codes: list[SparseCode], w_decs: list[torch.Tensor], forest: Forest,
+                   entries: list[PairEntries | None] | None = None) -> torch.Tensor:
+    """``[L-1]``: sum_i ||f_i - sum_{j in C_i} f_j||^2 averaged over the batch, per level pair
+    (0 for pairs without links). ``entries`` reuses the perturbation's per-pair lookups."""
+    pairs = pc_pairs(codes, forest, entries)
+    if not pairs:
+        return codes[0].vals.new_zeros(len(codes) - 1)
+    return _ForestPC.apply(pairs, len(codes), *(c.vals for c in codes), *w_decs)
+
+
+def pc_loss(parent: SparseCode, child: SparseCode, w_dec_parent: torch.Tensor,
+            w_dec_child: torch.Tensor, parent_of: torch.Tensor) -> torch.Tensor:
+    """sum_i ||f_i - sum_{j in C_i} f_j||^2 averaged over the batch, for one level pair."""
+    forest = Forest((w_dec_parent.shape[0], w_dec_child.shape[0]), [parent_of])
+    return forest_pc_loss([parent, child], [w_dec_parent, w_dec_child], forest)[0]
+
+
+def swap_masks(parent: SupportPattern, entries: PairEntries, swapped: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keep mask over parent entries, positions of the taken child entries) for the
+    ``swapped`` parents ([n_l] bool, only parents with children): the parent entries leave
+    level l's reconstruction and the taken child entries enter it in their place (§3.2)."""
+    keep_p = ~swapped.index_select(0, parent.cols)
+    take = entries.sel.index_select(0, swapped.index_select(0, entries.par).nonzero(as_tuple=True)[0])
+    return keep_p, take

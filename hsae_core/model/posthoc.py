@@ -1,0 +1,49 @@
+"""The post-hoc baseline's forest (METHOD §4): independently trained levels, then the same
+similarity-based assignment the HSAE uses during training (§3.3), applied once.
+
+Encoder and decoder cosine need only the weights. Co-activation similarity needs firing
+statistics: the train split is streamed through the levels into the same EMA the trainer keeps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+from hsae_core.common.errors import check_field, is_int
+from hsae_core.model.forest import Forest
+from hsae_core.model.hierarchy import CoactivationEMA, assign_forest
+from hsae_core.model.hsae import HSAE
+
+
+@dataclass(frozen=True)
+class PosthocConfig:
+    coactivation_tokens: int = 262_144
+    """Train tokens streamed through the baseline to estimate co-activation frequencies when
+    ``hierarchy.similarity`` is ``coactivation`` (unused for encoder/decoder cosine)."""
+
+    def __post_init__(self) -> None:
+        check_field(self, "coactivation_tokens", is_int(self.coactivation_tokens) and self.coactivation_tokens >= 1,
+               "an integer >= 1")
+
+
+@torch.no_grad()
+def coactivation_stats(model: HSAE, batches: Iterable[torch.Tensor], momentum: float,
+                       tokens_per_batch: int) -> CoactivationEMA:
+    """Co-activation EMA of ``model``'s levels over ``batches`` (as in training, §3.3)."""
+    device = model.levels[0].W_dec.device
+    ema = CoactivationEMA([lv.n_features for lv in model.levels], momentum, tokens_per_batch, device)
+    for x in batches:
+        ema.update(model.encode(x.to(device).float()))
+    return ema
+
+
+def posthoc_forest(model: HSAE, similarity: str, exclude_quantile: float, tree: str,
+                   coactivation: CoactivationEMA | None = None) -> Forest:
+    """Assign every child of the trained levels to its most similar parent, once."""
+    return assign_forest(model.levels, similarity, exclude_quantile, tree, coactivation)
+
+
+__all__ = ["coactivation_stats", "posthoc_forest"]

@@ -1,0 +1,65 @@
+"""Save and load a trained HSAE: ``model.safetensors`` + ``config.json`` + ``forest.json``, in a
+local folder or under an fsspec URL (:mod:`hsae_core.common.fsio`); a forest alone as JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save as save_bytes
+
+from hsae_core.common import fsio
+from hsae_core.model.config import HSAEConfig
+from hsae_core.model.forest import Forest
+from hsae_core.model.hsae import HSAE
+
+WEIGHTS, CONFIG, FOREST = "model.safetensors", "config.json", "forest.json"
+
+
+def save_hsae(model: HSAE, folder: str | Path) -> str | Path:
+    """Write the model to ``folder`` (created; a path or URL); tensors are saved contiguous on the CPU."""
+    folder = fsio.as_location(folder)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    fsio.write_bytes(fsio.join(folder, WEIGHTS),
+                     save_bytes(tensors, metadata={"format": "hsae", "levels": str(model.n_levels)}))
+    fsio.write_bytes(fsio.join(folder, CONFIG), json.dumps(model.cfg.to_dict(), indent=2).encode())
+    save_forest(model.forest, fsio.join(folder, FOREST))
+    return folder
+
+
+def save_forest(forest: Forest, path: str | Path) -> None:
+    """``{"level_sizes": [...], "parent_of": [[...], ...]}`` at a path or URL."""
+    fsio.write_bytes(fsio.as_location(path), json.dumps(forest.to_dict()).encode())
+
+
+def load_forest(path: str | Path) -> Forest:
+    return Forest.from_dict(fsio.read_json(fsio.as_location(path)))
+
+
+def load_hsae(folder: str | Path, device: str | torch.device = "cpu") -> HSAE:
+    folder = fsio.as_location(folder)
+    missing = [n for n in (WEIGHTS, CONFIG, FOREST) if not fsio.exists(fsio.join(folder, n))]
+    if missing:
+        raise FileNotFoundError(f"{folder} is not a saved HSAE: missing {missing} "
+                                f"(expected the output of save_hsae)")
+    cfg = HSAEConfig.from_dict(fsio.read_json(fsio.join(folder, CONFIG))).replace(device=str(device))
+    model = HSAE(cfg)
+    model.load_state_dict(load_bytes(fsio.read_bytes(fsio.join(folder, WEIGHTS))))
+    model.forest = load_forest(fsio.join(folder, FOREST))
+    if model.forest.level_sizes != cfg.level_sizes:
+        raise ValueError(f"{folder}: forest sizes {model.forest.level_sizes} do not match "
+                         f"config level_sizes {cfg.level_sizes}")
+    return model.to(device)
+
+
+def load_for_store(folders: dict[str, str | Path], d_model: int, store: str | Path,
+                   device: str | torch.device = "cpu") -> dict[str, HSAE]:
+    """Load the named models and check that each reads the store's activation width."""
+    models = {name: load_hsae(folder, device) for name, folder in folders.items()}
+    for name, model in models.items():
+        if model.cfg.d_model != d_model:
+            raise ValueError(f"{name} model has d_model {model.cfg.d_model}, store {store} holds "
+                             f"d = {d_model}: retrain it on this store")
+    return models
