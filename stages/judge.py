@@ -19,7 +19,13 @@ import typer
 from rich import print as rprint
 
 from hsae_core.evaluation.evidence import load_evidence
-from hsae_core.judge.backends import JudgeBackendError, LocalChatBackend, OpenAIChatBackend, ResponseCache, RetryPolicy
+from hsae_core.judge.backends import (
+    JudgeBackendError,
+    LocalChatBackend,
+    OpenAIChatBackend,
+    ResponseCache,
+    RetryPolicy,
+)
 from hsae_core.judge.pairs import JudgeConfig, judge_pairs, sample_pairs, summarize
 from hsae_core.pipeline.io import load_forest
 from hsae_core.pipeline.params import load_params, section_config
@@ -29,9 +35,11 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 def make_backend(cfg: JudgeConfig):
     if cfg.backend == "openai":
-        return OpenAIChatBackend(cfg.base_url, cfg.model, api_key_env=cfg.api_key_env, concurrency=cfg.concurrency,
-                                 timeout_s=cfg.timeout_s, max_tokens=cfg.max_tokens, temperature=cfg.temperature,
-                                 retry=RetryPolicy(cfg.max_retries, cfg.backoff_base_s, cfg.backoff_max_s))
+        return OpenAIChatBackend(cfg.base_url, cfg.model, api_key_env=cfg.api_key_env,
+                                 concurrency=cfg.concurrency, timeout_s=cfg.timeout_s,
+                                 max_tokens=cfg.max_tokens, temperature=cfg.temperature,
+                                 retry=RetryPolicy(cfg.max_retries, cfg.backoff_base_s,
+                                                   cfg.backoff_max_s))
     return LocalChatBackend(cfg.model, max_new_tokens=cfg.max_tokens, batch_size=cfg.batch_size,
                             answer_prefix=cfg.answer_prefix, device=cfg.device)
 
@@ -41,20 +49,24 @@ def main(
     params: Path = typer.Option(Path("params.yaml"), help="params file (section judge)"),
     hsae: Path = typer.Option(Path("data/hsae"), help="trained HSAE (its forest.json)"),
     posthoc: Path = typer.Option(Path("data/posthoc"), help="baseline with its post-hoc forest"),
-    evidence: Path = typer.Option(Path("data/evidence"), help="collect-evidence output (hsae/, baseline/)"),
+    evidence: Path = typer.Option(Path("data/evidence"),
+                                  help="collect-evidence output (hsae/, baseline/)"),
     out: Path = typer.Option(Path("data/judge"), help="pairs.jsonl and the response cache"),
     metrics: Path = typer.Option(Path("metrics/judge.json"), help="metrics JSON"),
 ) -> None:
     t0 = time.perf_counter()
     try:
         cfg = section_config(load_params(params), "judge", JudgeConfig)
-        forests = {"hsae": load_forest(_need(hsae / "forest.json")), "posthoc": load_forest(_need(posthoc / "forest.json"))}
-        ev = {"hsae": load_evidence(evidence / "hsae"), "posthoc": load_evidence(evidence / "baseline")}
+        forests = {"hsae": load_forest(_need(hsae / "forest.json")),
+                   "posthoc": load_forest(_need(posthoc / "forest.json"))}
+        ev = {"hsae": load_evidence(evidence / "hsae"),
+              "posthoc": load_evidence(evidence / "baseline")}
         ev["random"] = ev["hsae"]
         for name, forest in forests.items():
             got = tuple(ev[name].index["level_sizes"])
             if got != forest.level_sizes:
-                raise ValueError(f"evidence for {name} has level sizes {got}, its forest {forest.level_sizes}: "
+                raise ValueError(f"evidence for {name} has level sizes {got}, its forest "
+                                 f"{forest.level_sizes}: "
                                  "re-run collect-evidence on these models")
         pairs, info = sample_pairs(forests, ev, cfg)
         backend = make_backend(cfg)
@@ -80,12 +92,14 @@ def main(
     metrics.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     asked = sum(not r["cached"] for r in records)
     print(f"judge: {len(records)} pairs, {asked} asked, {len(records) - asked} from cache, "
-          f"{sum(r['error'] is not None for r in records)} failed ({time.perf_counter() - t0:.0f} s)")
+          f"{sum(r['error'] is not None for r in records)} failed "
+          f"({time.perf_counter() - t0:.0f} s)")
     for source in ("hsae", "posthoc", "random"):
         s = summary[source]
         shown = "n/a" if s["yes_rate"] is None else \
             f"{s['yes_rate']:.3f} [{s['yes_rate_lo']:.3f}, {s['yes_rate_hi']:.3f}]"
-        print(f"  {source:8s} yes rate {shown} of {s['n_yes'] + s['n_no']} parsed, {s['n_unparseable']} unparseable")
+        print(f"  {source:8s} yes rate {shown} of {s['n_yes'] + s['n_no']} parsed, "
+              f"{s['n_unparseable']} unparseable")
     print(f"judge: wrote {out / 'pairs.jsonl'} and {metrics}")
 
 

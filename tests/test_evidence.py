@@ -38,7 +38,8 @@ def setup(tmp_path_factory):
     model = HSAE(HSAEConfig(d_model=32, level_sizes=(8, 16, 48), target_l0=3.0, batch_size=64,
                             total_steps=10, dead_window_tokens=0))
     x = next(iter(EvalActivations(store, scale, batch_size=512))).activations
-    for lv, l0 in zip(model.levels[1:], (3.0, 1.5)):  # level 0 stays dense (half its features fire)
+    # level 0 stays dense (half its features fire)
+    for lv, l0 in zip(model.levels[1:], (3.0, 1.5)):
         lv.init_thresholds_(x, l0)
     return store, scale, model
 
@@ -75,7 +76,8 @@ def brute_force(dense, seq, cfg):
 def test_streaming_matches_brute_force(setup, batch_size):
     store, scale, model = setup
     cfg = EvidenceConfig(n_top=4, n_sampled=3, buffer=3, batch_size=batch_size, seed=5)
-    levels = collect_evidence(model, lambda: EvalActivations(store, scale, batch_size=batch_size), cfg)
+    levels = collect_evidence(model, lambda: EvalActivations(store, scale, batch_size=batch_size),
+                              cfg)
     dense = dense_activations(model, store, scale, batch_size)
     seq = store.array("eval", "sequence_ids")[:]
     tok = store.array("eval", "token_ids")[:]
@@ -103,7 +105,8 @@ def test_streaming_matches_brute_force(setup, batch_size):
         # chosen windows of a feature never lie within `buffer` of each other in one sequence
         for f in range(a.shape[1]):
             got = [int(r) for r in ev.rows[f] if r >= 0]
-            assert all(seq[p] != seq[q] or abs(p - q) > cfg.buffer for i, p in enumerate(got) for q in got[:i])
+            assert all(seq[p] != seq[q] or abs(p - q) > cfg.buffer
+                       for i, p in enumerate(got) for q in got[:i])
     # the dense level has many firing positions, so every feature got all its examples
     assert (levels[0].rows >= 0).all()
 

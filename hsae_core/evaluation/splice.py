@@ -63,7 +63,8 @@ def load_full_lm(model: str, gguf_file: str | None = None, device: str = "cpu"):
     from transformers import AutoModelForCausalLM
 
     src = resolve_model(model, gguf_file)
-    lm = AutoModelForCausalLM.from_pretrained(src.name_or_path, dtype=torch.float32, **_kwargs(src))
+    lm = AutoModelForCausalLM.from_pretrained(src.name_or_path, dtype=torch.float32,
+                                              **_kwargs(src))
     return lm.to(device).eval()
 
 
@@ -123,7 +124,8 @@ def batched_by_length(sequences: Iterator[np.ndarray], batch: int) -> Iterator[t
 
 
 def recovered(clean: float, zero: float, spliced: float) -> float:
-    """Fraction of the loss gap between zero-ablation and the clean model that splicing recovers."""
+    """Fraction of the loss gap between zero-ablation and the clean model that splicing
+    recovers."""
     gap = zero - clean
     return (zero - spliced) / gap if gap else float("nan")
 

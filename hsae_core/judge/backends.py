@@ -61,7 +61,8 @@ class Backend(Protocol):
 
 
 def cache_key(backend: str, model: str, settings: dict, messages: Messages) -> str:
-    blob = json.dumps({"backend": backend, "model": model, "settings": settings, "messages": messages},
+    blob = json.dumps({"backend": backend, "model": model, "settings": settings,
+                       "messages": messages},
                       sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -89,7 +90,8 @@ class ResponseCache:
         self.entries[key] = text
         if self._file is None:
             self._file = self.path.open("a")
-        self._file.write(json.dumps({"key": key, "model": model, "text": text}, ensure_ascii=False) + "\n")
+        self._file.write(json.dumps({"key": key, "model": model, "text": text},
+                                    ensure_ascii=False) + "\n")
         self._file.flush()
 
     def close(self) -> None:
@@ -121,7 +123,8 @@ def complete_cached(backend: Backend, requests: list[Messages], cache: ResponseC
             out[i] = done
             finished[0] += 1
             if finished[0] % step == 0 or finished[0] == len(todo):
-                log(f"judge: {finished[0]}/{len(todo)} answered ({len(requests) - len(todo)} from the cache)")
+                log(f"judge: {finished[0]}/{len(todo)} answered "
+                    f"({len(requests) - len(todo)} from the cache)")
         backend.complete([requests[i] for i in todo], on_done=lambda j, done: store(todo[j], done))
     return [c for c in out]  # type: ignore[misc]
 
@@ -172,9 +175,10 @@ class OpenAIChatBackend:
         if api_key_env:
             self._key = os.environ.get(api_key_env)
             if not self._key:
-                raise JudgeBackendError(f"judge.api_key_env names {api_key_env!r}, which is not set in the "
-                                        f"environment: export it, or set judge.api_key_env to null for a "
-                                        f"server without authentication")
+                raise JudgeBackendError(
+                    f"judge.api_key_env names {api_key_env!r}, which is not set in the "
+                    f"environment: export it, or set judge.api_key_env to null for a "
+                    f"server without authentication")
         self.concurrency, self.timeout_s = concurrency, timeout_s
         self.retry = retry or RetryPolicy()
         self.max_tokens, self.temperature = max_tokens, temperature
@@ -192,7 +196,8 @@ class OpenAIChatBackend:
         import httpx
 
         headers = {"Authorization": f"Bearer {self._key}"} if self._key else {}
-        limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
+        limits = httpx.Limits(max_connections=self.concurrency,
+                              max_keepalive_connections=self.concurrency)
         sem = asyncio.Semaphore(self.concurrency)
         out: list[Completion | None] = [None] * len(requests)
         async with httpx.AsyncClient(base_url=self.base_url, headers=headers, limits=limits,
@@ -236,8 +241,9 @@ class OpenAIChatBackend:
                     except (ValueError, KeyError, IndexError, TypeError) as err:
                         why = f"malformed response body ({type(err).__name__})"
                 elif resp.status_code in (401, 403):
-                    raise JudgeBackendError(f"{self.base_url} refused the request with HTTP {resp.status_code}: "
-                                            "check the key's environment variable (judge.api_key_env) and the model")
+                    raise JudgeBackendError(
+                        f"{self.base_url} refused the request with HTTP {resp.status_code}: "
+                        "check the key's environment variable (judge.api_key_env) and the model")
                 elif resp.status_code in RETRY_STATUS or resp.status_code >= 500:
                     why = f"HTTP {resp.status_code}"
                     retry_after = parse_retry_after(resp.headers.get("retry-after"))
@@ -271,7 +277,8 @@ class LocalChatBackend:
         self.answer_prefix = answer_prefix or ""
         self.device = device
         self.generated = 0
-        self.tokenizer = self.lm = None  # loaded on the first request: a fully cached run loads nothing
+        # loaded on the first request: a fully cached run loads nothing
+        self.tokenizer = self.lm = None
 
     def _load(self) -> None:
         import torch
@@ -288,13 +295,16 @@ class LocalChatBackend:
                                                        **_kwargs(src)).to(self.device).eval()
 
     def settings(self) -> dict:
-        return {"max_new_tokens": self.max_new_tokens, "decoding": "greedy", "answer_prefix": self.answer_prefix}
+        return {"max_new_tokens": self.max_new_tokens, "decoding": "greedy",
+                "answer_prefix": self.answer_prefix}
 
     def prompt(self, messages: Messages) -> str:
         if getattr(self.tokenizer, "chat_template", None):
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                      add_generation_prompt=True)
         else:
-            text = "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages) + "\n\nAssistant: "
+            text = ("\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages)
+                    + "\n\nAssistant: ")
         return text + self.answer_prefix
 
     def complete(self, requests: list[Messages], on_done=None) -> list[Completion]:
@@ -305,12 +315,13 @@ class LocalChatBackend:
         out: list[Completion] = []
         for start in range(0, len(requests), self.batch_size):
             chunk = requests[start: start + self.batch_size]
-            enc = self.tokenizer([self.prompt(m) for m in chunk], return_tensors="pt", padding=True,
-                                 add_special_tokens=False).to(self.device)
+            enc = self.tokenizer([self.prompt(m) for m in chunk], return_tensors="pt",
+                                 padding=True, add_special_tokens=False).to(self.device)
             with torch.inference_mode():
                 gen = self.lm.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=False,
                                        pad_token_id=self.tokenizer.pad_token_id)
-            texts = self.tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            texts = self.tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:],
+                                                skip_special_tokens=True)
             for j, text in enumerate(texts):
                 done = Completion(self.answer_prefix + text)
                 out.append(done)
@@ -320,5 +331,6 @@ class LocalChatBackend:
         return out
 
 
-__all__ = ["Backend", "Completion", "JudgeBackendError", "LocalChatBackend", "Messages", "OpenAIChatBackend",
-           "ResponseCache", "RetryPolicy", "cache_key", "complete_cached", "parse_retry_after"]
+__all__ = ["Backend", "Completion", "JudgeBackendError", "LocalChatBackend", "Messages",
+           "OpenAIChatBackend", "ResponseCache", "RetryPolicy", "cache_key", "complete_cached",
+           "parse_retry_after"]

@@ -4,9 +4,9 @@ Pairs: ``n_pairs`` links drawn uniformly from the HSAE's forest ("hsae") and fro
 baseline's forest ("posthoc"), and a control of ``n_random`` random non-linked (parent, child)
 pairs of HSAE features between the same levels, in the same level-pair proportions as the
 HSAE sample ("random"), so the judge's base rate of "Yes" sits beside the linked rates. Only
-features with at least one eval context (hsae_core.evaluation.evidence) can be shown; links without one
-are skipped and counted. Within each source exactly half the pairs show the child as Neuron A
-(``order = "child_first"``), the rest the parent ("parent_first").
+features with at least one eval context (hsae_core.evaluation.evidence) can be shown; links
+without one are skipped and counted. Within each source exactly half the pairs show the child as
+Neuron A (``order = "child_first"``), the rest the parent ("parent_first").
 
 Prompts are Appendix C's system prompt and user template verbatim (PDF line breaks undone);
 each feature's contexts (10 top + 5 activation-sampled) are listed as ``Example i: ...`` lines
@@ -38,13 +38,13 @@ CONFIDENCES = ("high", "medium", "low")
 
 SYSTEM_PROMPT = (
     "We're studying neurons in a sparse autoencoder (SAE) within a neural network. Each neuron "
-    "activates on specific words, substrings, or concepts in short documents, with activating words "
-    "indicated by << ... >>. You will be given two sets of documents where two different neurons "
-    "activate. Your task is to compare the activation patterns of these two neurons and determine if "
-    "there is a parent-child relationship between them. A parent-child relationship means that one "
-    "neuron's activating concept (the child) is a subset or a more specific version of the other "
-    "neuron's activating concept (the parent). Analyze the provided examples and output your judgment "
-    "in the following format:\n"
+    "activates on specific words, substrings, or concepts in short documents, with activating "
+    "words indicated by << ... >>. You will be given two sets of documents where two different "
+    "neurons activate. Your task is to compare the activation patterns of these two neurons and "
+    "determine if there is a parent-child relationship between them. A parent-child relationship "
+    "means that one neuron's activating concept (the child) is a subset or a more specific "
+    "version of the other neuron's activating concept (the parent). Analyze the provided examples "
+    "and output your judgment in the following format:\n"
     "HaveRelationship: [Yes/No]\n"
     "Confidence: [High/Medium/Low]\n"
     "Do not include any additional text, explanations, or formatting.")
@@ -52,7 +52,8 @@ SYSTEM_PROMPT = (
 USER_TEMPLATE = (
     "Here are the activating documents for Neuron A:\n{a}\n\n"
     "And for Neuron B:\n{b}\n\n"
-    "Based on these documents, determine if Neuron A and Neuron B have a parent-child relationship.")
+    "Based on these documents, determine if Neuron A and Neuron B have a parent-child "
+    "relationship.")
 
 
 @dataclass(frozen=True)
@@ -67,9 +68,11 @@ class JudgeConfig:
     """``local`` (a transformers chat model in process) or ``openai`` (any OpenAI-compatible
     chat-completions endpoint: vLLM, Ollama, hosted APIs)."""
     model: str = "embedded:smollm2"
-    """Local: ``embedded:smollm2``, a folder, a .gguf file or a hub name. OpenAI: the served model name."""
+    """Local: ``embedded:smollm2``, a folder, a .gguf file or a hub name. OpenAI: the served model
+    name."""
     base_url: str | None = None
-    """OpenAI backend: the API root, e.g. ``http://localhost:8000/v1`` or ``https://api.openai.com/v1``."""
+    """OpenAI backend: the API root, e.g. ``http://localhost:8000/v1`` or
+    ``https://api.openai.com/v1``."""
     api_key_env: str | None = "OPENAI_API_KEY"
     """Name of the environment variable holding the API key (the key itself never goes in params);
     null for a server without authentication."""
@@ -101,32 +104,39 @@ class JudgeConfig:
     def __post_init__(self) -> None:
         def check(name: str, ok: bool, allowed: str) -> None:
             if not ok:
-                raise ConfigError(f"JudgeConfig.{name} = {getattr(self, name)!r} is invalid: expected {allowed}")
+                raise ConfigError(f"JudgeConfig.{name} = {getattr(self, name)!r} is invalid: "
+                                  f"expected {allowed}")
 
         def is_int(v) -> bool:
             return isinstance(v, int) and not isinstance(v, bool)
 
-        for name, low in (("n_pairs", 1), ("concurrency", 1), ("max_retries", 0), ("max_tokens", 1),
-                          ("batch_size", 1), ("seed", 0)):
-            check(name, is_int(getattr(self, name)) and getattr(self, name) >= low, f"an integer >= {low}")
+        for name, low in (("n_pairs", 1), ("concurrency", 1), ("max_retries", 0),
+                          ("max_tokens", 1), ("batch_size", 1), ("seed", 0)):
+            check(name, is_int(getattr(self, name)) and getattr(self, name) >= low,
+                  f"an integer >= {low}")
         check("n_random", self.n_random is None or (is_int(self.n_random) and self.n_random >= 0),
               "None or an integer >= 0")
         check("backend", self.backend in BACKENDS, f"one of {BACKENDS}")
         check("model", isinstance(self.model, str) and self.model != "", "a model name")
-        check("base_url", self.backend != "openai" or (isinstance(self.base_url, str)
-                                                        and self.base_url.startswith(("http://", "https://"))),
+        check("base_url", self.backend != "openai" or (
+                  isinstance(self.base_url, str)
+                  and self.base_url.startswith(("http://", "https://"))),
               "an http(s) URL when backend is openai (e.g. http://localhost:8000/v1)")
-        check("api_key_env", self.api_key_env is None or (isinstance(self.api_key_env, str)
-                                                          and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.api_key_env)),
+        check("api_key_env", self.api_key_env is None or (
+                  isinstance(self.api_key_env, str)
+                  and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.api_key_env)),
               "None or an environment variable name (the key itself never goes in params)")
         for name in ("backoff_base_s", "backoff_max_s", "timeout_s"):
             v = getattr(self, name)
-            check(name, isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, "a number > 0")
-        check("temperature", isinstance(self.temperature, (int, float)) and 0 <= self.temperature <= 2,
+            check(name, isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0,
+                  "a number > 0")
+        check("temperature",
+              isinstance(self.temperature, (int, float)) and 0 <= self.temperature <= 2,
               "a number in [0, 2]")
         check("answer_prefix", self.answer_prefix is None or isinstance(self.answer_prefix, str),
               "None or a string")
-        check("device", isinstance(self.device, str) and self.device.split(":")[0] in ("cpu", "cuda", "mps"),
+        check("device",
+              isinstance(self.device, str) and self.device.split(":")[0] in ("cpu", "cuda", "mps"),
               "cpu, cuda, cuda:N or mps")
 
 
@@ -143,7 +153,8 @@ def _with_examples(ev: Evidence, level: int) -> np.ndarray:
     return ev.levels[level].rows[:, 0] >= 0
 
 
-def sample_linked(forest: Forest, ev: Evidence, n: int, rng: np.random.Generator) -> tuple[list[tuple[int, int, int]], int]:
+def sample_linked(forest: Forest, ev: Evidence, n: int,
+                  rng: np.random.Generator) -> tuple[list[tuple[int, int, int]], int]:
     """Up to ``n`` links ``(parent_level, parent, child)`` drawn uniformly without replacement
     among the links whose two features have contexts; also returns how many links had none."""
     links, skipped = [], 0
@@ -168,7 +179,8 @@ def sample_random(forest: Forest, ev: Evidence, level_pairs: list[int], rng: np.
         if len(out) == n:
             break
         l = int(level_pairs[rng.integers(len(level_pairs))])
-        parents, kids = np.flatnonzero(_with_examples(ev, l)), np.flatnonzero(_with_examples(ev, l + 1))
+        parents, kids = (np.flatnonzero(_with_examples(ev, l)),
+                         np.flatnonzero(_with_examples(ev, l + 1)))
         if not len(parents) or not len(kids):
             continue
         p, c = int(parents[rng.integers(len(parents))]), int(kids[rng.integers(len(kids))])
@@ -179,7 +191,8 @@ def sample_random(forest: Forest, ev: Evidence, level_pairs: list[int], rng: np.
     return out
 
 
-def with_orders(source: str, links: list[tuple[int, int, int]], rng: np.random.Generator) -> list[Pair]:
+def with_orders(source: str, links: list[tuple[int, int, int]],
+                rng: np.random.Generator) -> list[Pair]:
     """Pairs of ``source``; exactly half (rounded down) shown child first, chosen at random."""
     flip = np.zeros(len(links), dtype=bool)
     flip[rng.permutation(len(links))[: len(links) // 2]] = True
@@ -188,7 +201,8 @@ def with_orders(source: str, links: list[tuple[int, int, int]], rng: np.random.G
 
 
 def examples_block(ev: Evidence, level: int, feature: int) -> str:
-    return "\n".join(f"Example {i + 1}: {text}" for i, text in enumerate(ev.examples(level, feature)))
+    return "\n".join(f"Example {i + 1}: {text}"
+                     for i, text in enumerate(ev.examples(level, feature)))
 
 
 def build_messages(pair: Pair, ev: Evidence) -> Messages:
@@ -208,7 +222,8 @@ _CONFIDENCE = re.compile(r"confidence" + _SEP + r"(high|medium|low)\b(?!\s*/)", 
 
 def parse_answer(text: str | None) -> tuple[str, str | None]:
     """``(verdict, confidence)``: verdict ``yes`` / ``no`` when the answer states exactly one
-    HaveRelationship value, else ``unparseable``; confidence ``high`` / ``medium`` / ``low`` or None."""
+    HaveRelationship value, else ``unparseable``; confidence ``high`` / ``medium`` / ``low`` or
+    None."""
     if text is None:
         return "unparseable", None
     body = _THINK.sub(" ", text)
@@ -235,7 +250,8 @@ def rate(records: list[dict]) -> dict:
     no = sum(r["verdict"] == "no" for r in records)
     lo, hi = wilson(yes, yes + no) if yes + no else (None, None)
     return {"n": len(records), "n_yes": yes, "n_no": no, "n_unparseable": len(records) - yes - no,
-            "yes_rate": yes / (yes + no) if yes + no else None, "yes_rate_lo": lo, "yes_rate_hi": hi,
+            "yes_rate": yes / (yes + no) if yes + no else None, "yes_rate_lo": lo,
+            "yes_rate_hi": hi,
             "unparseable_rate": (len(records) - yes - no) / len(records) if records else None}
 
 
@@ -245,13 +261,16 @@ def summarize(records: list[dict]) -> dict:
     for source in SOURCES:
         rs = [r for r in records if r["source"] == source]
         out[source] = rate(rs) | {
-            "by_confidence": {c: rate([r for r in rs if r["confidence"] == c]) for c in (*CONFIDENCES, None)},
-            "by_order": {o: rate([r for r in rs if r["order"] == o]) for o in ("parent_first", "child_first")}}
+            "by_confidence": {c: rate([r for r in rs if r["confidence"] == c])
+                              for c in (*CONFIDENCES, None)},
+            "by_order": {o: rate([r for r in rs if r["order"] == o])
+                         for o in ("parent_first", "child_first")}}
         out[source]["by_confidence"]["none"] = out[source]["by_confidence"].pop(None)
     return out
 
 
-def sample_pairs(forests: dict[str, Forest], evidence: dict[str, Evidence], cfg: JudgeConfig) -> tuple[list[Pair], dict]:
+def sample_pairs(forests: dict[str, Forest], evidence: dict[str, Evidence],
+                 cfg: JudgeConfig) -> tuple[list[Pair], dict]:
     """The judged pairs of all three sources and the sampling counts (see the module docstring)."""
     rng = np.random.default_rng(cfg.seed)
     pairs, info = [], {}
@@ -263,7 +282,8 @@ def sample_pairs(forests: dict[str, Forest], evidence: dict[str, Evidence], cfg:
         if source == "hsae":
             hsae_links = links
     n_random = cfg.n_pairs if cfg.n_random is None else cfg.n_random
-    rand = sample_random(forests["hsae"], evidence["random"], [l for l, _, _ in hsae_links], rng, n_random)
+    rand = sample_random(forests["hsae"], evidence["random"], [l for l, _, _ in hsae_links], rng,
+                         n_random)
     pairs += with_orders("random", rand, rng)
     return pairs, info
 
@@ -276,12 +296,13 @@ def judge_pairs(pairs: list[Pair], evidence: dict[str, Evidence], backend: Backe
     records = []
     for pair, ans in zip(pairs, answers):
         verdict, confidence = parse_answer(ans.text)
-        records.append(pair._asdict() | {"raw": ans.text, "verdict": verdict, "confidence": confidence,
+        records.append(pair._asdict() | {"raw": ans.text, "verdict": verdict,
+                                         "confidence": confidence,
                                          "error": ans.error, "cached": ans.cached,
                                          "backend": backend.name, "model": backend.model})
     return records
 
 
-__all__ = ["BACKENDS", "JudgeConfig", "Pair", "SOURCES", "SYSTEM_PROMPT", "USER_TEMPLATE", "build_messages",
-           "judge_pairs", "parse_answer", "sample_linked", "sample_pairs", "sample_random", "summarize",
-           "wilson", "with_orders"]
+__all__ = ["BACKENDS", "JudgeConfig", "Pair", "SOURCES", "SYSTEM_PROMPT", "USER_TEMPLATE",
+           "build_messages", "judge_pairs", "parse_answer", "sample_linked", "sample_pairs",
+           "sample_random", "summarize", "wilson", "with_orders"]
