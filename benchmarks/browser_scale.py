@@ -40,9 +40,11 @@ def synthetic_forest(rng: np.random.Generator) -> Forest:
     return Forest(SIZES, parent_of)
 
 
-def synthetic_stats(forest: Forest, rng: np.random.Generator, tokens: int = 100_000) -> ForestStats:
+def synthetic_stats(forest: Forest, rng: np.random.Generator,
+                    tokens: int = 100_000) -> ForestStats:
     fired = [rng.integers(0, tokens // 50, n) for n in SIZES]
-    joint = [np.minimum(fired[l + 1], rng.integers(0, tokens // 50, SIZES[l + 1])) * (forest.parent_of[l].numpy() >= 0)
+    joint = [np.minimum(fired[l + 1], rng.integers(0, tokens // 50, SIZES[l + 1]))
+             * (forest.parent_of[l].numpy() >= 0)
              for l in range(len(SIZES) - 1)]
     return ForestStats(forest, tokens, fired, joint)
 
@@ -82,8 +84,10 @@ def main() -> None:
     sizes = np.bincount(idx.root, minlength=idx.root.size)[roots]
     big = roots[int(np.argmax(sizes))]
     big_l, big_i = idx.split(int(big))
-    print(f"site: {sum(SIZES)} features per model x 2 models, {len(roots)} HSAE trees (largest {sizes.max()} nodes), "
-          f"{len(files)} files, {total / 2**20:.1f} MB (overview.js {ov_kb:.0f} kB), written in {build_s:.1f} s")
+    print(f"site: {sum(SIZES)} features per model x 2 models, {len(roots)} HSAE trees "
+          f"(largest {sizes.max()} nodes), "
+          f"{len(files)} files, {total / 2**20:.1f} MB (overview.js {ov_kb:.0f} kB), "
+          f"written in {build_s:.1f} s")
 
     exe = shutil.which("chromium") or shutil.which("chromium-browser")
     if exe is None:
@@ -92,14 +96,16 @@ def main() -> None:
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=exe, args=["--no-sandbox", "--disable-dev-shm-usage"])
+        browser = p.chromium.launch(executable_path=exe,
+                                    args=["--no-sandbox", "--disable-dev-shm-usage"])
         for run in range(3):
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             errors = []
             page.on("pageerror", lambda e: errors.append(str(e)))
             page.goto(index.as_uri())
             page.locator("table.trees tbody tr").first.wait_for()
-            fcp = page.evaluate("performance.getEntriesByName('first-contentful-paint')[0]?.startTime ?? null")
+            fcp = page.evaluate("performance.getEntriesByName('first-contentful-paint')[0]"
+                                "?.startTime ?? null")
             ov = page.evaluate("performance.getEntriesByName('hsae-overview')[0].startTime")
             page.evaluate("performance.clearMarks('hsae-tree')")
             t = page.evaluate("performance.now()")
@@ -116,7 +122,8 @@ def main() -> None:
             fcp = f"{fcp:.0f} ms" if fcp is not None else "not reported"
             print(f"run {run}: first contentful paint {fcp}, overview table rendered {ov:.0f} ms, "
                   f"largest tree ({sizes.max()} nodes) rendered {tree:.0f} ms after navigation; "
-                  f"first token search (loads search.js, 150 ms debounce included) {search_ms:.0f} ms: {hits}; page errors: {errors or 'none'}")
+                  "first token search (loads search.js, 150 ms debounce included) "
+                  f"{search_ms:.0f} ms: {hits}; page errors: {errors or 'none'}")
             page.close()
         browser.close()
 

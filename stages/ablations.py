@@ -1,8 +1,10 @@
 """The paper's ablations (Appendix F) as queued DVC experiments, and one summary table.
 
     python -m stages.ablations list                     # names and overrides
-    python -m stages.ablations queue [NAME ...]         # dvc exp run --queue -n NAME -S ... (all by default)
-    dvc queue start -j 1                                # run the queue (one at a time on a small machine)
+    python -m stages.ablations queue [NAME ...]         # dvc exp run --queue -n NAME -S ...
+                                                          (all by default)
+    dvc queue start -j 1                                # run the queue (one at a time on a
+                                                          small machine)
     python -m stages.ablations table [--out metrics/ablations.md]
 
 Not a DVC stage: it drives ``dvc exp`` (the experiments need a committed reference run).
@@ -30,7 +32,9 @@ def list_ablations() -> None:
 
 
 @app.command()
-def queue(names: Optional[List[str]] = typer.Argument(None, help="ablations to queue (default: all)")) -> None:
+def queue(
+    names: Optional[List[str]] = typer.Argument(None, help="ablations to queue (default: all)"),
+) -> None:
     unknown = sorted(set(names or []) - set(ABLATIONS))
     if unknown:
         rprint(f"[red]ablations: unknown {unknown}; known: {sorted(ABLATIONS)}[/red]")
@@ -43,7 +47,9 @@ def queue(names: Optional[List[str]] = typer.Argument(None, help="ablations to q
 
 
 @app.command()
-def table(out: Path = typer.Option(Path("metrics/ablations.md"), help="markdown table to write")) -> None:
+def table(
+    out: Path = typer.Option(Path("metrics/ablations.md"), help="markdown table to write"),
+) -> None:
     proc = subprocess.run(["dvc", "exp", "show", "--json"], capture_output=True, text=True)
     if proc.returncode != 0:
         rprint(f"[red]ablations: `dvc exp show --json` failed: {proc.stderr.strip()}[/red]")

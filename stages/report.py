@@ -1,8 +1,8 @@
 """Stage report: the feature-forest browser and the paper's figures (issue 6) -> data/report/.
 
     python -m stages.report [--params params.yaml] [--hsae data/hsae] [--posthoc data/posthoc]
-        [--evidence data/evidence] [--judge data/judge/pairs.jsonl] [--metrics metrics/metrics.json]
-        [--ablations metrics/ablations.json] [--out data/report]
+        [--evidence data/evidence] [--judge data/judge/pairs.jsonl]
+        [--metrics metrics/metrics.json] [--ablations metrics/ablations.json] [--out data/report]
 
 Reads ``report:``. Writes data/report/site/index.html (open it from disk: no server), the
 figures data/report/figures/fig*.{png,svg} and data/report/summary.json. The judge's pairs and
@@ -37,7 +37,8 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
 def read_ablations(path: Path) -> tuple[list[dict] | None, str]:
-    """Ablation rows from a ``dvc exp show --json`` dump or from saved rows; (None, why) if absent."""
+    """Ablation rows from a ``dvc exp show --json`` dump or from saved rows; (None, why) if
+    absent."""
     if not path.is_file():
         return None, f"{path} missing"
     data = json.loads(path.read_text())
@@ -46,20 +47,28 @@ def read_ablations(path: Path) -> tuple[list[dict] | None, str]:
     if data and "rev" in data[0]:
         data = experiment_rows(data)
     if any("changed" not in row for row in data):
-        raise ValueError(f"{path}: rows need a 'changed' field (hsae_core.pipeline.ablations.experiment_rows)")
+        raise ValueError(f"{path}: rows need a 'changed' field "
+                         "(hsae_core.pipeline.ablations.experiment_rows)")
     return data, f"{len(data)} rows from {path}"
 
 
 @app.command()
 def main(
-    params: Path = typer.Option(Path("params.yaml"), help="params file (sections report, hierarchy)"),
+    params: Path = typer.Option(Path("params.yaml"),
+                                help="params file (sections report, hierarchy)"),
     hsae: Path = typer.Option(Path("data/hsae"), help="trained HSAE"),
-    posthoc: Path = typer.Option(Path("data/posthoc"), help="baseline SAEs with their post-hoc forest"),
-    evidence: Path = typer.Option(Path("data/evidence"), help="collected evidence (hsae/, baseline/)"),
-    judge: Path = typer.Option(Path("data/judge/pairs.jsonl"), help="the judge's verdicts (optional)"),
-    metrics: Path = typer.Option(Path("metrics/metrics.json"), help="compute-metrics output (Figure 3)"),
-    ablations: Path = typer.Option(Path("metrics/ablations.json"), help="ablation results (optional)"),
-    store: Path = typer.Option(Path("data/activations.zarr"), help="activation store (eval split)"),
+    posthoc: Path = typer.Option(Path("data/posthoc"),
+                                 help="baseline SAEs with their post-hoc forest"),
+    evidence: Path = typer.Option(Path("data/evidence"),
+                                  help="collected evidence (hsae/, baseline/)"),
+    judge: Path = typer.Option(Path("data/judge/pairs.jsonl"),
+                               help="the judge's verdicts (optional)"),
+    metrics: Path = typer.Option(Path("metrics/metrics.json"),
+                                 help="compute-metrics output (Figure 3)"),
+    ablations: Path = typer.Option(Path("metrics/ablations.json"),
+                                   help="ablation results (optional)"),
+    store: Path = typer.Option(Path("data/activations.zarr"),
+                               help="activation store (eval split)"),
     normalization: Path = typer.Option(Path("data/normalization.json"), help="normalisation JSON"),
     out: Path = typer.Option(Path("data/report"), help="output folder"),
 ) -> None:
@@ -69,16 +78,20 @@ def main(
         cfg = section_config(all_params, "report", ReportConfig)
         info = open_store(store)
         scale = resolve_scale(normalization, info)
-        models = load_for_store({"hsae": hsae, "baseline": posthoc}, info.d_model, store, cfg.device)
+        models = load_for_store({"hsae": hsae, "baseline": posthoc}, info.d_model, store,
+                                cfg.device)
         ev = {}
         for name in models:
             folder = evidence / name
             ev[name] = load_evidence(folder) if (folder / "index.json").is_file() else None
-            if ev[name] is not None and ev[name].index["level_sizes"] != list(models[name].cfg.level_sizes):
-                raise ValueError(f"evidence {folder} has level sizes {ev[name].index['level_sizes']}, the model "
+            if (ev[name] is not None
+                    and ev[name].index["level_sizes"] != list(models[name].cfg.level_sizes)):
+                raise ValueError(f"evidence {folder} has level sizes "
+                                 f"{ev[name].index['level_sizes']}, the model "
                                  f"{list(models[name].cfg.level_sizes)}: rerun collect-evidence")
             if ev[name] is None:
-                rprint(f"[yellow]report: no evidence at {folder}: the site shows no contexts[/yellow]")
+                rprint(f"[yellow]report: no evidence at {folder}: "
+                       "the site shows no contexts[/yellow]")
         judge_pairs, judge_note = read_judge(judge)
         metrics_data = json.loads(metrics.read_text()) if metrics.is_file() else None
         rows, how = read_ablations(ablations)
@@ -88,14 +101,17 @@ def main(
         rprint(f"[red]report: {err}[/red]")
         raise typer.Exit(2) from err
     print(f"report: judge: {judge_note or f'{len(judge_pairs)} pairs'}; ablations: {how}")
-    mcfg = MetricsConfig(eval_tokens=cfg.eval_tokens, batch_size=cfg.batch_size, lm_loss_tokens=0, device=cfg.device)
+    mcfg = MetricsConfig(eval_tokens=cfg.eval_tokens, batch_size=cfg.batch_size, lm_loss_tokens=0,
+                         device=cfg.device)
 
     def batches():
-        for batch in EvalActivations(info, scale, batch_size=mcfg.batch_size, max_tokens=mcfg.eval_tokens):
+        for batch in EvalActivations(info, scale, batch_size=mcfg.batch_size,
+                                     max_tokens=mcfg.eval_tokens):
             yield batch.activations
 
-    summary = build_report(out, models, batches, cfg, evidence=ev, judge_pairs=judge_pairs, judge_note=judge_note,
-                           metrics=metrics_data, ablation_rows=rows, reference_params=reference)
+    summary = build_report(out, models, batches, cfg, evidence=ev, judge_pairs=judge_pairs,
+                           judge_note=judge_note, metrics=metrics_data, ablation_rows=rows,
+                           reference_params=reference)
     print(f"report: {summary['trees']} trees; open {summary['site']} in a browser "
           f"({time.perf_counter() - t0:.1f} s)")
 

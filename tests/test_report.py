@@ -32,11 +32,13 @@ ARTIFACTS = REPO / "test-artifacts"
 LEVELS = (8, 16, 32, 64)
 COMMON = dict(d_model=32, level_sizes=LEVELS, target_l0=3.0, batch_size=128, total_steps=40,
               dead_window_tokens=0, update_interval=10)
-REPORT = {"contexts_per_feature": 4, "umap_points": 40, "umap_panels": 2, "umap_min_fires": 5, "batch_size": 256}
+REPORT = {"contexts_per_feature": 4, "umap_points": 40, "umap_panels": 2, "umap_min_fires": 5,
+          "batch_size": 256}
 
 
 def _train(cfg, store, scale, root, name):
-    return train_on_store(cfg, store, scale, checkpoint=root / f"{name}.pt", curves=root / f"curves-{name}",
+    return train_on_store(cfg, store, scale, checkpoint=root / f"{name}.pt",
+                          curves=root / f"curves-{name}",
                           run=TrainRunConfig(checkpoint_every=0, log_every=10), name=name)
 
 
@@ -52,7 +54,8 @@ def run(tmp_path_factory):
     norm = estimate_normalization(store)
     norm.save(root / "normalization.json")
     hsae = _train(HSAEConfig(**COMMON, rho=0.05, swap_rate=0.05), store, norm.scale, root, "hsae")
-    base = _train(HSAEConfig(**COMMON, rho=0.0, swap_rate=0.0), store, norm.scale, root, "baseline")
+    base = _train(HSAEConfig(**COMMON, rho=0.0, swap_rate=0.0), store, norm.scale, root,
+                  "baseline")
     save_hsae(hsae, root / "hsae")
     save_hsae(base, root / "baseline")
     base.forest = posthoc_forest(base, "encoder", 0.2, "partial")
@@ -60,9 +63,12 @@ def run(tmp_path_factory):
     ecfg = EvidenceConfig(n_top=4, n_sampled=2, buffer=4, batch_size=256)
     vocab = ["<pad>", "<s>", "</s>", "<unk>"] + [f" {w}" for w in WORDS]
     for name, model in (("hsae", hsae), ("baseline", base)):
-        levels = collect_evidence(model, lambda: EvalActivations(store, norm.scale, batch_size=256), ecfg)
-        save_evidence(levels, root / "evidence" / name, vocab=vocab, meta={"source": name}, cfg=ecfg)
-    batches = lambda: (b.activations for b in EvalActivations(store, norm.scale, batch_size=512))  # noqa: E731
+        levels = collect_evidence(
+            model, lambda: EvalActivations(store, norm.scale, batch_size=256), ecfg)
+        save_evidence(levels, root / "evidence" / name, vocab=vocab, meta={"source": name},
+                      cfg=ecfg)
+    batches = lambda: (b.activations  # noqa: E731
+                       for b in EvalActivations(store, norm.scale, batch_size=512))
     metrics = {"hsae": evaluate_hsae(hsae, batches()), "posthoc": evaluate_hsae(base, batches())}
     (root / "metrics.json").write_text(json.dumps(metrics))
     params = {"hierarchy": {"rho": 0.05, "swap_rate": 0.05}, "report": REPORT}
@@ -74,9 +80,11 @@ def stage(run, out: Path, *extra: str):
     from stages.report import app
 
     root = run["root"]
-    args = ["--params", root / "params.yaml", "--hsae", root / "hsae", "--posthoc", root / "posthoc",
+    args = ["--params", root / "params.yaml", "--hsae", root / "hsae",
+            "--posthoc", root / "posthoc",
             "--evidence", root / "evidence", "--metrics", root / "metrics.json",
-            "--store", root / "store.zarr", "--normalization", root / "normalization.json", "--out", out,
+            "--store", root / "store.zarr", "--normalization", root / "normalization.json",
+            "--out", out,
             "--judge", root / "no-judge.jsonl", "--ablations", root / "no-ablations.json", *extra]
     res = CliRunner().invoke(app, [str(a) for a in args])
     assert res.exit_code == 0, res.output + repr(res.exception)
@@ -118,8 +126,9 @@ def write_judge(run, path: Path) -> list[dict]:
         assert counts[parent] >= 2
         kids = (p == parent).nonzero(as_tuple=True)[0].tolist()[:2 if source == "hsae" else 1]
         for k, j in enumerate(kids):
-            rows.append({"source": source, "parent_level": 0, "parent": int(p[j]), "child_level": 1, "child": j,
-                         "order": "parent_first", "raw": "HaveRelationship: Yes", "verdict": "yes" if k == 0 else "no",
+            rows.append({"source": source, "parent_level": 0, "parent": int(p[j]),
+                         "child_level": 1, "child": j, "order": "parent_first",
+                         "raw": "HaveRelationship: Yes", "verdict": "yes" if k == 0 else "no",
                          "confidence": "High"})
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return rows
@@ -137,7 +146,8 @@ def test_site_data_match_a_dense_recount(run, tmp_path):
         seen: dict[tuple[int, int], dict] = {}
         for t, (l, i) in enumerate(zip(m["trees"]["l"], m["trees"]["i"])):
             key, tree = read_js(site / "data" / m["name"] / f"t{l}_{i}.js")
-            assert key == f"{m['name']}/t{l}_{i}" and tree["nodes"][0]["l"] == l and tree["nodes"][0]["i"] == i
+            assert (key == f"{m['name']}/t{l}_{i}" and tree["nodes"][0]["l"] == l
+                    and tree["nodes"][0]["i"] == i)
             assert m["trees"]["live"][t] == sum(fired[n["l"]][n["i"]] > 0 for n in tree["nodes"])
             for k, n in enumerate(tree["nodes"]):
                 seen[(n["l"], n["i"])] = n
@@ -149,8 +159,10 @@ def test_site_data_match_a_dense_recount(run, tmp_path):
                     want = joint[par["l"]][n["i"]] / c if c else None
                     assert (n["pc"] is None) if want is None else abs(n["pc"] - want) < 1e-4
         # every assigned feature, and every parent, is in exactly one tree
-        in_trees = {(l + 1, j) for l, p in enumerate(model.forest.parent_of) for j in (p >= 0).nonzero()[:, 0].tolist()}
-        in_trees |= {(l, int(i)) for l, p in enumerate(model.forest.parent_of) for i in p[p >= 0].unique()}
+        in_trees = {(l + 1, j) for l, p in enumerate(model.forest.parent_of)
+                    for j in (p >= 0).nonzero()[:, 0].tolist()}
+        in_trees |= {(l, int(i)) for l, p in enumerate(model.forest.parent_of)
+                     for i in p[p >= 0].unique()}
         assert set(seen) == in_trees
         assert sum(m["trees"]["size"]) == len(seen) and m["n_lone"] == sum(LEVELS) - len(seen)
         # contexts: tokens with activation are marked, intensity in percent of the feature's max
@@ -170,11 +182,13 @@ def _png_ok(path: Path) -> None:
 def test_figures_from_a_small_run(run, tmp_path):
     from hsae_core.pipeline.ablations import COLUMNS
 
-    # ablation rows as hsae_core.pipeline.ablations.experiment_rows gives them: the reference and a real
-    # rho = 0 retraining of the same small run
+    # ablation rows as hsae_core.pipeline.ablations.experiment_rows gives them: the reference and a
+    # real rho = 0 retraining of the same small run
     root = run["root"]
-    free = _train(HSAEConfig(**COMMON, rho=0.0, swap_rate=0.05), run["store"], run["scale"], tmp_path, "free")
-    batches = lambda: (b.activations for b in EvalActivations(run["store"], run["scale"], batch_size=512))  # noqa: E731
+    free = _train(HSAEConfig(**COMMON, rho=0.0, swap_rate=0.05), run["store"], run["scale"],
+                  tmp_path, "free")
+    batches = lambda: (b.activations  # noqa: E731
+                       for b in EvalActivations(run["store"], run["scale"], batch_size=512))
     ref = json.loads((root / "metrics.json").read_text())
     free_m = {"hsae": evaluate_hsae(free, batches()), "posthoc": ref["posthoc"]}
 
@@ -197,7 +211,8 @@ def test_figures_from_a_small_run(run, tmp_path):
         _png_ok(png)
         assert "<svg" in svg.read_text()[:2000]
     # Figure 4 has the reference, the post-hoc baseline and the real rho = 0 run; Figure 11 says
-    # the judge is missing (it is drawn as a note, not skipped); UMAP panels are real sibling groups
+    # the judge is missing (it is drawn as a note, not skipped); UMAP panels are real sibling
+    # groups
     fig4 = Path(figs["fig4"][1]).read_text()
     assert "not run" in fig4  # w/o perturbation was not run
     fig11 = Path(figs["fig11"][1]).read_text()
@@ -225,7 +240,8 @@ def _unavailable(reason: str) -> None:
 def test_site_in_headless_chromium(run, tmp_path):
     exe = _chromium()
     if exe is None:
-        _unavailable("no chromium on PATH (scripts/setup.sh installs Debian's `chromium` when run as root with apt)")
+        _unavailable("no chromium on PATH (scripts/setup.sh installs Debian's `chromium` "
+                     "when run as root with apt)")
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
@@ -238,9 +254,12 @@ def test_site_in_headless_chromium(run, tmp_path):
     shot = ARTIFACTS / "report_tree.png"
     errors: list[str] = []
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=exe, args=["--disable-dev-shm-usage"] + (["--no-sandbox"] if os.geteuid() == 0 else []))
+        browser = p.chromium.launch(executable_path=exe,
+                                    args=["--disable-dev-shm-usage"]
+                                    + (["--no-sandbox"] if os.geteuid() == 0 else []))
         page = browser.new_page(viewport={"width": 1280, "height": 900})
-        page.on("console", lambda m: errors.append(f"console.{m.type}: {m.text}") if m.type == "error" else None)
+        page.on("console", lambda m: (errors.append(f"console.{m.type}: {m.text}")
+                                      if m.type == "error" else None))
         page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
         page.goto((tmp_path / "report" / "site" / "index.html").as_uri())
         rows = page.locator("table.trees tbody tr")
@@ -249,8 +268,9 @@ def test_site_in_headless_chromium(run, tmp_path):
         # sorting by a column reorders the overview
         page.click("th[data-col=root]")
         first = page.locator("table.trees tbody tr").first.get_attribute("data-root")
-        assert first == f"t{min(zip(ov['models'][0]['trees']['l'], ov['models'][0]['trees']['i']))[0]}_" \
-                        f"{min(zip(ov['models'][0]['trees']['l'], ov['models'][0]['trees']['i']))[1]}"
+        assert first == (
+            f"t{min(zip(ov['models'][0]['trees']['l'], ov['models'][0]['trees']['i']))[0]}_"
+            f"{min(zip(ov['models'][0]['trees']['l'], ov['models'][0]['trees']['i']))[1]}")
         # open the tree of the first judged link's parent: contexts highlighted, verdict shown
         j = judged[0]
         page.goto((tmp_path / "report" / "site" / "index.html").as_uri() + "#/hsae")

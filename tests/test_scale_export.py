@@ -31,13 +31,15 @@ def models():
     hsae = Trainer(HSAEConfig(**base)).fit(SYN.batches(64, seed=1))
     baseline = Trainer(HSAEConfig(**(base | dict(rho=0.0, swap_rate=0.0, update_interval=0)))).fit(
         SYN.batches(64, seed=1))
-    baseline.forest = posthoc_forest(baseline, "encoder", 0.2, "partial", None)  # as build-posthoc-trees does
+    # as build-posthoc-trees does
+    baseline.forest = posthoc_forest(baseline, "encoder", 0.2, "partial", None)
     assert not hsae.forest.is_empty() and not baseline.forest.is_empty()
     return {"hsae": hsae, "baseline": baseline}
 
 
 def ours(model, level: int, x_raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Our level on raw inputs: dense codes of ``SCALE * x`` and the reconstruction in raw units."""
+    """Our level on raw inputs: dense codes of ``SCALE * x`` and the reconstruction in raw
+    units."""
     lv = model.levels[level]
     with torch.no_grad():
         code = lv.encode(SCALE * x_raw)
@@ -46,7 +48,8 @@ def ours(model, level: int, x_raw: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 
 @pytest.mark.parametrize("kind", ["hsae", "baseline"])
 def test_every_level_loads_in_saelens_and_matches_ours(tmp_path, models, kind):
-    sae_lens = pytest.importorskip("sae_lens", reason="sae-lens is not installed (pip install -e '.[dev]')")
+    sae_lens = pytest.importorskip("sae_lens",
+                                   reason="sae-lens is not installed (pip install -e '.[dev]')")
     model = models[kind]
     folders = export_saelens(model, tmp_path / kind, META, kind=kind)
     assert len(folders) == model.n_levels
@@ -56,7 +59,8 @@ def test_every_level_loads_in_saelens_and_matches_ours(tmp_path, models, kind):
         assert type(sae).__name__ == "JumpReLUSAE"
         assert sae.cfg.d_sae == model.cfg.level_sizes[level] and sae.cfg.d_in == 16
         assert sae.cfg.metadata.hook_name == "blocks.12.hook_resid_post"
-        assert sae.cfg.metadata.model_name == "google/gemma-2-2b" and sae.cfg.metadata.context_size == 1024
+        assert (sae.cfg.metadata.model_name == "google/gemma-2-2b"
+                and sae.cfg.metadata.context_size == 1024)
         codes, recon = ours(model, level, x)
         with torch.no_grad():
             theirs = sae.encode(x)
@@ -66,7 +70,8 @@ def test_every_level_loads_in_saelens_and_matches_ours(tmp_path, models, kind):
             torch.testing.assert_close(sae(x), recon, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(sae.cfg.d_sae))
     forest = json.loads((tmp_path / kind / "forest.json").read_text())
-    assert [p["parent_of"] for p in forest["pairs"]] == [p.tolist() for p in model.forest.parent_of]
+    assert ([p["parent_of"] for p in forest["pairs"]]
+            == [p.tolist() for p in model.forest.parent_of])
 
 
 def test_saebench_adapter_matches_ours(tmp_path, models):
@@ -102,13 +107,15 @@ def test_export_stage_writes_loadable_levels_and_names_bad_inputs(tmp_path, mode
     norm.save(tmp_path / "norm.json")
     save_hsae(models["hsae"], tmp_path / "hsae")
     save_hsae(models["baseline"], tmp_path / "posthoc")
-    args = ["--hsae", str(tmp_path / "hsae"), "--baseline", str(tmp_path / "posthoc"), "--store", str(store.path),
+    args = ["--hsae", str(tmp_path / "hsae"), "--baseline", str(tmp_path / "posthoc"),
+            "--store", str(store.path),
             "--normalization", str(tmp_path / "norm.json"), "--out", str(tmp_path / "export")]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     for kind, model in models.items():
         cfg = json.loads((tmp_path / "export" / kind / "level2" / "cfg.json").read_text())
-        assert cfg["d_sae"] == model.cfg.level_sizes[2] and cfg["metadata"]["hook_name"] == "blocks.0.hook_resid_post"
+        assert (cfg["d_sae"] == model.cfg.level_sizes[2]
+                and cfg["metadata"]["hook_name"] == "blocks.0.hook_resid_post")
         assert cfg["metadata"]["hsae"]["activation_scale"] == pytest.approx(norm.scale)
         forest = json.loads((tmp_path / "export" / kind / "forest.json").read_text())
         assert forest["pairs"][1]["parent_of"] == model.forest.parent_of[1].tolist()

@@ -66,14 +66,16 @@ class _LocalConfig:
 
 
 class JumpReLULevelSAE(_Base):
-    """One exported level in SAEBench's custom-SAE form: ``encode(x) = ReLU(pre) * (pre > threshold)``
-    with ``pre = x W_enc + b_enc`` on raw activations, ``decode(a) = a W_dec + b_dec``."""
+    """One exported level in SAEBench's custom-SAE form:
+    ``encode(x) = ReLU(pre) * (pre > threshold)`` with ``pre = x W_enc + b_enc`` on raw
+    activations, ``decode(a) = a W_dec + b_dec``."""
 
-    def __init__(self, d_in: int, d_sae: int, model_name: str, hook_layer: int, device: torch.device | str,
-                 dtype: torch.dtype, hook_name: str | None = None):
+    def __init__(self, d_in: int, d_sae: int, model_name: str, hook_layer: int,
+                 device: torch.device | str, dtype: torch.dtype, hook_name: str | None = None):
         hook_name = hook_name or f"blocks.{hook_layer}.hook_resid_post"
         if HAVE_SAEBENCH:
-            super().__init__(d_in, d_sae, model_name, hook_layer, torch.device(device), dtype, hook_name)
+            super().__init__(d_in, d_sae, model_name, hook_layer, torch.device(device), dtype,
+                             hook_name)
         else:
             super().__init__()
             self.W_enc = nn.Parameter(torch.zeros(d_in, d_sae))
@@ -94,7 +96,8 @@ class JumpReLULevelSAE(_Base):
         folder = fsio.as_location(folder)
         cfg = fsio.read_json(fsio.join(folder, SAELENS_CONFIG))
         md = cfg["metadata"]
-        sae = cls(cfg["d_in"], cfg["d_sae"], md["model_name"], md["hook_layer"], device, dtype, md["hook_name"])
+        sae = cls(cfg["d_in"], cfg["d_sae"], md["model_name"], md["hook_layer"], device, dtype,
+                  md["hook_name"])
         state = load_bytes(fsio.read_bytes(fsio.join(folder, SAELENS_WEIGHTS)))
         with torch.no_grad():
             for name in ("W_enc", "W_dec", "b_enc", "b_dec", "threshold"):
@@ -123,7 +126,8 @@ class JumpReLULevelSAE(_Base):
 
 
 def saebench_selection(export_root: str | Path, kinds: tuple[str, ...] = ("hsae", "baseline"),
-                       device: str = "cuda", dtype: torch.dtype = torch.bfloat16) -> list[tuple[str, Any]]:
+                       device: str = "cuda",
+                       dtype: torch.dtype = torch.bfloat16) -> list[tuple[str, Any]]:
     """``[(name, sae)]`` for every level of every exported model under ``export_root``: the
     ``selected_saes`` list SAEBench's evals take."""
     root = fsio.as_location(export_root)
@@ -131,10 +135,12 @@ def saebench_selection(export_root: str | Path, kinds: tuple[str, ...] = ("hsae"
     for kind in kinds:
         info = fsio.join(root, f"{kind}/export.json")
         if not fsio.exists(info):
-            raise FileNotFoundError(f"no export at {fsio.join(root, kind)}: run `python -m stages.export_saelens`")
+            raise FileNotFoundError(f"no export at {fsio.join(root, kind)}: "
+                                    "run `python -m stages.export_saelens`")
         n_levels = fsio.read_json(info)["levels"]
         for level in range(n_levels):
-            sae = JumpReLULevelSAE.from_export(fsio.join(root, f"{kind}/level{level}"), device, dtype)
+            sae = JumpReLULevelSAE.from_export(fsio.join(root, f"{kind}/level{level}"), device,
+                                               dtype)
             out.append((f"{kind}_level{level}_{sae.cfg.d_sae}", sae))
     return out
 
@@ -145,7 +151,8 @@ def run_saebench(selection: list[tuple[str, Any]], evals: list[str], model_name:
     """Run the chosen SAEBench evals on ``selection`` (SAEBench's ``run_all_evals_custom_saes``
     pattern; results under ``output/<eval>``). Needs ``sae_bench``, internet and a GPU."""
     if not HAVE_SAEBENCH:
-        raise ImportError("SAEBench is not installed: pip install sae-bench (it needs internet and a GPU)")
+        raise ImportError("SAEBench is not installed: pip install sae-bench "
+                          "(it needs internet and a GPU)")
     unknown = sorted(set(evals) - set(EVALS))
     if unknown:
         raise ValueError(f"unknown SAEBench eval(s) {unknown}; choose from {EVALS}")
@@ -161,21 +168,24 @@ def run_saebench(selection: list[tuple[str, Any]], evals: list[str], model_name:
                                 compute_featurewise_density_statistics=True,
                                 compute_featurewise_weight_based_metrics=True,
                                 exclude_special_tokens_from_reconstruction=True,
-                                dataset="Skylion007/openwebtext", context_size=128, output_folder=folder,
-                                verbose=True, dtype=llm_dtype, device=device)
+                                dataset="Skylion007/openwebtext", context_size=128,
+                                output_folder=folder, verbose=True, dtype=llm_dtype, device=device)
         elif ev == "sparse_probing":
             import sae_bench.evals.sparse_probing.main as sp
             sp.run_eval(sp.SparseProbingEvalConfig(model_name=model_name, random_seed=seed,
-                                                   llm_batch_size=llm_batch_size, llm_dtype=llm_dtype),
+                                                   llm_batch_size=llm_batch_size,
+                                                   llm_dtype=llm_dtype),
                         selection, device, folder, False)
         elif ev == "absorption":
             import sae_bench.evals.absorption.main as ab
             ab.run_eval(ab.AbsorptionEvalConfig(model_name=model_name, random_seed=seed,
-                                                llm_batch_size=llm_batch_size, llm_dtype=llm_dtype),
+                                                llm_batch_size=llm_batch_size,
+                                                llm_dtype=llm_dtype),
                         selection, device, folder, False)
         elif ev in ("scr", "tpp"):
             import sae_bench.evals.scr_and_tpp.main as st
-            st.run_eval(st.ScrAndTppEvalConfig(model_name=model_name, random_seed=seed, perform_scr=ev == "scr",
+            st.run_eval(st.ScrAndTppEvalConfig(model_name=model_name, random_seed=seed,
+                                               perform_scr=ev == "scr",
                                                llm_batch_size=llm_batch_size, llm_dtype=llm_dtype),
                         selection, device, str(Path(output)), False, clean_up_activations=True)
         elif ev == "autointerp":
@@ -183,7 +193,8 @@ def run_saebench(selection: list[tuple[str, Any]], evals: list[str], model_name:
                 raise ValueError("autointerp needs an OpenAI API key (--api-key-file)")
             import sae_bench.evals.autointerp.main as ai
             ai.run_eval(ai.AutoInterpEvalConfig(model_name=model_name, random_seed=seed,
-                                                llm_batch_size=llm_batch_size, llm_dtype=llm_dtype),
+                                                llm_batch_size=llm_batch_size,
+                                                llm_dtype=llm_dtype),
                         selection, device, api_key, folder, False)
 
 

@@ -87,20 +87,22 @@ def saelens_config(model: HSAE, level: int, meta: ExportMetadata, kind: str) -> 
         "normalize_activations": "none", "reshape_activations": "none",
         "metadata": {
             "sae_lens_version": SAELENS_FORMAT_VERSION, "sae_lens_training_version": None,
-            "model_name": meta.model_name, "hook_name": meta.hook_name, "hook_layer": meta.hook_layer,
+            "model_name": meta.model_name, "hook_name": meta.hook_name,
+            "hook_layer": meta.hook_layer,
             "hook_head_index": None, "context_size": meta.context_size, "prepend_bos": True,
             "dataset_path": meta.dataset_path, "model_from_pretrained_kwargs": {},
             "hsae": {"kind": kind, "level": level, "level_sizes": list(cfg.level_sizes),
                      "activation_scale": meta.activation_scale,
-                     "normalization": "folded: inputs are raw activations, feature activations are "
-                                      "the trained model's divided by activation_scale",
+                     "normalization": "folded: inputs are raw activations, feature activations "
+                                      "are the trained model's divided by activation_scale",
                      "target_l0": cfg.target_l0, "forest": f"../{FOREST_JSON}"},
         },
     }
 
 
 def forest_json(model: HSAE) -> dict:
-    """The forest as JSON: per level pair, the parent id in level l of each feature of l+1 (-1 = none)."""
+    """The forest as JSON: per level pair, the parent id in level l of each feature of l+1
+    (-1 = none)."""
     forest = model.forest
     return {"format": "hsae-forest", "level_sizes": list(forest.level_sizes),
             "levels": [f"level{l}" for l in range(model.n_levels)],
@@ -108,7 +110,8 @@ def forest_json(model: HSAE) -> dict:
                       for l, p in enumerate(forest.parent_of)]}
 
 
-def export_saelens(model: HSAE, out: str | Path, meta: ExportMetadata, kind: str = "hsae") -> list[str | Path]:
+def export_saelens(model: HSAE, out: str | Path, meta: ExportMetadata,
+                   kind: str = "hsae") -> list[str | Path]:
     """Write every level of ``model`` as a SAELens JumpReLU folder under ``out`` (a path or fsspec
     URL) and the forest beside them; return the level folders."""
     out = fsio.as_location(out)
@@ -122,9 +125,10 @@ def export_saelens(model: HSAE, out: str | Path, meta: ExportMetadata, kind: str
         folders.append(folder)
     fsio.write_bytes(fsio.join(out, FOREST_JSON), json.dumps(forest_json(model)).encode())
     fsio.write_bytes(fsio.join(out, "export.json"), json.dumps(
-        {"kind": kind, "levels": len(folders), **asdict(meta), "hook_name": meta.hook_name}, indent=2).encode())
+        {"kind": kind, "levels": len(folders), **asdict(meta), "hook_name": meta.hook_name},
+        indent=2).encode())
     return folders
 
 
-__all__ = ["ExportMetadata", "FOREST_JSON", "SAELENS_CONFIG", "SAELENS_FORMAT_VERSION", "SAELENS_WEIGHTS",
-           "export_saelens", "forest_json", "saelens_config", "saelens_tensors"]
+__all__ = ["ExportMetadata", "FOREST_JSON", "SAELENS_CONFIG", "SAELENS_FORMAT_VERSION",
+           "SAELENS_WEIGHTS", "export_saelens", "forest_json", "saelens_config", "saelens_tensors"]

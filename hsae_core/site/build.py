@@ -112,14 +112,17 @@ def _num(v: float, digits: int = 4):
 
 
 def _script(key: str, value) -> str:
-    return f"HSAE.put({json.dumps(key)},{json.dumps(value, separators=(',', ':'), ensure_ascii=False)});\n"
+    return (f"HSAE.put({json.dumps(key)},"
+            f"{json.dumps(value, separators=(',', ':'), ensure_ascii=False)});\n")
 
 
-def _node(view: ModelView, idx: TreeIndex, level: int, i: int, parent: int, pc, cp, limit: int) -> dict:
+def _node(view: ModelView, idx: TreeIndex, level: int, i: int, parent: int, pc, cp,
+          limit: int) -> dict:
     ctxs = view.contexts(level, i)
     payload, amax = _ctx_payload(ctxs, limit)
     node = {"l": level, "i": i, "p": parent, "f": _num(idx.freq[level][i], 6),
-            "n": int(idx.n_children[level][i]), "pc": pc, "cp": cp, "ctx": payload, "amax": _num(amax, 3),
+            "n": int(idx.n_children[level][i]), "pc": pc, "cp": cp, "ctx": payload,
+            "amax": _num(amax, 3),
             "top": " | ".join(_node_tokens(ctxs, 3)), "toks": _node_tokens(ctxs)}
     return node
 
@@ -201,15 +204,16 @@ def _write_model(folder: Path, view: ModelView, limit: int) -> dict:
     pcs = [stats.p_parent_given_child(l) for l in range(len(sizes) - 1)]
     cps = [stats.p_child_given_parent(l) for l in range(len(sizes) - 1)]
     labels: list[list[str]] = [[""] * n for n in sizes]
-    cols = {k: [] for k in ("l", "i", "size", "live", "kids", "depth", "branch", "f", "top", "judged", "yes")}
+    cols = {k: [] for k in ("l", "i", "size", "live", "kids", "depth", "branch", "f", "top",
+                            "judged", "yes")}
     for g in idx.tree_roots().tolist():
         level, i = idx.split(g)
         nodes = _tree_nodes(view, idx, level, i, limit, pcs, cps, children)
         for n in nodes:
             labels[n["l"]][n["i"]] = " | ".join(n.pop("toks"))
         key = f"{view.name}/t{level}_{i}"
-        (folder / f"t{level}_{i}.js").write_text(_script(key, {"model": view.name, "nodes": nodes}),
-                                                 encoding="utf-8")
+        (folder / f"t{level}_{i}.js").write_text(
+            _script(key, {"model": view.name, "nodes": nodes}), encoding="utf-8")
         internal = sum(1 for n in nodes if n["n"] > 0)
         judged = [v[0] for n in nodes for v in n.get("j", []) if v[0] in ("yes", "no")]
         cols["l"].append(level)
@@ -238,13 +242,16 @@ def _write_model(folder: Path, view: ModelView, limit: int) -> dict:
                 nodes[str(i)] = node
             (folder / f"s{level}_{c // SINGLE_CHUNK}.js").write_text(
                 _script(f"{view.name}/s{level}_{c // SINGLE_CHUNK}", nodes), encoding="utf-8")
-    roots = [[idx.split(int(g)) for g in idx.root[idx.offsets[l]:idx.offsets[l + 1]]] for l in range(len(sizes))]
-    search = {"root": [[r[0] * 10_000_000 + r[1] for r in level] for level in roots], "toks": labels,
+    roots = [[idx.split(int(g)) for g in idx.root[idx.offsets[l]:idx.offsets[l + 1]]]
+             for l in range(len(sizes))]
+    search = {"root": [[r[0] * 10_000_000 + r[1] for r in level] for level in roots],
+              "toks": labels,
               "f": [[_num(v, 6) for v in idx.freq[l]] for l in range(len(sizes))]}
     (folder / "search.js").write_text(_script(f"{view.name}/search", search), encoding="utf-8")
     judged = sum(cols["judged"])
-    return {"name": view.name, "label": view.label, "level_sizes": list(sizes), "tokens": stats.tokens,
-            "single_chunk": SINGLE_CHUNK, "n_lone": int(lone.sum()), "judge": view.judge is not None,
+    return {"name": view.name, "label": view.label, "level_sizes": list(sizes),
+            "tokens": stats.tokens, "single_chunk": SINGLE_CHUNK, "n_lone": int(lone.sum()),
+            "judge": view.judge is not None,
             "judged_links": judged, "notes": view.notes, "trees": cols}
 
 

@@ -89,8 +89,10 @@ def fig3_hierarchy(out: Path, metrics: dict | None, judge_pairs: Sequence[dict] 
     for ax, (key, name) in zip(axes, (("hamming", "(a) Hamming distance \u2193"),
                                       ("p_parent_given_child", "(b) P(parent | child) \u2191"),
                                       ("p_child_given_parent", "(c) P(child | parent) \u2191"))):
-        for k, (model, color, label) in enumerate((("hsae", HSAE_C, "HSAE"), ("posthoc", BASE_C, "post-hoc baseline"))):
-            vals = [metrics[model].get(f"pair{p}", {}).get(key) for p in pairs] + [metrics[model].get("mean", {}).get(key)]
+        for k, (model, color, label) in enumerate((("hsae", HSAE_C, "HSAE"),
+                                                    ("posthoc", BASE_C, "post-hoc baseline"))):
+            vals = ([metrics[model].get(f"pair{p}", {}).get(key) for p in pairs]
+                    + [metrics[model].get("mean", {}).get(key)])
             vals = [v if _ok(v) else np.nan for v in vals]
             bars = ax.bar(x + (k - 0.5) * 0.38, vals, 0.38, color=color, label=label)
             ax.bar_label(bars, fmt="%.3g", fontsize=7)
@@ -103,12 +105,14 @@ def fig3_hierarchy(out: Path, metrics: dict | None, judge_pairs: Sequence[dict] 
     ax.set_title("(d) AutoInterp: judge's Yes rate \u2191", fontsize=10)
     rates = judge_rates(judge_pairs)
     if not rates:
-        _note(ax, judge_note or "no judge output yet (data/judge/pairs.jsonl): run the judge stage", width=30)
+        _note(ax, judge_note or ("no judge output yet (data/judge/pairs.jsonl): "
+                                 "run the judge stage"), width=30)
     else:
         names = [s for s in ("hsae", "posthoc", "random") if s in rates]
         colors = {"hsae": HSAE_C, "posthoc": BASE_C, "random": RAND_C}
         bars = ax.bar(names, [rates[s]["rate"] for s in names], color=[colors[s] for s in names])
-        ax.bar_label(bars, labels=[f"{rates[s]['rate']:.2f}\n(n={rates[s]['n']})" for s in names], fontsize=7)
+        ax.bar_label(bars, labels=[f"{rates[s]['rate']:.2f}\n(n={rates[s]['n']})" for s in names],
+                     fontsize=7)
         ax.set_ylim(0, 1.15)
         judges = sorted({str(p.get("model")) for p in judge_pairs if p.get("model")})
         if judges:
@@ -137,7 +141,8 @@ def find_row(rows: Sequence[dict], overrides: dict | None) -> dict | None:
 
 
 HOW_TO_ABLATE = ("run the ablations (`python -m stages.ablations queue`, `dvc queue start -j 1`), "
-                 "then `dvc exp show --json > metrics/ablations.json` and `dvc repro -f -s report`")
+                 "then `dvc exp show --json > metrics/ablations.json` "
+                 "and `dvc repro -f -s report`")
 
 
 def fig_ablation(out: Path, stem: str, title: str, rows: Sequence[dict] | None,
@@ -153,28 +158,33 @@ def fig_ablation(out: Path, stem: str, title: str, rows: Sequence[dict] | None,
         row = find_row(rows, overrides)
         v = row.get(column) if row else None
         if _ok(v):
-            color = BASE_C if column.startswith("post-hoc") else (HSAE_C if not overrides else "#f2b26b")
+            color = (BASE_C if column.startswith("post-hoc")
+                     else (HSAE_C if not overrides else "#f2b26b"))
             b = ax.bar([k], [v], color=color)
             ax.bar_label(b, fmt="%.3g", fontsize=8)
         else:
             ax.bar([k], [0], color=MISSING_C)
-            ax.text(k, 0, "not run", ha="center", va="bottom", fontsize=8, color="#8a4b00", rotation=90)
+            ax.text(k, 0, "not run", ha="center", va="bottom", fontsize=8, color="#8a4b00",
+                    rotation=90)
             missing.append(label.replace("\n", " "))
     ax.set_xticks(range(len(bars)), [b[0] for b in bars], fontsize=8)
     ax.set_ylabel("Hamming distance \u2193\n(mean over level pairs)")
     ax.set_title(title, fontsize=10)
     if missing:
-        ax.set_xlabel(textwrap.fill("not run yet: " + ", ".join(missing), 70), fontsize=8, color="#8a4b00")
+        ax.set_xlabel(textwrap.fill("not run yet: " + ", ".join(missing), 70), fontsize=8,
+                      color="#8a4b00")
     fig.tight_layout()
     return _save(fig, out, stem)
 
 
-def fig8_tradeoff(out: Path, rows: Sequence[dict] | None, reference: dict[str, float]) -> list[Path]:
+def fig8_tradeoff(out: Path, rows: Sequence[dict] | None,
+                  reference: dict[str, float]) -> list[Path]:
     """Figure 8: FVE vs Hamming for the rho sweep and the r sweep (reference point included);
     ``reference`` = the reference run's {"hierarchy.rho": ..., "hierarchy.swap_rate": ...}."""
     title = "Figure 8: consistency / fidelity trade-off"
     if not rows:
-        return missing_figure(out, "fig8_tradeoff", title, "no ablation results found:\n" + HOW_TO_ABLATE)
+        return missing_figure(out, "fig8_tradeoff", title,
+                              "no ablation results found:\n" + HOW_TO_ABLATE)
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, key, name in ((axes[0], "hierarchy.rho", "(a) constraint weight \u03c1"),
@@ -189,13 +199,16 @@ def fig8_tradeoff(out: Path, rows: Sequence[dict] | None, reference: dict[str, f
                 pts.append((float(changed[key]), row["FVE"], row["Hamming"]))
         ax.set_title(name, fontsize=10)
         if len(pts) < 2:
-            _note(ax, f"{len(pts)} run(s) with only {key} changed: the sweep needs at least two.\n" + HOW_TO_ABLATE)
+            _note(ax, f"{len(pts)} run(s) with only {key} changed: the sweep needs at least two.\n"
+                  + HOW_TO_ABLATE)
             continue
         pts.sort(key=lambda p: (p[0] is None, p[0]))
         vals = np.array([p[0] if p[0] is not None else np.nan for p in pts], dtype=float)
-        sc = ax.scatter([p[1] for p in pts], [p[2] for p in pts], c=np.log10(np.maximum(vals, 1e-6)), cmap="viridis", s=50)
+        sc = ax.scatter([p[1] for p in pts], [p[2] for p in pts],
+                        c=np.log10(np.maximum(vals, 1e-6)), cmap="viridis", s=50)
         for v, fve, ham in pts:
-            ax.annotate(f"{v:g}" if v is not None else "ref", (fve, ham), textcoords="offset points", xytext=(5, 4), fontsize=8)
+            ax.annotate(f"{v:g}" if v is not None else "ref", (fve, ham),
+                        textcoords="offset points", xytext=(5, 4), fontsize=8)
         fig.colorbar(sc, ax=ax, label=f"log10 {key.split('.')[1]}")
         ax.set_xlabel("fraction of variance explained (mean over levels) \u2192")
         ax.set_ylabel("Hamming distance \u2193")
@@ -212,7 +225,8 @@ def fig_umap(out: Path, stem: str, title: str, panels: Sequence[dict], seed: int
     ``parent`` (level, id), ``siblings`` [(level, id)], ``unrelated`` (level, id) and
     ``inputs`` {(level, id): [n, d] array}; one subplot per panel."""
     if not panels:
-        return missing_figure(out, stem, title, reason or "no parent with two children that both fire enough")
+        return missing_figure(out, stem, title,
+                              reason or "no parent with two children that both fire enough")
     import umap
 
     plt = _plt()
@@ -231,9 +245,11 @@ def fig_umap(out: Path, stem: str, title: str, panels: Sequence[dict], seed: int
             part = emb[start:start + len(x)]
             start += len(x)
             unrelated = k == len(feats) - 1
-            label = (f"unrelated L{f[0]}#{f[1]}" if unrelated else f"sibling L{f[0]}#{f[1]}") + f" (n={len(x)})"
+            label = ((f"unrelated L{f[0]}#{f[1]}" if unrelated else f"sibling L{f[0]}#{f[1]}")
+                     + f" (n={len(x)})")
             ax.scatter(part[:, 0], part[:, 1], s=7, alpha=0.6, label=label,
-                       color="#555555" if unrelated else palette[k % len(palette)], marker="x" if unrelated else "o")
+                       color="#555555" if unrelated else palette[k % len(palette)],
+                       marker="x" if unrelated else "o")
         p = panel["parent"]
         ax.set_title(f"siblings under parent L{p[0]}#{p[1]} vs an unrelated feature", fontsize=9)
         ax.legend(fontsize=7, markerscale=2)
@@ -248,7 +264,8 @@ def fig_umap(out: Path, stem: str, title: str, panels: Sequence[dict], seed: int
 
 # ----- Figure 11 --------------------------------------------------------------------------------
 
-def root_scores(pairs: Sequence[dict] | None, n_children_root: np.ndarray, source: str = "hsae") -> dict[int, float]:
+def root_scores(pairs: Sequence[dict] | None, n_children_root: np.ndarray,
+                source: str = "hsae") -> dict[int, float]:
     """Per judged root (a level-0 parent with children): its Yes rate over its judged links."""
     got: dict[int, list[int]] = {}
     for p in pairs or []:
@@ -267,18 +284,21 @@ def fig11_branching(out: Path, pairs: Sequence[dict] | None, n_children_root: np
     scores = root_scores(pairs, n_children_root)
     if not scores:
         return missing_figure(out, "fig11_branching", title, judge_note or (
-            "no judge output with HSAE level-0 parents (data/judge/pairs.jsonl): run the judge stage"))
+            "no judge output with HSAE level-0 parents (data/judge/pairs.jsonl): "
+            "run the judge stage"))
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     single = [s for r, s in scores.items() if n_children_root[r] == 1]
     multi = [s for r, s in scores.items() if n_children_root[r] > 1]
     bins = np.linspace(0, 1, 11)
-    for vals, color, name in ((single, BASE_C, "single child"), (multi, HSAE_C, "multiple children")):
+    for vals, color, name in ((single, BASE_C, "single child"),
+                              (multi, HSAE_C, "multiple children")):
         if vals:
             ax.hist(vals, bins=bins, alpha=0.6, color=color, density=True,
                     label=f"{name}: n={len(vals)}, mean {np.mean(vals):.3f}")
     if single and multi:
-        ax.set_title(f"{title}\ngap (multi - single) = {100 * (np.mean(multi) - np.mean(single)):+.2f} points", fontsize=10)
+        ax.set_title(f"{title}\ngap (multi - single) = "
+                     f"{100 * (np.mean(multi) - np.mean(single)):+.2f} points", fontsize=10)
     else:
         ax.set_title(f"{title}\n(only one group judged: no gap)", fontsize=10)
     ax.set_xlabel("root's judge Yes rate over its judged links")
@@ -288,5 +308,5 @@ def fig11_branching(out: Path, pairs: Sequence[dict] | None, n_children_root: np
     return _save(fig, out, "fig11_branching")
 
 
-__all__ = ["fig11_branching", "fig3_hierarchy", "fig8_tradeoff", "fig_ablation", "fig_umap", "find_row",
-           "judge_rates", "missing_figure", "root_scores"]
+__all__ = ["fig11_branching", "fig3_hierarchy", "fig8_tradeoff", "fig_ablation", "fig_umap",
+           "find_row", "judge_rates", "missing_figure", "root_scores"]

@@ -26,8 +26,9 @@ Batches = Callable[[], Iterable[torch.Tensor]]
 
 
 def evidence_contexts(ev: Evidence | None) -> Callable[[int, int], list]:
-    """A feature's contexts from collected evidence (hsae_core.evaluation.evidence): top ones first, then
-    the activation-sampled ones, each as (token strings, activations) without padding."""
+    """A feature's contexts from collected evidence (hsae_core.evaluation.evidence): top ones
+    first, then the activation-sampled ones, each as (token strings, activations) without
+    padding."""
     if ev is None:
         return lambda level, i: []
     vocab = ev.vocab
@@ -40,7 +41,8 @@ def evidence_contexts(ev: Evidence | None) -> Callable[[int, int], list]:
                 continue
             ids = lv.token_ids[i, e]
             keep = ids != PAD
-            out.append(([vocab[t] if 0 <= t < len(vocab) else "\ufffd" for t in ids[keep].tolist()],
+            out.append(([vocab[t] if 0 <= t < len(vocab) else "\ufffd"
+                         for t in ids[keep].tolist()],
                         lv.acts[i, e][keep].tolist()))
         return out
     return contexts
@@ -54,8 +56,10 @@ def judge_verdicts(pairs: Sequence[dict] | None, source: str) -> dict | None:
     out: dict = {}
     for p in pairs:
         if p.get("source") == source:
-            key = (int(p["parent_level"]), int(p["parent"]), int(p["child_level"]), int(p["child"]))
-            out.setdefault(key, []).append((str(p["verdict"]), str(p.get("confidence") or ""), str(p.get("order") or "")))
+            key = (int(p["parent_level"]), int(p["parent"]), int(p["child_level"]),
+                   int(p["child"]))
+            out.setdefault(key, []).append((str(p["verdict"]), str(p.get("confidence") or ""),
+                                            str(p.get("order") or "")))
     return out
 
 
@@ -80,10 +84,12 @@ class UmapPanel:
     unrelated: tuple[int, int]
 
 
-def choose_umap_panels(stats: ForestStats, cfg: ReportConfig, max_siblings: int = 3) -> list[UmapPanel]:
+def choose_umap_panels(stats: ForestStats, cfg: ReportConfig,
+                       max_siblings: int = 3) -> list[UmapPanel]:
     """Sibling groups for Figures 5/10: parents whose two best-firing children both fire on at
     least ``umap_min_fires`` tokens (best groups first; the paper's example is siblings at
-    level 2), each against the best-firing eligible feature of the siblings' level in another tree."""
+    level 2), each against the best-firing eligible feature of the siblings' level in another
+    tree."""
     forest = stats.forest
     idx = TreeIndex.of(forest)
     cands = []
@@ -105,7 +111,8 @@ def choose_umap_panels(stats: ForestStats, cfg: ReportConfig, max_siblings: int 
         other = [j for j in np.argsort(-fired, kind="stable").tolist()
                  if fired[j] >= cfg.umap_min_fires and idx.root[idx.offsets[level] + j] != tree]
         if other:
-            panels.append(UmapPanel((pair, p), [(level, k) for k in kids], (level, other[len(panels) % len(other)])))
+            panels.append(UmapPanel((pair, p), [(level, k) for k in kids],
+                                    (level, other[len(panels) % len(other)])))
     return panels
 
 
@@ -116,9 +123,11 @@ def build_report(out: Path, models: dict[str, HSAE], batches: Batches, cfg: Repo
                  log: Callable[[str], None] = print) -> dict:
     """Write ``out/site`` (the browser) and ``out/figures``; return a summary (also written to
     ``out/summary.json``). ``models`` maps "hsae" and "baseline" (the post-hoc forest) to models;
-    ``evidence`` the same names to collected evidence (None: contexts are absent, the site says so)."""
+    ``evidence`` the same names to collected evidence (None: contexts are absent, the site says
+    so)."""
     out = Path(out)
-    labels = labels or {"hsae": "HSAE", "baseline": "Baseline (independent SAEs + post-hoc forest)"}
+    labels = labels or {"hsae": "HSAE",
+                        "baseline": "Baseline (independent SAEs + post-hoc forest)"}
     sources = {"hsae": "hsae", "baseline": "posthoc"}
     stats: dict[str, ForestStats] = {}
     views = []
@@ -126,9 +135,11 @@ def build_report(out: Path, models: dict[str, HSAE], batches: Batches, cfg: Repo
         stats[name] = forest_stats(model, batches())
         notes = []
         if evidence.get(name) is None:
-            notes.append(f"No collected evidence for {name}: contexts are absent (run `dvc repro collect-evidence`).")
+            notes.append(f"No collected evidence for {name}: contexts are absent "
+                         "(run `dvc repro collect-evidence`).")
         views.append(ModelView(name, labels.get(name, name), model.forest.to("cpu"), stats[name],
-                               evidence_contexts(evidence.get(name)), judge_verdicts(judge_pairs, sources.get(name, name)),
+                               evidence_contexts(evidence.get(name)),
+                               judge_verdicts(judge_pairs, sources.get(name, name)),
                                notes))
         log(f"report: {name}: counted firings over {stats[name].tokens} eval tokens")
     index = write_site(out / "site", views, contexts_per_feature=cfg.contexts_per_feature,
@@ -142,15 +153,24 @@ def build_report(out: Path, models: dict[str, HSAE], batches: Batches, cfg: Repo
         written[name] = [str(p) for p in paths]
 
     keep("fig3", figures.fig3_hierarchy(fig_dir, metrics, judge_pairs, judge_note))
-    keep("fig4", figures.fig_ablation(fig_dir, "fig4_mechanisms", "Figure 4: ablation of training mechanisms", ablation_rows, [
-        ("Baseline\n(post-hoc)", "post-hoc Hamming", {}), ("w/o constraint\n(\u03c1 = 0)", "Hamming", {"hierarchy.rho": 0.0}),
-        ("w/o perturbation\n(r = 0)", "Hamming", {"hierarchy.swap_rate": 0.0}), ("HSAE", "Hamming", {})]))
-    keep("fig7", figures.fig_ablation(fig_dir, "fig7_similarity", "Figure 7: similarity metric of hierarchy updates", ablation_rows, [
-        ("Co-activ", "Hamming", {"hierarchy.similarity": "coactivation"}),
-        ("Decoder", "Hamming", {"hierarchy.similarity": "decoder"}), ("Encoder (HSAE)", "Hamming", {})]))
-    keep("fig9", figures.fig_ablation(fig_dir, "fig9_tree", "Figure 9: tree structural assumptions", ablation_rows, [
-        ("Fix tree", "Hamming", {"hierarchy.tree": "fixed"}), ("Full tree", "Hamming", {"hierarchy.tree": "full"}),
-        ("Binary tree", "Hamming", {"hierarchy.tree": "binary"}), ("HSAE\n(partial)", "Hamming", {})]))
+    keep("fig4", figures.fig_ablation(
+        fig_dir, "fig4_mechanisms", "Figure 4: ablation of training mechanisms", ablation_rows, [
+            ("Baseline\n(post-hoc)", "post-hoc Hamming", {}),
+            ("w/o constraint\n(\u03c1 = 0)", "Hamming", {"hierarchy.rho": 0.0}),
+            ("w/o perturbation\n(r = 0)", "Hamming", {"hierarchy.swap_rate": 0.0}),
+            ("HSAE", "Hamming", {})]))
+    keep("fig7", figures.fig_ablation(
+        fig_dir, "fig7_similarity", "Figure 7: similarity metric of hierarchy updates",
+        ablation_rows, [
+            ("Co-activ", "Hamming", {"hierarchy.similarity": "coactivation"}),
+            ("Decoder", "Hamming", {"hierarchy.similarity": "decoder"}),
+            ("Encoder (HSAE)", "Hamming", {})]))
+    keep("fig9", figures.fig_ablation(
+        fig_dir, "fig9_tree", "Figure 9: tree structural assumptions", ablation_rows, [
+            ("Fix tree", "Hamming", {"hierarchy.tree": "fixed"}),
+            ("Full tree", "Hamming", {"hierarchy.tree": "full"}),
+            ("Binary tree", "Hamming", {"hierarchy.tree": "binary"}),
+            ("HSAE\n(partial)", "Hamming", {})]))
     keep("fig8", figures.fig8_tradeoff(fig_dir, ablation_rows, reference_params))
 
     hsae = models["hsae"]
@@ -158,18 +178,23 @@ def build_report(out: Path, models: dict[str, HSAE], batches: Batches, cfg: Repo
     if panels:
         feats = sorted({f for p in panels for f in [*p.siblings, p.unrelated]})
         inputs = feature_inputs(hsae, batches(), feats, cfg.umap_points)
-        data = [{"parent": p.parent, "siblings": p.siblings, "unrelated": p.unrelated, "inputs": inputs} for p in panels]
+        data = [{"parent": p.parent, "siblings": p.siblings, "unrelated": p.unrelated,
+                 "inputs": inputs} for p in panels]
     else:
         data = []
     why = f"no HSAE parent has two children firing on >= {cfg.umap_min_fires} eval tokens"
-    keep("fig5", figures.fig_umap(fig_dir, "fig5_umap", "Figure 5: siblings vs an unrelated feature (UMAP of activations)",
-                                  data[:1], cfg.seed, why))
-    keep("fig10", figures.fig_umap(fig_dir, "fig10_umap", "Figure 10: more sibling groups (UMAP of activations)",
-                                   data, cfg.seed, why))
-    keep("fig11", figures.fig11_branching(fig_dir, judge_pairs, hsae.forest.n_children(0).cpu().numpy(), judge_note))
+    keep("fig5", figures.fig_umap(
+        fig_dir, "fig5_umap", "Figure 5: siblings vs an unrelated feature (UMAP of activations)",
+        data[:1], cfg.seed, why))
+    keep("fig10", figures.fig_umap(
+        fig_dir, "fig10_umap", "Figure 10: more sibling groups (UMAP of activations)",
+        data, cfg.seed, why))
+    keep("fig11", figures.fig11_branching(fig_dir, judge_pairs,
+                                          hsae.forest.n_children(0).cpu().numpy(), judge_note))
     summary = {"site": str(index), "figures": written, "judge": judge_note or "present",
                "ablation_rows": len(ablation_rows or []),
-               "umap_panels": [{"parent": p.parent, "siblings": p.siblings, "unrelated": p.unrelated} for p in panels],
+               "umap_panels": [{"parent": p.parent, "siblings": p.siblings,
+                                "unrelated": p.unrelated} for p in panels],
                "trees": {v.name: len(TreeIndex.of(v.forest).tree_roots()) for v in views},
                "eval_tokens": {k: s.tokens for k, s in stats.items()}}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -177,4 +202,5 @@ def build_report(out: Path, models: dict[str, HSAE], batches: Batches, cfg: Repo
     return summary
 
 
-__all__ = ["UmapPanel", "build_report", "choose_umap_panels", "evidence_contexts", "judge_verdicts", "read_judge"]
+__all__ = ["UmapPanel", "build_report", "choose_umap_panels", "evidence_contexts",
+           "judge_verdicts", "read_judge"]

@@ -1,7 +1,8 @@
 """Per-feature and per-link statistics of a forest on the eval split, for the browser (§4.2):
 firing frequency of every feature and P(parent|child), P(child|parent) of every assigned link,
-counted with :class:`~hsae_core.evaluation.metrics.HierarchyStats` (the same counts as compute-metrics);
-and, for the UMAP figures (§4.6, Appendix G.1), the input activations where chosen features fire.
+counted with :class:`~hsae_core.evaluation.metrics.HierarchyStats` (the same counts as
+compute-metrics); and, for the UMAP figures (§4.6, Appendix G.1), the input activations where
+chosen features fire.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ class ForestStats:
         return self.fired[level] / max(1, self.tokens)
 
     def p_parent_given_child(self, pair: int) -> np.ndarray:
-        """Per feature of level ``pair + 1``: P(parent fires | it fires); NaN if unassigned or silent."""
+        """Per feature of level ``pair + 1``: P(parent fires | it fires); NaN if unassigned or
+        silent."""
         parent_of = self.forest.parent_of[pair].cpu().numpy()
         kid = self.fired[pair + 1].astype(np.float64)
         out = np.divide(self.joint[pair], kid, out=np.full(kid.shape, np.nan), where=kid > 0)
@@ -51,7 +53,8 @@ class ForestStats:
 def forest_stats(model: HSAE, batches: Iterable[torch.Tensor]) -> ForestStats:
     """Count firings and parent-child co-firings of ``model``'s forest over ``batches``."""
     if model.n_levels < 2:
-        raise ValueError(f"the forest browser needs at least two levels, the model has {model.n_levels}")
+        raise ValueError("the forest browser needs at least two levels, "
+                         f"the model has {model.n_levels}")
     device = model.levels[0].W_dec.device
     hier = HierarchyStats(model.forest.to("cpu"))
     for x in batches:
@@ -81,7 +84,8 @@ def feature_inputs(model: HSAE, batches: Iterable[torch.Tensor], features: list[
                 need[f] -= rows.numel()
         if all(n <= 0 for n in need.values()):
             break
-    return {f: (np.concatenate(v) if v else np.zeros((0, model.cfg.d_model), np.float32)) for f, v in got.items()}
+    return {f: (np.concatenate(v) if v else np.zeros((0, model.cfg.d_model), np.float32))
+            for f, v in got.items()}
 
 
 __all__ = ["ForestStats", "feature_inputs", "forest_stats"]
