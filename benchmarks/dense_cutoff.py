@@ -31,7 +31,8 @@ def sync(device: str) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--d", type=int, default=576)
     ap.add_argument("--n", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=1024)
@@ -52,8 +53,9 @@ def main() -> None:
         for name, cut in forced.items():
             sparse_ops.DENSE_CUTOFF = cut
             t = Trainer(HSAEConfig(d_model=args.d, level_sizes=(args.n,), batch_size=args.batch,
-                                   total_steps=100_000, target_l0=density * args.n, update_interval=0,
-                                   rho=0.0, swap_rate=0.0, device=args.device))
+                                   total_steps=100_000, target_l0=density * args.n,
+                                   update_interval=0, rho=0.0, swap_rate=0.0,
+                                   device=args.device))
             t.train_step(data[0])  # thresholds at the target L0
             t.train_step(data[1])
             trainers[name] = t

@@ -5,8 +5,8 @@
 Loads the embedded SmolLM2 GGUF once (METHOD §6), then alternates: the bare forward of
 embeddings + blocks 0..layer on exactly the batches extraction builds, and the full extraction
 (tokenise, pack, forward, gather, convert, shuffle, write Zarr) of the same batches into a temp
-store. Prints tokens/s side by side (median of ``--repeats``, wall and per CPU-second, since the CPU
-may be shared) and the ratio; then writes a store
+store. Prints tokens/s side by side (median of ``--repeats``, wall and per CPU-second, since the
+CPU may be shared) and the ratio; then writes a store
 per dtype and prints its size per million tokens.
 """
 
@@ -27,7 +27,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hsae_core.data.config import DTYPES, ExtractConfig  # noqa: E402
-from hsae_core.data.extract import extract_activations, residual_rows, split_sequences  # noqa: E402
+from hsae_core.data.extract import (  # noqa: E402
+    extract_activations,
+    residual_rows,
+    split_sequences,
+)
 from hsae_core.data.lm import load_lm  # noqa: E402
 
 
@@ -66,7 +70,8 @@ def extraction(lm, cfg: ExtractConfig, root: Path) -> tuple[int, np.ndarray, int
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=16384)
     ap.add_argument("--layer", type=int, default=15)
     ap.add_argument("--context-len", type=int, default=256)
@@ -92,15 +97,16 @@ def main() -> None:
             full.append(stored / seconds)
             inside.append(timed.residual.seconds / seconds[0])
         bare, full = np.median(bare, axis=0), np.median(full, axis=0)
-        print(f"\nmedian of {args.repeats} alternating runs; CPU time = this process's user + system")
+        print(f"\nmedian of {args.repeats} alternating runs; CPU time = this process's user + "
+              "system")
         print(f"{'':28s}{'tokens/s wall':>16s}{'tokens/CPU-s':>16s}")
         print(f"{'bare truncated forward':28s}{bare[0]:16.0f}{bare[1]:16.0f}")
         print(f"{'extraction to Zarr':28s}{full[0]:16.0f}{full[1]:16.0f}")
         print(f"{'ratio extraction / bare':28s}{full[0] / bare[0]:16.3f}{full[1] / bare[1]:16.3f}"
               f"   ({tokens} bare tokens, {stored} stored, context {args.context_len}, "
               f"batch {args.batch_size})")
-        print(f"{'forward share of extraction':28s}{np.median(inside):16.3f}   (same run, so immune to "
-              f"a shared CPU's drift: the in-run ratio extraction / bare)")
+        print(f"{'forward share of extraction':28s}{np.median(inside):16.3f}   (same run, so "
+              f"immune to a shared CPU's drift: the in-run ratio extraction / bare)")
         print(f"\n{'dtype':10s}{'store MB / 1M tokens':>22s}{'activation bytes/token':>24s}")
         for dtype in DTYPES:
             small = ExtractConfig(**(cfg.to_dict() | {"dtype": dtype, "max_tokens": 4096}))

@@ -73,7 +73,8 @@ def sae_step(d_model: int, width: int):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=262144)
     ap.add_argument("--d-model", type=int, default=576)
     ap.add_argument("--dtype", default="float32")
@@ -85,7 +86,8 @@ def main() -> None:
         start = time.perf_counter()
         write_random_store(path, args.rows, args.d_model, args.dtype)
         store = open_store(path)
-        mb = args.rows * args.d_model * np.dtype(to_storage(torch.zeros(1, 1), args.dtype).dtype).itemsize / 2**20
+        mb = (args.rows * args.d_model
+              * np.dtype(to_storage(torch.zeros(1, 1), args.dtype).dtype).itemsize / 2**20)
         print(f"wrote {args.rows} train rows, d={args.d_model}, {args.dtype} ({mb:.0f} MB) in "
               f"{time.perf_counter() - start:.1f} s; chunk {store.attrs['chunk_rows']} rows, "
               f"shard {store.attrs['shard_rows']} rows")

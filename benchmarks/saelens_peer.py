@@ -35,7 +35,8 @@ def saelens_trainer(d: int, n: int, batch: int, steps: int):
     from sae_lens.training.sae_trainer import SAETrainer
 
     sae = JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(d_in=d, d_sae=n, l0_coefficient=1.0))
-    cfg = SAETrainerConfig(total_training_samples=batch * (steps + 100), train_batch_size_samples=batch,
+    cfg = SAETrainerConfig(total_training_samples=batch * (steps + 100),
+                           train_batch_size_samples=batch,
                            lr=5e-4, lr_end=5e-5, adam_beta1=0.0, adam_beta2=0.995)
     trainer = SAETrainer(cfg=cfg, sae=sae, data_provider=iter(()))
     return lambda x: trainer._train_step(sae, x)
@@ -43,13 +44,14 @@ def saelens_trainer(d: int, n: int, batch: int, steps: int):
 
 def ours(d: int, sizes: tuple[int, ...], batch: int, hierarchical: bool):
     kw = dict(rho=0.01, swap_rate=0.05) if hierarchical else dict(rho=0.0, swap_rate=0.0)
-    trainer = Trainer(HSAEConfig(d_model=d, level_sizes=sizes, batch_size=batch, total_steps=100_000,
-                                 update_interval=0, **kw))
+    trainer = Trainer(HSAEConfig(d_model=d, level_sizes=sizes, batch_size=batch,
+                                 total_steps=100_000, update_interval=0, **kw))
     return trainer
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--d", type=int, default=576)
     ap.add_argument("--n", type=int, default=4096)
     ap.add_argument("--batch", type=int, default=1024)
@@ -88,13 +90,15 @@ def main():
 
     med = {k: statistics.median(v) for k, v in times.items()}
     latents = {"saelens": n, "ours": n, "hsae": sum(ladder)}
-    print(f"torch {torch.__version__}, sae-lens {sae_lens.__version__}, {torch.get_num_threads()} threads; "
+    print(f"torch {torch.__version__}, sae-lens {sae_lens.__version__}, "
+          f"{torch.get_num_threads()} threads; "
           f"d={d}, batch={batch}, {args.steps} interleaved steps (median)")
     print(f"  L0 after the timed steps: ours {single.controller.l0_ema.tolist()}, "
           f"HSAE {[round(v, 1) for v in hsae.controller.l0_ema.tolist()]}")
     for k in ("saelens", "ours", "hsae"):
         tok = batch / med[k]
-        print(f"  {k:8s} {str(latents[k]):>6s} latents  {med[k] * 1e3:8.1f} ms/step  {tok:8.0f} tok/s  "
+        print(f"  {k:8s} {str(latents[k]):>6s} latents  {med[k] * 1e3:8.1f} ms/step  "
+              f"{tok:8.0f} tok/s  "
               f"{tok * latents[k] / 1e6:7.1f} M latent-tok/s  "
               f"(x{tok * latents[k] / (batch / med['saelens'] * n):.2f} of SAELens)")
 

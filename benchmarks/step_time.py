@@ -105,15 +105,18 @@ def compare(d, sizes, batch, steps, warmup, device, target_l0=50.0):
     print(f"\nlevels {sizes} (d={d}, batch={batch}, {device}, target L0 {target_l0:g}); "
           f"HSAE forest assigned {assigned}, L0 ema {l0}")
     print(f"  independent step  {mi * 1e3:8.1f} ms   {batch / mi:9.0f} tok/s   "
-          f"{batch * latents / mi / 1e6:7.1f} M latent-tok/s   {6 * d * latents * batch / mi / 1e9:6.1f} GFLOP/s-equiv")
+          f"{batch * latents / mi / 1e6:7.1f} M latent-tok/s   "
+          f"{6 * d * latents * batch / mi / 1e9:6.1f} GFLOP/s-equiv")
     print(f"  HSAE step         {mh * 1e3:8.1f} ms   {batch / mh:9.0f} tok/s   "
-          f"{batch * latents / mh / 1e6:7.1f} M latent-tok/s   {6 * d * latents * batch / mh / 1e9:6.1f} GFLOP/s-equiv")
+          f"{batch * latents / mh / 1e6:7.1f} M latent-tok/s   "
+          f"{6 * d * latents * batch / mh / 1e9:6.1f} GFLOP/s-equiv")
     print(f"  ratio HSAE / independent (median of {steps} interleaved steps): {mh / mi:.3f}")
     print(f"  hierarchy update {update_s * 1e3:.0f} ms, amortised over 5000 steps: "
           f"+{update_s / 5000 / mi * 100:.2f}% -> ratio {(mh + update_s / 5000) / mi:.3f}")
     rate = statistics.mean(matmul_gflops(d, n, batch, device) for n in sizes)
     print(f"  fp32 matmul rate of the encoder shapes: {rate:.0f} GFLOP/s; "
-          f"dense-equivalent HSAE work at {6 * d * latents * batch / mh / 1e9 / rate:.2f}x that rate")
+          f"dense-equivalent HSAE work at {6 * d * latents * batch / mh / 1e9 / rate:.2f}x that "
+          "rate")
     return mh / mi
 
 
@@ -133,7 +136,8 @@ def scaling(d, batch, device, steps, sizes=(1024, 2048, 4096, 8192, 16384)):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--d", type=int, default=576)
     ap.add_argument("--sizes", action="append", help="comma-separated ladder; repeatable")
     ap.add_argument("--batch", type=int, default=1024)
@@ -141,19 +145,20 @@ def main():
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--l0", default="50",
-                    help="target L0: a number, or 'paper' for the paper's L0 per latent (50 on a first "
-                         "level of 2048: 12.5 for 512..4096, 25 for 1024..8192)")
+                    help="target L0: a number, or 'paper' for the paper's L0 per latent (50 on a "
+                         "first level of 2048: 12.5 for 512..4096, 25 for 1024..8192)")
     ap.add_argument("--no-scaling", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                    help="cpu: this process's CPU time (robust on a shared machine with --threads 1; "
-                         "tokens/s then count CPU seconds)")
+                    help="cpu: this process's CPU time (robust on a shared machine with "
+                         "--threads 1; tokens/s then count CPU seconds)")
     args = ap.parse_args()
     global CLOCK
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     if args.threads:
         torch.set_num_threads(args.threads)
-    ladders = [tuple(int(s) for s in x.split(",")) for x in (args.sizes or ["512,1024,2048,4096", "1024,2048,4096,8192"])]
+    ladders = [tuple(int(s) for s in x.split(","))
+               for x in (args.sizes or ["512,1024,2048,4096", "1024,2048,4096,8192"])]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, "
           f"{args.clock} clock")
     for sizes in ladders:

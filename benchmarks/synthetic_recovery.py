@@ -1,6 +1,6 @@
 """HSAE against independent SAEs + post-hoc assignment on synthetic forests, over seeds.
 
-    python benchmarks/synthetic_recovery.py                          # seeds 0-4, encoder similarity
+    python benchmarks/synthetic_recovery.py                       # seeds 0-4, encoder similarity
     python benchmarks/synthetic_recovery.py --similarity coactivation --seeds 0,1,2,3,4
     python benchmarks/synthetic_recovery.py --leaf-only --parent-weight 0.8   # feature splitting
     python benchmarks/synthetic_recovery.py --d 64 --steps 3000 --rho 0.01
@@ -52,7 +52,8 @@ KEYS = ("precision", "hamming", "p_parent_given_child")
 EXTRA = ("f1", "prec_f1", "n_f1", "secs")
 
 
-def best_f1(levels, x: torch.Tensor, truth: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def best_f1(levels, x: torch.Tensor,
+            truth: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per level, each learned feature's best F1 against a true node of its depth and that node
     (the same F1 as tests/synthetic.match_features)."""
     out = []
@@ -74,7 +75,8 @@ def diagnostics(model, forest, syn: SyntheticForest, x, truth, min_f1: float) ->
     for l, parent_of in enumerate(forest.parent_of):
         kids = (parent_of >= 0).nonzero(as_tuple=True)[0]
         par = parent_of[kids]
-        per_pair.append(float((syn.parent_of[l][bf[l + 1][1][kids]] == bf[l][1][par]).float().mean()))
+        per_pair.append(float(
+            (syn.parent_of[l][bf[l + 1][1][kids]] == bf[l][1][par]).float().mean()))
         good = (bf[l + 1][0][kids] >= min_f1) & (bf[l][0][par] >= min_f1)
         kids, par = kids[good], par[good]
         ok = syn.parent_of[l][bf[l + 1][1][kids]] == bf[l][1][par]
@@ -88,9 +90,11 @@ def diagnostics(model, forest, syn: SyntheticForest, x, truth, min_f1: float) ->
 def run_seed(seed: int, args) -> tuple[dict, dict]:
     syn = SyntheticForest.make(d=args.d, branching=(3, 3), n_roots=8,
                                paths_per_token=args.paths_per_token,
-                               parent_weight=args.parent_weight, seed=seed, leaf_only=args.leaf_only)
+                               parent_weight=args.parent_weight, seed=seed,
+                               leaf_only=args.leaf_only)
     recovery.SYN = syn  # evaluate() scores links against this generator's forest
-    common = dict(recovery.COMMON, level_sizes=syn.sizes, similarity=args.similarity, d_model=args.d)
+    common = dict(recovery.COMMON, level_sizes=syn.sizes, similarity=args.similarity,
+                  d_model=args.d)
     if args.steps is not None:
         common["total_steps"] = args.steps
     if args.target_l0 is not None:
@@ -100,8 +104,9 @@ def run_seed(seed: int, args) -> tuple[dict, dict]:
     torch.manual_seed(0)
     x, truth = syn.sample(4000, torch.Generator().manual_seed(123))
     t0 = time.perf_counter()
-    hsae = Trainer(HSAEConfig(**common, rho=args.rho, swap_rate=args.swap_rate,
-                              exclude_quantile=args.exclude_quantile)).fit(syn.batches(256, seed=10))
+    hsae = Trainer(HSAEConfig(
+        **common, rho=args.rho, swap_rate=args.swap_rate,
+        exclude_quantile=args.exclude_quantile)).fit(syn.batches(256, seed=10))
     t1 = time.perf_counter()
     indep = Trainer(HSAEConfig(**common, rho=0.0, swap_rate=0.0)).fit(syn.batches(256, seed=10))
     t2 = time.perf_counter()
@@ -119,9 +124,11 @@ def run_seed(seed: int, args) -> tuple[dict, dict]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", default="0,1,2,3,4")
-    ap.add_argument("--similarity", default="encoder", choices=("encoder", "decoder", "coactivation"))
+    ap.add_argument("--similarity", default="encoder",
+                    choices=("encoder", "decoder", "coactivation"))
     ap.add_argument("--rho", type=float, default=0.05)
     ap.add_argument("--swap-rate", type=float, default=0.05)
     ap.add_argument("--exclude-quantile", type=float, default=0.2)
@@ -139,7 +146,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     rows = {"hsae": [], "baseline": []}
     print(f"similarity {args.similarity}, rho {args.rho}, r {args.swap_rate}, "
-          f"q {args.exclude_quantile}, update {args.update_interval or recovery.COMMON['update_interval']}, "
+          f"q {args.exclude_quantile}, "
+          f"update {args.update_interval or recovery.COMMON['update_interval']}, "
           f"steps {args.steps or recovery.COMMON['total_steps']}; generator d {args.d}, "
           f"leaf_only {args.leaf_only}, parent_weight {args.parent_weight}, "
           f"paths {args.paths_per_token}")
@@ -154,21 +162,27 @@ def main() -> None:
         h, b = run_seed(seed, args)
         rows["hsae"].append(h)
         rows["baseline"].append(b)
-        print(f"{seed} | " + " | ".join(f"{h[k]:.3f} / {b[k]:.3f}" for k in KEYS) + extra(h, b), flush=True)
-    mean = {m: {k: statistics.mean(r[k] for r in rs) for k in KEYS + EXTRA} for m, rs in rows.items()}
-    print("mean | " + " | ".join(f"{mean['hsae'][k]:.3f} / {mean['baseline'][k]:.3f}" for k in KEYS)
+        print(f"{seed} | " + " | ".join(f"{h[k]:.3f} / {b[k]:.3f}" for k in KEYS) + extra(h, b),
+              flush=True)
+    mean = {m: {k: statistics.mean(r[k] for r in rs) for k in KEYS + EXTRA}
+            for m, rs in rows.items()}
+    print("mean | " + " | ".join(f"{mean['hsae'][k]:.3f} / {mean['baseline'][k]:.3f}"
+                                 for k in KEYS)
           + extra(mean["hsae"], mean["baseline"]))
     for m, rs in rows.items():
-        per = [statistics.mean(r["f1_levels"][l] for r in rs) for l in range(len(rs[0]["f1_levels"]))]
+        per = [statistics.mean(r["f1_levels"][l] for r in rs)
+               for l in range(len(rs[0]["f1_levels"]))]
         print(f"f1 per level ({m}): " + " / ".join(f"{v:.3f}" for v in per))
-        per = [statistics.mean(r["prec_pairs"][l] for r in rs) for l in range(len(rs[0]["prec_pairs"]))]
+        per = [statistics.mean(r["prec_pairs"][l] for r in rs)
+               for l in range(len(rs[0]["prec_pairs"]))]
         print(f"precision per level pair ({m}): " + " / ".join(f"{v:.3f}" for v in per))
     pairs = list(zip(rows["hsae"], rows["baseline"]))
     wins = sum(h["precision"] > b["precision"] for h, b in pairs)
     print(f"HSAE link precision higher in {wins} of {len(pairs)} seeds")
     gaps = [h["precision"] - b["precision"] for h, b in pairs]
     wins_f1 = sum(h["prec_f1"] > b["prec_f1"] for h, b in pairs)
-    print(f"precision gap HSAE - baseline: mean {statistics.mean(gaps):+.3f}, min {min(gaps):+.3f}; "
+    print(f"precision gap HSAE - baseline: mean {statistics.mean(gaps):+.3f}, "
+          f"min {min(gaps):+.3f}; "
           f"prec@f1 higher in {wins_f1} of {len(pairs)}")
 
 

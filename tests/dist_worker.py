@@ -35,14 +35,16 @@ def train(cfg_json: str, store: str, out: str, ckpt: str, stop_at: str | None = 
     dist = init_from_env(cfg.device)
     run = TrainRunConfig(checkpoint_every=int(stop_at) if stop_at else 0, log_every=5)
     if stop_at is None:
-        model = train_on_store(cfg, store, 1.0, checkpoint=ckpt, curves=Path(out) / "curves", run=run, dist=dist)
+        model = train_on_store(cfg, store, 1.0, checkpoint=ckpt, curves=Path(out) / "curves",
+                               run=run, dist=dist)
         if dist.is_main:
             save_hsae(model, out)
     else:
-        reader = TrainActivations(store, 1.0, batch_size=cfg.batch_size, seed=cfg.seed, epochs=None,
-                                  max_tokens=cfg.total_steps * cfg.batch_size, drop_last=True,
-                                  rank=dist.rank, world_size=dist.world_size)
-        trainer = Trainer(cfg, checkpoint_every=int(stop_at), on_checkpoint=Checkpoint(ckpt).save, dist=dist)
+        reader = TrainActivations(store, 1.0, batch_size=cfg.batch_size, seed=cfg.seed,
+                                  epochs=None, max_tokens=cfg.total_steps * cfg.batch_size,
+                                  drop_last=True, rank=dist.rank, world_size=dist.world_size)
+        trainer = Trainer(cfg, checkpoint_every=int(stop_at), on_checkpoint=Checkpoint(ckpt).save,
+                          dist=dist)
         try:
             trainer.fit(itertools.islice(reader, int(stop_at)))
         except RuntimeError as err:  # the source ran out at STOP_AT on every rank: "interrupted"

@@ -1,5 +1,6 @@
 """Shared pieces of the pipeline tests: a micro project (the repository's stages, library and
-dvc.yaml in a temporary git repo, a tiny random Llama, a tiny corpus) and a way to run DVC in it."""
+dvc.yaml in a temporary git repo, a tiny random Llama, a tiny corpus) and a way to run DVC in
+it."""
 
 from __future__ import annotations
 
@@ -21,15 +22,17 @@ def micro_params(model: str, corpus: str) -> dict:
     """The repository's params.yaml with every stage shrunk for a test: 4 tiny levels on d = 64."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     small = {
-        "extract": {"model": model, "layer": 1, "corpus": corpus, "context_len": 32, "batch_size": 8,
-                    "max_tokens": 3000, "eval_fraction": 0.2, "chunk_bytes": 4096, "shard_bytes": 65536},
+        "extract": {"model": model, "layer": 1, "corpus": corpus, "context_len": 32,
+                    "batch_size": 8, "max_tokens": 3000, "eval_fraction": 0.2, "chunk_bytes": 4096,
+                    "shard_bytes": 65536},
         "normalize": {"n_tokens": 1000},
-        "sae": {"level_sizes": [8, 16, 32, 64], "target_l0": 3.0, "batch_size": 64, "total_steps": 40,
-                "dead_window_tokens": 0},
+        "sae": {"level_sizes": [8, 16, 32, 64], "target_l0": 3.0, "batch_size": 64,
+                "total_steps": 40, "dead_window_tokens": 0},
         "hierarchy": {"update_interval": 10},
         "train": {"checkpoint_every": 10, "log_every": 5},
         "metrics": {"batch_size": 200, "lm_loss_tokens": 120, "lm_batch_sequences": 4},
-        "judge": {"model": model, "n_pairs": 3, "n_random": 2, "max_tokens": 3},  # tiny Llama as judge
+        # tiny Llama as judge
+        "judge": {"model": model, "n_pairs": 3, "n_random": 2, "max_tokens": 3},
     }
     return {section: params[section] | small.get(section, {}) for section in params}
 
@@ -71,16 +74,20 @@ def env() -> dict:
 
 
 def git(root: Path, *args: str) -> str:
-    return subprocess.run(["git", *args], cwd=root, check=True, capture_output=True, text=True).stdout
+    return subprocess.run(["git", *args], cwd=root, check=True, capture_output=True,
+                          text=True).stdout
 
 
 def dvc(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([str(BIN / "dvc"), *args], cwd=root, env=env(), capture_output=True, text=True)
+    proc = subprocess.run([str(BIN / "dvc"), *args], cwd=root, env=env(), capture_output=True,
+                          text=True)
     if check and proc.returncode != 0:
-        raise AssertionError(f"dvc {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        raise AssertionError(f"dvc {' '.join(args)} failed ({proc.returncode}):\n"
+                             f"{proc.stdout}\n{proc.stderr}")
     return proc
 
 
 def ran_stages(output: str) -> set[str]:
     """Stages DVC reports running in a `dvc repro` / `dvc exp run` log."""
-    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
+    return {line.split("'")[1] for line in output.splitlines()
+            if line.startswith("Running stage '")}

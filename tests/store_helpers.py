@@ -14,15 +14,16 @@ LABELS = ["alpha", "beta", "gamma"]
 
 def tiny_llama(folder: Path, *, n_layers: int = 4, d_model: int = 64, max_positions: int = 256,
                seed: int = 0) -> str:
-    """Save a random LlamaForCausalLM and a word-level tokenizer (BOS <s>=1, EOS </s>=2) to ``folder``."""
+    """Save a random LlamaForCausalLM and a word-level tokenizer (BOS <s>=1, EOS </s>=2) to
+    ``folder``."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3} | {w: i + 4 for i, w in enumerate(WORDS)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                            unk_token="<unk>").save_pretrained(folder)
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                            pad_token="<pad>", unk_token="<unk>").save_pretrained(folder)
     config = LlamaConfig(vocab_size=len(vocab), hidden_size=d_model, intermediate_size=2 * d_model,
                          num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=max_positions, bos_token_id=1, eos_token_id=2,

@@ -37,7 +37,8 @@ class SyntheticForest:
         for l, b in enumerate(branching):
             par = torch.arange(sizes[l]).repeat_interleave(b)
             own = _unit(torch.randn(sizes[l + 1], d, generator=gen))
-            dirs.append(_unit(parent_weight * dirs[l][par] + (1 - parent_weight ** 2) ** 0.5 * own))
+            dirs.append(_unit(parent_weight * dirs[l][par]
+                              + (1 - parent_weight ** 2) ** 0.5 * own))
             parent_of.append(par)
         return cls(d, tuple(sizes), dirs, parent_of, paths_per_token, gen, leaf_only)
 
@@ -86,7 +87,8 @@ def match_features(levels, x: torch.Tensor, truth: list[torch.Tensor]) -> list[t
     return out
 
 
-def link_precision(forest, matched: list[torch.Tensor], true_parent_of: list[torch.Tensor]) -> float:
+def link_precision(forest, matched: list[torch.Tensor],
+                   true_parent_of: list[torch.Tensor]) -> float:
     """Fraction of learned links (i -> j) whose matched true nodes are parent and child, over
     the links whose two features fire (a link to a silent feature says nothing either way)."""
     correct = total = 0

@@ -27,10 +27,12 @@ def random_model(seed, sizes=(6, 10, 16), d=5, bandwidth=0.5):
     for lv in model.levels:
         with torch.no_grad():
             lv.W_enc.copy_(torch.randn(lv.W_enc.shape, generator=gen, dtype=torch.float64))
-            lv.W_dec.copy_(torch.randn(lv.W_dec.shape, generator=gen, dtype=torch.float64))  # not unit norm on purpose
+            # not unit norm on purpose
+            lv.W_dec.copy_(torch.randn(lv.W_dec.shape, generator=gen, dtype=torch.float64))
             lv.b_enc.copy_(0.3 * torch.randn(lv.b_enc.shape, generator=gen, dtype=torch.float64))
             lv.b_dec.copy_(0.3 * torch.randn(lv.b_dec.shape, generator=gen, dtype=torch.float64))
-            lv.threshold.copy_(0.2 + torch.rand(lv.threshold.shape, generator=gen, dtype=torch.float64))
+            lv.threshold.copy_(0.2 + torch.rand(lv.threshold.shape, generator=gen,
+                                                dtype=torch.float64))
     model.forest = random_forest(sizes, gen)
     return model, gen
 
@@ -87,7 +89,8 @@ def test_cofiring_siblings_match_reference(seed, dense_kernels, monkeypatch):
     parent_of = torch.randint(0, 3, (23,), generator=gen)  # few parents: big sibling groups
     parent_of[::5] = -1
     model.forest = Forest((7, 23), [parent_of])
-    swapped = [torch.tensor([True, False, True, False, False, True, False]) & model.forest.has_children(0)]
+    swapped = [torch.tensor([True, False, True, False, False, True, False])
+               & model.forest.has_children(0)]
     x = torch.randn(17, 6, generator=gen, dtype=torch.float64)
     lambdas = torch.tensor([0.2, 0.3], dtype=torch.float64)
 
@@ -106,7 +109,8 @@ def test_cofiring_siblings_match_reference(seed, dense_kernels, monkeypatch):
         assert rel_err(a, b) < 1e-6 or (a.abs().max() == 0 and b.abs().max() == 0)
     # the sibling path is really exercised
     from hsae_core.model.coupling import _PCIndex
-    idx = _PCIndex.build(out.codes[0].pattern, out.codes[1].pattern, parent_of, model.forest.links(0))
+    idx = _PCIndex.build(out.codes[0].pattern, out.codes[1].pattern, parent_of,
+                         model.forest.links(0))
     assert idx.sib_a.numel() > 10
 
 

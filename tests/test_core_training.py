@@ -106,7 +106,8 @@ def test_threshold_gradient_matches_the_straight_through_definition():
         a = z * (z > lv.threshold)
         dl_da = 2 * (a @ lv.W_dec + lv.b_dec - target) @ lv.W_dec.t()
         window = ((z - lv.threshold).abs() < eps / 2).double()
-        expected = (dl_da * (-lv.threshold / eps) * window).sum(0) + lam * (-1 / eps) * window.sum(0) / 40
+        expected = ((dl_da * (-lv.threshold / eps) * window).sum(0)
+                    + lam * (-1 / eps) * window.sum(0) / 40)
     assert window.sum() > 0
     assert torch.allclose(g_theta, expected, rtol=1e-10, atol=1e-12)
 

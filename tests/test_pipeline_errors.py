@@ -7,7 +7,14 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from stages import build_posthoc_trees, compute_metrics, extract_activations, normalize, train_baselines, train_hsae
+from stages import (
+    build_posthoc_trees,
+    compute_metrics,
+    extract_activations,
+    normalize,
+    train_baselines,
+    train_hsae,
+)
 from tests.pipeline_helpers import micro_assets, micro_params
 
 runner = CliRunner()
@@ -45,8 +52,8 @@ def train_args(paths, name):
 
 
 def posthoc_args(paths):
-    return ["--baseline", paths["baseline"], "--store", paths["store"], "--normalization", paths["norm"],
-            "--out", paths["posthoc"]]
+    return ["--baseline", paths["baseline"], "--store", paths["store"], "--normalization",
+            paths["norm"], "--out", paths["posthoc"]]
 
 
 def metrics_args(paths):
@@ -81,8 +88,10 @@ def test_training_stages_name_the_bad_key(project):
     paths = paths_of(root)
     for app, name in ((train_hsae.app, "hsae"), (train_baselines.app, "baseline")):
         args = train_args(paths, name + "-bad")
-        expect_error(run_with(root, changed(params, "sae", lrr=1e-3), app, args), "sae.lrr", "known keys")
-        expect_error(run_with(root, changed(params, "sae", lr=-1.0), app, args), "sae:", "HSAEConfig.lr = -1.0")
+        expect_error(run_with(root, changed(params, "sae", lrr=1e-3), app, args), "sae.lrr",
+                     "known keys")
+        expect_error(run_with(root, changed(params, "sae", lr=-1.0), app, args), "sae:",
+                     "HSAEConfig.lr = -1.0")
         expect_error(run_with(root, changed(params, "sae", level_sizes=[16, 8]), app, args),
                      "level_sizes", "strictly increasing")
         expect_error(run_with(root, changed(params, "sae", batch_size=10 ** 6), app, args),
@@ -93,28 +102,34 @@ def test_training_stages_name_the_bad_key(project):
         missing = ["--store", str(root / "nowhere.zarr")] + args[2:]
         expect_error(run_with(root, params, app, missing), "no activation store")
         no_norm = args[:2] + ["--normalization", str(root / "none.json")] + args[4:]
-        expect_error(run_with(root, params, app, no_norm), "no normalisation file", "stages.normalize")
+        expect_error(run_with(root, params, app, no_norm), "no normalisation file",
+                     "stages.normalize")
     args = train_args(paths, "hsae-bad")
     expect_error(run_with(root, changed(params, "hierarchy", tree="oak"), train_hsae.app, args),
                  "hierarchy:", "HSAEConfig.tree = 'oak'", "one of")
-    expect_error(run_with(root, changed(params, "hierarchy", rhoo=0.1), train_hsae.app, args), "hierarchy.rhoo")
+    expect_error(run_with(root, changed(params, "hierarchy", rhoo=0.1), train_hsae.app, args),
+                 "hierarchy.rhoo")
 
 
 def test_posthoc_and_metrics_stages_name_the_bad_input(project):
     root, params = project
     paths = paths_of(root)
     args = posthoc_args(paths)
-    expect_error(run_with(root, changed(params, "hierarchy", similarity="cosine"), build_posthoc_trees.app, args),
+    expect_error(run_with(root, changed(params, "hierarchy", similarity="cosine"),
+                          build_posthoc_trees.app, args),
                  "HSAEConfig.similarity = 'cosine'")
-    expect_error(run_with(root, changed(params, "posthoc", coactivation_tokens=0), build_posthoc_trees.app, args),
+    expect_error(run_with(root, changed(params, "posthoc", coactivation_tokens=0),
+                          build_posthoc_trees.app, args),
                  "posthoc:", "coactivation_tokens = 0")
     no_model = ["--baseline", str(root / "act.zarr")] + args[2:]
     expect_error(run_with(root, params, build_posthoc_trees.app, no_model), "is not a saved HSAE")
 
     args = metrics_args(paths)
-    expect_error(run_with(root, changed(params, "metrics", batch_size=1), compute_metrics.app, args),
+    expect_error(run_with(root, changed(params, "metrics", batch_size=1),
+                          compute_metrics.app, args),
                  "metrics:", "MetricsConfig.batch_size = 1")
-    expect_error(run_with(root, changed(params, "metrics", eval_token=5), compute_metrics.app, args),
+    expect_error(run_with(root, changed(params, "metrics", eval_token=5),
+                          compute_metrics.app, args),
                  "metrics.eval_token")
     no_model = ["--hsae", str(root / "missing")] + args[2:]
     expect_error(run_with(root, params, compute_metrics.app, no_model), "is not a saved HSAE")
@@ -126,8 +141,10 @@ def test_posthoc_and_metrics_stages_name_the_bad_input(project):
 def test_data_stages_name_the_bad_key(project, tmp_path):
     root, params = project
     out = ["--out", str(tmp_path / "store.zarr")]
-    expect_error(run_with(root, changed(params, "extract", layerr=3), extract_activations.app, out), "layerr")
-    expect_error(run_with(root, changed(params, "extract", layer=99), extract_activations.app, out),
+    expect_error(run_with(root, changed(params, "extract", layerr=3),
+                          extract_activations.app, out), "layerr")
+    expect_error(run_with(root, changed(params, "extract", layer=99),
+                          extract_activations.app, out),
                  "layer 99 is out of range")
     args = ["--store", str(root / "act.zarr"), "--out", str(tmp_path / "norm.json")]
     expect_error(run_with(root, changed(params, "normalize", n_tokens=0), normalize.app, args),
@@ -146,9 +163,11 @@ def test_committed_params_files_are_valid():
     for path, d_model in ((REPO / "params.yaml", 576), (REPO / "configs" / "paper.yaml", 2304)):
         p = load_params(path)
         ExtractConfig(**p["extract"]), NormalizeConfig(**p["normalize"])
-        for section, cls in (("train", TrainRunConfig), ("posthoc", PosthocConfig), ("metrics", MetricsConfig)):
+        for section, cls in (("train", TrainRunConfig), ("posthoc", PosthocConfig),
+                             ("metrics", MetricsConfig)):
             section_config(p, section, cls)
-        assert hsae_config(p, d_model).n_levels == 4 and hsae_config(p, d_model, independent=True).is_independent
+        assert (hsae_config(p, d_model).n_levels == 4
+                and hsae_config(p, d_model, independent=True).is_independent)
 
 
 def test_models_that_do_not_read_the_store_width_are_refused(tmp_path):
@@ -157,5 +176,6 @@ def test_models_that_do_not_read_the_store_width_are_refused(tmp_path):
     from hsae_core.pipeline.io import load_for_store, save_hsae
     save_hsae(HSAE(HSAEConfig(d_model=8, level_sizes=(4, 8), target_l0=2)), tmp_path / "m")
     assert set(load_for_store({"hsae": tmp_path / "m"}, 8, "store.zarr")) == {"hsae"}
-    with pytest.raises(ValueError, match="hsae model has d_model 8, store store.zarr holds d = 16"):
+    with pytest.raises(ValueError,
+                       match="hsae model has d_model 8, store store.zarr holds d = 16"):
         load_for_store({"hsae": tmp_path / "m"}, 16, "store.zarr")

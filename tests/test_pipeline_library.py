@@ -13,7 +13,12 @@ from hsae_core.data.extract import extract_activations
 from hsae_core.data.normalize import estimate_normalization
 from hsae_core.data.reader import EvalActivations, TrainActivations
 from hsae_core.evaluation.evaluate import evaluate_hsae
-from hsae_core.evaluation.splice import SplicedLoss, batched_by_length, eval_sequences, load_full_lm
+from hsae_core.evaluation.splice import (
+    SplicedLoss,
+    batched_by_length,
+    eval_sequences,
+    load_full_lm,
+)
 from hsae_core.model.config import HSAEConfig
 from hsae_core.model.hsae import HSAE
 from hsae_core.model.posthoc import posthoc_forest
@@ -34,8 +39,8 @@ def store(tmp_path_factory):
 
 
 def config(**kw) -> HSAEConfig:
-    return HSAEConfig(d_model=64, level_sizes=(8, 16, 32), target_l0=3.0, batch_size=64, total_steps=30,
-                      update_interval=10, dead_window_tokens=0, **kw)
+    return HSAEConfig(d_model=64, level_sizes=(8, 16, 32), target_l0=3.0, batch_size=64,
+                      total_steps=30, update_interval=10, dead_window_tokens=0, **kw)
 
 
 def rows(path):
@@ -46,11 +51,13 @@ def rows(path):
 def test_resumed_training_equals_uninterrupted_with_the_same_curves(store, tmp_path):
     info, scale = store
     cfg, run = config(), TrainRunConfig(checkpoint_every=10, log_every=5)
-    full = train_on_store(cfg, info, scale, checkpoint=tmp_path / "a.pt", curves=tmp_path / "a", run=run)
+    full = train_on_store(cfg, info, scale, checkpoint=tmp_path / "a.pt", curves=tmp_path / "a",
+                          run=run)
 
-    # what a run killed after its step-10 checkpoint leaves behind: the checkpoint and curves to step 15
-    reader = TrainActivations(info, scale, batch_size=64, seed=cfg.seed, epochs=None, max_tokens=30 * 64,
-                              drop_last=True)
+    # what a run killed after its step-10 checkpoint leaves behind: the checkpoint and curves to
+    # step 15
+    reader = TrainActivations(info, scale, batch_size=64, seed=cfg.seed, epochs=None,
+                              max_tokens=30 * 64, drop_last=True)
     killed = Trainer(cfg, log_every=5, on_log=TrainingCurves(tmp_path / "b", 3))
     for step, x in enumerate(reader):
         killed.train_step(x)
@@ -58,7 +65,8 @@ def test_resumed_training_equals_uninterrupted_with_the_same_curves(store, tmp_p
             Checkpoint(tmp_path / "b.pt").save(killed)
         if step + 1 == 15:
             break
-    resumed = train_on_store(cfg, info, scale, checkpoint=tmp_path / "b.pt", curves=tmp_path / "b", run=run)
+    resumed = train_on_store(cfg, info, scale, checkpoint=tmp_path / "b.pt", curves=tmp_path / "b",
+                             run=run)
     for a, b in zip(full.state_dict().values(), resumed.state_dict().values()):
         assert torch.equal(a, b)
     assert resumed.forest.equals(full.forest)
@@ -67,8 +75,8 @@ def test_resumed_training_equals_uninterrupted_with_the_same_curves(store, tmp_p
     assert [int(r["step"]) for r in rows(tmp_path / "b" / "level0.tsv")] == list(range(5, 31, 5))
 
     # a checkpoint of another config is not resumed from: it is replaced by a fresh run
-    other = train_on_store(config(lr=1e-3), info, scale, checkpoint=tmp_path / "b.pt", curves=tmp_path / "b",
-                           run=run)
+    other = train_on_store(config(lr=1e-3), info, scale, checkpoint=tmp_path / "b.pt",
+                           curves=tmp_path / "b", run=run)
     assert not torch.equal(other.levels[0].W_enc, full.levels[0].W_enc)
     assert [int(r["step"]) for r in rows(tmp_path / "b" / "level0.tsv")] == list(range(5, 31, 5))
 
@@ -101,13 +109,16 @@ def test_streaming_evaluation_matches_a_dense_recomputation(store):
             dense = torch.where(pre > lv.threshold, pre, torch.zeros_like(pre))
             recon = dense @ lv.W_dec + lv.b_dec
         assert res[f"level{l}"]["l0"] == pytest.approx(float((dense > 0).sum()) / n, rel=1e-6)
-        assert res[f"level{l}"]["dead_frac"] == pytest.approx(float(((dense > 0).sum(0) == 0).double().mean()))
+        assert res[f"level{l}"]["dead_frac"] == pytest.approx(
+            float(((dense > 0).sum(0) == 0).double().mean()))
         fve, start = [], 0
         for xb in batches:  # FVE centres each token on its own batch's mean
             rb = recon[start: start + len(xb)].double()
-            fve.append(1 - (xb.double() - rb).pow(2).sum(1) / (xb.double() - xb.double().mean(0)).pow(2).sum(1))
+            fve.append(1 - (xb.double() - rb).pow(2).sum(1)
+                       / (xb.double() - xb.double().mean(0)).pow(2).sum(1))
             start += len(xb)
-        assert res[f"level{l}"]["fve"] == pytest.approx(float(torch.cat(fve).mean()), rel=1e-4, abs=1e-5)
+        assert res[f"level{l}"]["fve"] == pytest.approx(float(torch.cat(fve).mean()), rel=1e-4,
+                                                        abs=1e-5)
     assert res["pair0"]["children_assigned"] == model.forest.n_assigned(0)
 
 
@@ -118,7 +129,8 @@ def test_eval_sequences_and_splice(store):
     stored = info.array("eval", "token_ids")[:]
     assert sum(int((s != bos).sum()) for s in seqs) == len(stored)
     assert all(s[0] == bos for s in seqs)
-    assert torch.equal(torch.cat([torch.from_numpy(s[s != bos]) for s in seqs]), torch.from_numpy(stored).long())
+    assert torch.equal(torch.cat([torch.from_numpy(s[s != bos]) for s in seqs]),
+                       torch.from_numpy(stored).long())
     few = list(eval_sequences(info, 40))
     assert sum(int((s != bos).sum()) for s in few) >= 40 and len(few) < len(seqs)
 

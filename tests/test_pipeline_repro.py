@@ -11,7 +11,15 @@ import sys
 
 import yaml
 
-from tests.pipeline_helpers import dvc, env, git, micro_assets, micro_params, micro_project, ran_stages
+from tests.pipeline_helpers import (
+    dvc,
+    env,
+    git,
+    micro_assets,
+    micro_params,
+    micro_project,
+    ran_stages,
+)
 
 ALL = {"extract-activations", "normalize", "train-hsae", "train-baselines", "build-posthoc-trees",
        "compute-metrics", "export-saelens", "collect-evidence", "judge", "report"}
@@ -46,17 +54,18 @@ def test_repro_ablation_and_metrics_diff(tmp_path):
     # never the data stages
     changed = dict(params, sae=params["sae"] | {"lr": 1e-3})
     (root / "params.yaml").write_text(yaml.safe_dump(changed, sort_keys=False))
-    assert set(json.loads(dvc(root, "status", "--json").stdout)) == {"train-hsae", "train-baselines"}
+    assert (set(json.loads(dvc(root, "status", "--json").stdout))
+            == {"train-hsae", "train-baselines"})
     git(root, "checkout", "params.yaml")
 
     git(root, "add", "dvc.lock", "metrics", "plots")
     git(root, "commit", "-q", "-m", "reference run")
-    assert ran_stages(dvc(root, "exp", "run", "-S", "hierarchy.rho=0.5").stdout) == {"train-hsae", "compute-metrics", "export-saelens",
-                                                                                "collect-evidence", "judge", "report"}
+    assert ran_stages(dvc(root, "exp", "run", "-S", "hierarchy.rho=0.5").stdout) == {
+        "train-hsae", "compute-metrics", "export-saelens", "collect-evidence", "judge", "report"}
     diff = json.loads(dvc(root, "metrics", "diff", "--json").stdout)["metrics/metrics.json"]
     assert any(k.startswith("hsae.pair") for k in diff)
     assert not [k for k in diff if k.startswith("posthoc.")]  # the baseline was not retrained
 
-    table = subprocess.run([sys.executable, "-m", "stages.ablations", "table"], cwd=root, env=env(),
-                           capture_output=True, text=True, check=True).stdout
+    table = subprocess.run([sys.executable, "-m", "stages.ablations", "table"], cwd=root,
+                           env=env(), capture_output=True, text=True, check=True).stdout
     assert "(reference)" in table and "hierarchy.rho=0.5" in table

@@ -49,9 +49,9 @@ def synthetic_store(path, n_train: int = 4096, n_eval: int = 256, seed: int = 0)
                 "positions": np.ones(k, np.int32), "sequence_ids": np.arange(start, start + k)})
         writer.mark(split, n, n - 1, done=True)
     writer.write_documents(np.zeros(n_train, np.uint8), np.full(n_train, -1, np.int32), [])
-    writer.commit({"model": "synthetic", "layer": 0, "d_model": SYN.d, "dtype": "float32", "context_len": 64,
-                   "n_tokens": {"train": n_train, "eval": n_eval}, "chunk_rows": layout.chunk_rows,
-                   "shard_rows": layout.shard_rows})
+    writer.commit({"model": "synthetic", "layer": 0, "d_model": SYN.d, "dtype": "float32",
+                   "context_len": 64, "n_tokens": {"train": n_train, "eval": n_eval},
+                   "chunk_rows": layout.chunk_rows, "shard_rows": layout.shard_rows})
     return open_store(path)
 
 
@@ -62,7 +62,8 @@ def cfg(**kw) -> HSAEConfig:
 
 
 def torchrun(n: int, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    if shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists():
+    if (shutil.which("torchrun") is None
+            and not (Path(sys.executable).parent / "torchrun").exists()):
         pytest.skip("torchrun is not installed beside this python")
     exe = str(Path(sys.executable).parent / "torchrun")
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -87,9 +88,11 @@ def store(tmp_path_factory):
 @pytest.mark.parametrize("similarity", ["encoder", "coactivation"])
 def test_two_rank_training_matches_one_process(tmp_path, store, similarity):
     c = cfg(similarity=similarity)
-    torchrun(2, "train", json.dumps(c.to_dict()), str(store.path), str(tmp_path / "ddp"), str(tmp_path / "ddp.pt"))
+    torchrun(2, "train", json.dumps(c.to_dict()), str(store.path), str(tmp_path / "ddp"),
+             str(tmp_path / "ddp.pt"))
     ddp = load_hsae(tmp_path / "ddp")
-    single = train_on_store(c, store, 1.0, checkpoint=tmp_path / "one.pt", curves=tmp_path / "curves",
+    single = train_on_store(c, store, 1.0, checkpoint=tmp_path / "one.pt",
+                            curves=tmp_path / "curves",
                             run=TrainRunConfig(checkpoint_every=0, log_every=5))
     assert not single.forest.is_empty()
     assert_same_model(ddp, single)
@@ -104,12 +107,13 @@ def test_two_rank_training_matches_one_process(tmp_path, store, similarity):
 def test_checkpoint_of_two_ranks_resumes_in_one_process(tmp_path, store):
     c = cfg()
     ckpt = tmp_path / "ckpt.pt"
-    torchrun(2, "train", json.dumps(c.to_dict()), str(store.path), str(tmp_path / "x"), str(ckpt), "20")
+    torchrun(2, "train", json.dumps(c.to_dict()), str(store.path), str(tmp_path / "x"),
+             str(ckpt), "20")
     assert torch.load(ckpt, weights_only=False)["step"] == 20
     resumed = train_on_store(c, store, 1.0, checkpoint=ckpt, curves=tmp_path / "c1",
                              run=TrainRunConfig(checkpoint_every=0))
-    straight = train_on_store(c, store, 1.0, checkpoint=tmp_path / "straight.pt", curves=tmp_path / "c2",
-                              run=TrainRunConfig(checkpoint_every=0))
+    straight = train_on_store(c, store, 1.0, checkpoint=tmp_path / "straight.pt",
+                              curves=tmp_path / "c2", run=TrainRunConfig(checkpoint_every=0))
     assert_same_model(resumed, straight)
 
 
@@ -125,7 +129,8 @@ def test_reader_slices_partition_the_global_batch(store):
     with pytest.raises(ValueError, match="drop_last"):
         TrainActivations(store, 1.0, batch_size=64, rank=0, world_size=2)
     with pytest.raises(ValueError, match="does not split evenly"):
-        Trainer(cfg(batch_size=63), dist=__import__("hsae_core.common.distributed", fromlist=["x"]).DistContext(0, 2))
+        Trainer(cfg(batch_size=63),
+                dist=__import__("hsae_core.common.distributed", fromlist=["x"]).DistContext(0, 2))
 
 
 def test_store_checkpoint_and_model_at_memory_urls(tmp_path):
@@ -137,7 +142,8 @@ def test_store_checkpoint_and_model_at_memory_urls(tmp_path):
     ckpt = "memory://hsae-test/ckpt/hsae.pt"
     model = train_on_store(c, url, 1.0, checkpoint=ckpt, curves=tmp_path / "curves",
                            run=TrainRunConfig(checkpoint_every=6))
-    local = train_on_store(c, synthetic_store(tmp_path / "acts.zarr"), 1.0, checkpoint=tmp_path / "c.pt",
+    local = train_on_store(c, synthetic_store(tmp_path / "acts.zarr"), 1.0,
+                           checkpoint=tmp_path / "c.pt",
                            curves=tmp_path / "c2", run=TrainRunConfig(checkpoint_every=6))
     assert_same_model(model, local, atol=0)
     from hsae_core.common import fsio
@@ -155,19 +161,22 @@ def test_two_rank_extraction_equals_one_rank(tmp_path):
     from hsae_core.data.config import ExtractConfig
     from tests.store_helpers import jsonl_corpus, tiny_llama
 
-    c = ExtractConfig(model=tiny_llama(tmp_path / "model"), layer=2, corpus=jsonl_corpus(tmp_path / "c.jsonl", 40),
+    c = ExtractConfig(model=tiny_llama(tmp_path / "model"), layer=2,
+                      corpus=jsonl_corpus(tmp_path / "c.jsonl", 40),
                       label_column="topic", context_len=48, batch_size=4, max_tokens=1500,
                       eval_fraction=0.25, chunk_bytes=2048, shard_bytes=16384, shuffle_shards=2)
     torchrun(1, "extract", json.dumps(c.to_dict()), str(tmp_path / "r1.zarr"))
     # the 2-rank job is interrupted (rank 1 dies after writing 3 shards), then resumed
-    killed = torchrun(2, "extract", json.dumps(c.to_dict()), str(tmp_path / "r2.zarr"), "3", check=False)
+    killed = torchrun(2, "extract", json.dumps(c.to_dict()), str(tmp_path / "r2.zarr"), "3",
+                      check=False)
     assert killed.returncode != 0 and not (tmp_path / "r2.zarr").exists()
     resumed = torchrun(2, "extract", json.dumps(c.to_dict()), str(tmp_path / "r2.zarr")).stdout
     one, two = open_store(tmp_path / "r1.zarr"), open_store(tmp_path / "r2.zarr")
     size, shard = one.attrs["shard_rows"] * 2, one.attrs["shard_rows"]
     rank1_shards = sum(-(-min(size, one.n_rows(s) - k) // shard)  # shards in rank 1's windows
                        for s in ("train", "eval") for k in range(size, one.n_rows(s), 2 * size))
-    assert int(resumed.split("rank 1 wrote ")[1].split()[0]) < rank1_shards  # finished windows skipped
+    # finished windows skipped
+    assert int(resumed.split("rank 1 wrote ")[1].split()[0]) < rank1_shards
     assert one.attrs == two.attrs
     size = one.attrs["shard_rows"] * 2
     assert one.n_rows("train") > 3 * size  # several windows: both ranks wrote some

@@ -39,14 +39,16 @@ def store(assets):
 
 
 def read_split(info, split: str) -> dict[str, np.ndarray]:
-    cols = {c: info.array(split, c)[:] for c in ("token_ids", "doc_ids", "positions", "sequence_ids")}
+    cols = {c: info.array(split, c)[:]
+            for c in ("token_ids", "doc_ids", "positions", "sequence_ids")}
     cols["activations"] = from_storage(info.array(split)[:], info.dtype).numpy()
     order = np.lexsort((cols["positions"], cols["sequence_ids"]))
     return {k: v[order] for k, v in cols.items()}
 
 
 def sequences(cols: dict, bos: int) -> list[np.ndarray]:
-    """Rebuild each sequence's tokens (BOS + stored positions) from a split sorted by (seq, pos)."""
+    """Rebuild each sequence's tokens (BOS + stored positions) from a split sorted by
+    (seq, pos)."""
     out = []
     for s in np.unique(cols["sequence_ids"]):
         sel = cols["sequence_ids"] == s
@@ -65,10 +67,12 @@ def test_rows_equal_hidden_states_forward(assets, store, split):
     want: list[torch.Tensor] = [torch.empty(0)] * len(seqs)
     for b in range(0, len(seqs), BATCH):
         batch = range(b, min(b + BATCH, len(seqs)))
-        for length in {len(seqs[i]) for i in batch}:  # equal lengths share a pass, as in extraction
+        # equal lengths share a pass, as in extraction
+        for length in {len(seqs[i]) for i in batch}:
             members = [i for i in batch if len(seqs[i]) == length]
             with torch.no_grad():
-                out = full(torch.tensor(np.stack([seqs[i] for i in members])), output_hidden_states=True)
+                out = full(torch.tensor(np.stack([seqs[i] for i in members])),
+                           output_hidden_states=True)
             for j, i in enumerate(members):
                 want[i] = out.hidden_states[LAYER + 1][j, 1:]
     want = torch.cat(want).numpy()
@@ -80,7 +84,8 @@ def test_truncated_forward_runs_only_blocks_up_to_layer(assets):
     assert len(lm.residual.base.layers) == LAYER + 1
     ran = []
     for name in ("norm", *(f"layers.{i}" for i in range(LAYER + 1))):
-        lm.residual.base.get_submodule(name).register_forward_pre_hook(lambda m, a, n=name: ran.append(n))
+        lm.residual.base.get_submodule(name).register_forward_pre_hook(
+            lambda m, a, n=name: ran.append(n))
     hidden = lm.residual(torch.tensor([[1, 5, 6, 7]]))
     assert hidden.shape == (1, 4, 64)
     assert ran == [f"layers.{i}" for i in range(LAYER + 1)]
@@ -94,7 +99,8 @@ def test_bos_excluded_and_ids_match_corpus(assets, store):
         assert (cols["token_ids"] != tok.bos_token_id).all() and (cols["positions"] >= 1).all()
         # Packing: the split's documents, each followed by EOS, in corpus order.
         mine = [d for d in docs if document_split(d.doc_id, 0.25, 0) == split]
-        stream = np.concatenate([tok(d.text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        stream = np.concatenate([tok(d.text, add_special_tokens=False)["input_ids"]
+                                 + [tok.eos_token_id]
                                  for d in mine])
         owners = np.concatenate([[d.doc_id] * (len(tok(d.text)["input_ids"]) + 1) for d in mine])
         assert np.array_equal(cols["token_ids"], stream)
@@ -124,20 +130,25 @@ def test_train_rows_shuffled_across_documents_eval_in_order(store):
 
 
 def test_no_padding_batch_size_invariance(assets):
-    """``cut`` sequences vary in length; nothing is padded, so rows match single-sequence passes."""
-    stores = [read_split(extract_activations(config(assets, packing="cut", context_len=24, batch_size=bs),
-                                             assets["root"] / f"cut{bs}.zarr", progress=False), "train")
+    """``cut`` sequences vary in length; nothing is padded, so rows match single-sequence
+    passes."""
+    stores = [read_split(extract_activations(config(assets, packing="cut", context_len=24,
+                                                    batch_size=bs),
+                                             assets["root"] / f"cut{bs}.zarr", progress=False),
+                         "train")
               for bs in (1, 6)]
     assert len(np.unique(stores[0]["positions"])) > 2
     for key in ("token_ids", "doc_ids", "positions", "sequence_ids"):
         assert np.array_equal(stores[0][key], stores[1][key])
     # Equal-length sequences batched together may differ from a lone pass in the last float bit.
-    np.testing.assert_allclose(stores[0]["activations"], stores[1]["activations"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stores[0]["activations"], stores[1]["activations"], rtol=1e-5,
+                               atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_half_dtypes_store_the_rounded_float32_rows(assets, store, dtype):
-    half = extract_activations(config(assets, dtype=dtype), assets["root"] / f"{dtype}.zarr", progress=False)
+    half = extract_activations(config(assets, dtype=dtype), assets["root"] / f"{dtype}.zarr",
+                               progress=False)
     assert half.attrs["dtype"] == dtype
     assert half.array("train").dtype == (np.uint16 if dtype == "bfloat16" else np.float16)
     assert half.array("train").attrs["logical_dtype"] == dtype
@@ -153,7 +164,8 @@ def test_non_finite_activations_name_the_rows(assets, tmp_path):
     model.save_pretrained(tmp_path / "nan_model")
     AutoTokenizer.from_pretrained(assets["model"]).save_pretrained(tmp_path / "nan_model")
     cfg = config(assets, model=str(tmp_path / "nan_model"))
-    with pytest.raises(ExtractionError, match=r"NaN or Inf activations in the train split .*sequence \d+, "
-                                              r"position \d+, document \d+"):
+    with pytest.raises(ExtractionError,
+                       match=r"NaN or Inf activations in the train split .*sequence \d+, "
+                             r"position \d+, document \d+"):
         extract_activations(cfg, tmp_path / "nan.zarr", progress=False)
     assert not (tmp_path / "nan.zarr").exists()

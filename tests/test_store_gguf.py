@@ -32,7 +32,8 @@ def test_smollm2_gguf_on_wiki(tmp_path):
     # The BOS row's norm is about 100x the others (METHOD §6); none is stored.
     assert (store.array("train", "token_ids")[:] != store.attrs["bos_token_id"]).all()
     assert norms.max() < 10 * norms.median()
-    names, labels = store.group["documents/label"].attrs["label_names"], store.group["documents/label"][:]
+    names, labels = (store.group["documents/label"].attrs["label_names"],
+                     store.group["documents/label"][:])
     docs = list(islice(iter_documents("embedded:wiki"), store.attrs["n_documents"]))
     assert [names[code] for code in labels] == [d.label for d in docs]
     batch = next(iter(EvalActivations(store, 1.0, batch_size=40)))

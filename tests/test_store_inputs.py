@@ -32,7 +32,8 @@ def model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def config_only(model, tmp_path_factory):
-    """The model folder without its weights: checks that pass here ran before any weight loading."""
+    """The model folder without its weights: checks that pass here ran before any weight
+    loading."""
     folder = tmp_path_factory.mktemp("no_weights")
     for f in (p for p in Path(model).iterdir() if p.suffix != ".safetensors"):
         shutil.copy(f, folder / f.name)
@@ -47,8 +48,9 @@ def config_only(model, tmp_path_factory):
     ("packing", "greedy", "one of ('pack', 'cut')"),
 ])
 def test_config_names_field_value_and_allowed(field, value, allowed):
-    with pytest.raises(ConfigError, match=re.escape(f"ExtractConfig.{field} = {value!r} is invalid: "
-                                                    f"expected {allowed}")):
+    with pytest.raises(ConfigError,
+                       match=re.escape(f"ExtractConfig.{field} = {value!r} is invalid: "
+                                       f"expected {allowed}")):
         ExtractConfig(**{field: value})
     with pytest.raises(ConfigError, match=r"unknown field\(s\) \['layers'\]"):
         ExtractConfig.from_dict({"layers": 3})
@@ -73,10 +75,14 @@ def test_non_gguf_file_and_missing_gguf_in_folder(tmp_path, config_only):
 
 def test_layer_and_context_checked_before_weights_load(config_only, tmp_path):
     corpus = jsonl_corpus(tmp_path / "c.jsonl", n_docs=5)
-    with pytest.raises(ModelError, match=r"layer 4 is out of range .* 4 blocks: choose 0 <= layer <= 3"):
-        extract_activations(ExtractConfig(model=config_only, layer=4, corpus=corpus), tmp_path / "s.zarr")
-    with pytest.raises(ModelError, match=r"context_len 1024 exceeds .*max_position_embeddings = 128"):
-        extract_activations(ExtractConfig(model=config_only, layer=1, corpus=corpus), tmp_path / "s.zarr")
+    with pytest.raises(ModelError,
+                       match=r"layer 4 is out of range .* 4 blocks: choose 0 <= layer <= 3"):
+        extract_activations(ExtractConfig(model=config_only, layer=4, corpus=corpus),
+                            tmp_path / "s.zarr")
+    with pytest.raises(ModelError,
+                       match=r"context_len 1024 exceeds .*max_position_embeddings = 128"):
+        extract_activations(ExtractConfig(model=config_only, layer=1, corpus=corpus),
+                            tmp_path / "s.zarr")
     assert not (tmp_path / "s.zarr").exists() and not (tmp_path / "s.zarr.partial").exists()
 
 
@@ -135,7 +141,8 @@ def test_packing_and_cutting():
     assert [len(s.tokens) for s in cut] == [6, 4, 6, 6, 3]
     for s in cut:
         assert len(set(s.doc_ids.tolist())) == 1 and s.tokens[0] == 1 and 2 not in s.tokens
-    assert np.array_equal(np.concatenate([s.tokens[1:] for s in cut]), np.concatenate([t for _, t in docs]))
+    assert np.array_equal(np.concatenate([s.tokens[1:] for s in cut]),
+                          np.concatenate([t for _, t in docs]))
 
 
 def test_document_split_is_seeded_and_proportional():
@@ -148,7 +155,8 @@ def test_document_split_is_seeded_and_proportional():
 
 
 def test_hugging_face_streaming_path(tmp_path):
-    """The hub branch (``datasets`` streaming), fed a local dataset folder since the hub is unreachable."""
+    """The hub branch (``datasets`` streaming), fed a local dataset folder since the hub is
+    unreachable."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 

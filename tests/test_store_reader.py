@@ -35,7 +35,8 @@ def as_set(rows: np.ndarray) -> list[bytes]:
 
 
 def test_every_train_row_once_per_epoch(store):
-    reader = TrainActivations(store, 1.0, batch_size=100, epochs=2, buffer_blocks=3, block_rows=256)
+    reader = TrainActivations(store, 1.0, batch_size=100, epochs=2, buffer_blocks=3,
+                              block_rows=256)
     batches = list(reader)
     assert len(batches) == len(reader)
     n = store.n_rows("train")
@@ -59,7 +60,8 @@ def test_seeded_order_scale_cap_and_drop_last(store):
     n = store.n_rows("train")
     capped = list(TrainActivations(store, 1.0, epochs=None, max_tokens=2 * n + 7, **kw))
     assert sum(len(x) for x in capped) == 2 * n + 7
-    assert len(capped) == len(TrainActivations(store, 1.0, epochs=None, max_tokens=2 * n + 7, **kw))
+    assert len(capped) == len(TrainActivations(store, 1.0, epochs=None, max_tokens=2 * n + 7,
+                                               **kw))
     dropped = list(TrainActivations(store, 1.0, drop_last=True, **kw))
     assert all(len(x) == 64 for x in dropped) and len(dropped) == n // 64
     assert len(TrainActivations(store, 1.0, drop_last=True, epochs=3, **kw)) == 3 * (n // 64)
@@ -67,7 +69,8 @@ def test_seeded_order_scale_cap_and_drop_last(store):
 
 def test_train_reader_memory_is_bounded(store):
     store_bytes = rows_of(store).nbytes
-    reader = TrainActivations(store, 1.0, batch_size=64, buffer_blocks=2, block_rows=128, prefetch=2)
+    reader = TrainActivations(store, 1.0, batch_size=64, buffer_blocks=2, block_rows=128,
+                              prefetch=2)
     next(iter(reader))  # first use imports and caches codecs: not the reader's working memory
     tracemalloc.start()
     served = sum(len(b) for b in reader)
@@ -84,7 +87,8 @@ def test_eval_batches_in_store_order_with_ids(store):
     assert np.array_equal(acts, rows_of(store, "eval") * 0.5)
     for col in ("token_ids", "doc_ids", "positions", "sequence_ids"):
         got = torch.cat([getattr(b, col) for b in batches])
-        assert got.dtype == torch.int64 and np.array_equal(got.numpy(), store.array("eval", col)[:])
+        assert got.dtype == torch.int64 and np.array_equal(got.numpy(),
+                                                           store.array("eval", col)[:])
     capped = list(EvalActivations(store, 1.0, batch_size=300, max_tokens=450))
     assert [len(b.activations) for b in capped] == [300, 150]
 
@@ -133,7 +137,8 @@ def test_store_for_another_model_or_layer_is_refused(store, tmp_path):
 def test_prefetch_thread_stops_when_the_consumer_does(store):
     import threading
 
-    batches = iter(TrainActivations(store, 1.0, batch_size=64, prefetch=2, epochs=None, max_tokens=10**9))
+    batches = iter(TrainActivations(store, 1.0, batch_size=64, prefetch=2, epochs=None,
+                                    max_tokens=10**9))
     assert next(batches).shape == (64, 32)
     assert any(t.name == "hsae-reader" for t in threading.enumerate())
     batches.close()

@@ -1,4 +1,5 @@
-"""An interrupted extraction resumes to the byte-identical store; finished stores are never lost."""
+"""An interrupted extraction resumes to the byte-identical store; finished stores are never
+lost."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ class Interrupted(Exception):
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
-    return {"model": tiny_llama(root / "model"), "corpus": jsonl_corpus(root / "corpus.jsonl", n_docs=80)}
+    return {"model": tiny_llama(root / "model"),
+            "corpus": jsonl_corpus(root / "corpus.jsonl", n_docs=80)}
 
 
 def config(assets, **kw) -> ExtractConfig:
@@ -31,7 +33,8 @@ def config(assets, **kw) -> ExtractConfig:
 
 
 def files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file()}
 
 
 def interrupt_after(k: int, log: list):
@@ -50,7 +53,8 @@ def test_resume_yields_the_uninterrupted_store(assets, tmp_path, k):
                                     on_shard=lambda split, shard: every.append((split, shard)))
     assert len(every) == 33 + 15
     with pytest.raises(Interrupted):
-        extract_activations(cfg, tmp_path / "run.zarr", progress=False, on_shard=interrupt_after(k, first))
+        extract_activations(cfg, tmp_path / "run.zarr", progress=False,
+                            on_shard=interrupt_after(k, first))
     assert not (tmp_path / "run.zarr").exists()
     progress = json.loads((partial_path(tmp_path / "run.zarr") / "progress.json").read_text())
     assert sum(progress["rows"].values()) > 0

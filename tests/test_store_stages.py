@@ -1,4 +1,5 @@
-"""The extract-activations and normalize stages, run through their Typer apps with a params.yaml."""
+"""The extract-activations and normalize stages, run through their Typer apps with a
+params.yaml."""
 
 from __future__ import annotations
 
@@ -21,13 +22,16 @@ def test_stages_read_params_and_write_artifacts(tmp_path):
     runner = CliRunner()
     result = runner.invoke(extract_activations.app, ["--params", str(params), "--out", str(store)])
     assert result.exit_code == 0, result.output
-    assert json.loads((store / "zarr.json").read_text())["attributes"]["n_tokens"] == {"train": 640, "eval": 160}
-    result = runner.invoke(normalize.app, ["--params", str(params), "--store", str(store), "--out", str(norm)])
+    assert (json.loads((store / "zarr.json").read_text())["attributes"]["n_tokens"]
+            == {"train": 640, "eval": 160})
+    result = runner.invoke(normalize.app, ["--params", str(params), "--store", str(store),
+                                           "--out", str(norm)])
     assert result.exit_code == 0, result.output
     assert json.loads(norm.read_text())["n_sample_tokens"] >= 300
 
     params.write_text(yaml.safe_dump({"extract": extract | {"layer": 2}}))
-    result = runner.invoke(normalize.app, ["--params", str(params), "--store", str(store), "--out", str(norm)])
+    result = runner.invoke(normalize.app, ["--params", str(params), "--store", str(store),
+                                           "--out", str(norm)])
     assert result.exit_code == 2 and "written for layer 1" in result.output
     result = runner.invoke(extract_activations.app, ["--params", str(params), "--out", str(store),
                                                      "--dtype", "float64"])

@@ -54,11 +54,12 @@ def rank_device(device: str, local_rank: int) -> str:
     if kind == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device {device!r} asked for, but torch sees no CUDA device "
-                               f"(torch {torch.__version__}): set device: cpu or install a CUDA build")
+                               f"(torch {torch.__version__}): set device: cpu or install a CUDA "
+                               "build")
         n = torch.cuda.device_count()
         if local_rank >= n:
-            raise ValueError(f"rank with LOCAL_RANK {local_rank} needs cuda:{local_rank}, but this "
-                               f"node has {n} GPU(s): launch at most {n} processes per node")
+            raise ValueError(f"rank with LOCAL_RANK {local_rank} needs cuda:{local_rank}, but "
+                               f"this node has {n} GPU(s): launch at most {n} processes per node")
         return f"cuda:{local_rank}"
     if kind == "mps":
         raise ValueError("distributed training on mps is not supported by torch.distributed: "
@@ -78,7 +79,8 @@ def init_from_env(device: str) -> DistContext:
         if dev.startswith("cuda"):
             torch.cuda.set_device(dev)
         dist.init_process_group(backend=backend_for(dev), rank=rank, world_size=world,
-                                **({"device_id": torch.device(dev)} if dev.startswith("cuda") else {}))
+                                **({"device_id": torch.device(dev)} if dev.startswith("cuda")
+                                   else {}))
     return DistContext(rank=rank, world_size=world, local_rank=local, device=dev)
 
 
@@ -134,5 +136,6 @@ def rank_slice(n: int, ctx: DistContext) -> slice:
     return slice(ctx.rank * b, (ctx.rank + 1) * b)
 
 
-__all__ = ["DistContext", "SINGLE", "all_gather_rows", "all_reduce_max_", "all_reduce_sum_", "backend_for",
-           "barrier", "broadcast_", "init_from_env", "rank_device", "rank_slice", "shutdown"]
+__all__ = ["DistContext", "SINGLE", "all_gather_rows", "all_reduce_max_", "all_reduce_sum_",
+           "backend_for", "barrier", "broadcast_", "init_from_env", "rank_device", "rank_slice",
+           "shutdown"]

@@ -109,5 +109,5 @@ def read_json(path: PathLike) -> Any:
     return json.loads(read_bytes(path))
 
 
-__all__ = ["as_location", "exists", "filesystem", "is_url", "join", "load_torch", "read_bytes", "read_json",
-           "remove", "save_torch", "write_bytes", "write_json"]
+__all__ = ["as_location", "exists", "filesystem", "is_url", "join", "load_torch", "read_bytes",
+           "read_json", "remove", "save_torch", "write_bytes", "write_json"]

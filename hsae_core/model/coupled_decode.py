@@ -74,13 +74,15 @@ def _row_offsets(ws) -> list[int]:
     return out
 
 
-def _merge_grouped(sources: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor | None]],
+def _merge_grouped(sources: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor,
+                                       torch.Tensor | None]],
                    n_bags: int):
     """Merge entry lists that are each grouped by bag (bag ascending) into one list grouped by
     bag, the sources in the given order within each bag. A source is (bag per entry or None,
     table index, weight, entries per bag or None); it gives its bags or its counts or both.
     Returns (index, weight, ptr)."""
-    counts = [torch.bincount(dest, minlength=n_bags) if c is None else c for dest, _, _, c in sources]
+    counts = [torch.bincount(dest, minlength=n_bags) if c is None else c
+              for dest, _, _, c in sources]
     total = counts[0].clone()
     for c in counts[1:]:
         total += c
@@ -169,7 +171,8 @@ def _merged_forward(ctx, plan: DecodePlan, vals, ws):
         idx = p.cols.new_empty(p.nnz + e.nnz)
         idx.index_copy_(0, pos_own, p.cols + off[l]).index_copy_(0, pos_take, e.cols + off[l + 1])
         w = v.new_empty(p.nnz + e.nnz)
-        w.index_copy_(0, pos_own, v).index_copy_(0, pos_take, vals[l + 1].index_select(0, plan.take[l + 1]))
+        w.index_copy_(0, pos_own, v).index_copy_(0, pos_take,
+                                                 vals[l + 1].index_select(0, plan.take[l + 1]))
         idx_parts.append(idx)
         w_parts.append(w)
         ptr_parts.append(crow[:-1] + t_ptr[:-1] + base)
@@ -180,7 +183,8 @@ def _merged_forward(ctx, plan: DecodePlan, vals, ws):
     ptr = torch.cat(ptr_parts + [ptr_parts[0].new_tensor([base])])
     with torch.no_grad():
         out = F.embedding_bag(index, wall, ptr, mode="sum",
-                              per_sample_weights=weight.detach().to(wall.dtype), include_last_offset=True)
+                              per_sample_weights=weight.detach().to(wall.dtype),
+                              include_last_offset=True)
     ctx.fwd = (index, ptr, own_pos, take_pos, off, wall)
     outs = list(out.view(n, B, -1).unbind(0))
     return outs, []  # swapped-in children are inside the levels' outputs
@@ -196,7 +200,8 @@ def _merged_backward(ctx, plan: DecodePlan, vals, ws, grads):
     # rows of the decoders: then g goes into the spare rows after the decoders (one table)
     table = stacked_decoders(ws, slot_rows=n * B) if extras else None
     if table is not None:
-        g = torch.stack([gr.to(table.dtype) for gr in grads[:n]], out=table[off[-1]:off[-1] + n * B].view(n, B, d))
+        g = torch.stack([gr.to(table.dtype) for gr in grads[:n]],
+                        out=table[off[-1]:off[-1] + n * B].view(n, B, d))
     else:
         g = torch.stack([gr.to(wall.dtype) for gr in grads[:n]])
         if extras:
@@ -259,7 +264,8 @@ def _merged_backward(ctx, plan: DecodePlan, vals, ws, grads):
         idx, w, bag_ptr = _merge_grouped(sources, off[-1])
     with torch.no_grad():
         gw_all = F.embedding_bag(idx, table if extras else g, bag_ptr, mode="sum",
-                                 per_sample_weights=w.detach().to(g.dtype), include_last_offset=True)
+                                 per_sample_weights=w.detach().to(g.dtype),
+                                 include_last_offset=True)
     return g_vals, [gw_all[off[l]:off[l + 1]] for l in range(n)]
 
 
@@ -296,7 +302,8 @@ def _per_level_backward(ctx, plan: DecodePlan, vals, ws, grads):
             g_swap = next(g_swaps).contiguous()
             gv.index_add_(0, plan.take[l], sddmm(e, g_swap, ws[l]))
             if e.nnz:  # few entries: a direct scatter into the decode's own buffer
-                rows = g_swap.index_select(0, e.rows).mul_(vals[l].index_select(0, plan.take[l])[:, None])
+                rows = g_swap.index_select(0, e.rows).mul_(
+                    vals[l].index_select(0, plan.take[l])[:, None])
                 gw.index_add_(0, e.cols, rows)
         g_vals.append(gv)
         g_w.append(gw)
@@ -315,5 +322,6 @@ def coupled_decode(plan: DecodePlan, vals: list[torch.Tensor], w_decs: list[torc
     out = _CoupledDecode.apply(plan, *vals, *w_decs)
     recons, rest = list(out[:n]), iter(out[n:-1])
     merged = len(out) == n + 1
-    swap_in = [next(rest) if plan.take[l + 1] is not None and not merged else None for l in range(n - 1)]
+    swap_in = [next(rest) if plan.take[l + 1] is not None and not merged else None
+               for l in range(n - 1)]
     return recons, swap_in, out[-1]

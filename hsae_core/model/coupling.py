@@ -51,7 +51,8 @@ class PairEntries:
     keys: torch.Tensor
 
     @classmethod
-    def build(cls, child: SupportPattern, parent_of: torch.Tensor, n_parents: int) -> "PairEntries":
+    def build(cls, child: SupportPattern, parent_of: torch.Tensor,
+              n_parents: int) -> "PairEntries":
         c_par = parent_of.index_select(0, child.cols)
         sel = (c_par >= 0).nonzero(as_tuple=True)[0]
         par = c_par.index_select(0, sel)
@@ -137,7 +138,8 @@ def _sibling_pairs(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     boundary = torch.ones(n, dtype=torch.bool, device=keys.device)
     boundary[:-1] = ~same_as_next
     run_end = torch.flip(torch.cummin(torch.flip(
-        torch.where(boundary, torch.arange(1, n + 1, device=keys.device), n + 1), [0]), 0).values, [0])
+        torch.where(boundary, torch.arange(1, n + 1, device=keys.device), n + 1), [0]), 0).values,
+        [0])
     count = run_end - 1 - torch.arange(n, device=keys.device)  # partners after each position
     left = torch.repeat_interleave(torch.arange(n, device=keys.device), count)
     offset = torch.arange(left.numel(), device=keys.device) - torch.repeat_interleave(
@@ -148,7 +150,8 @@ def _sibling_pairs(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 @dataclass
 class _SiblingPairs:
     """The distinct feature pairs (lo < hi) among a batch's co-firing sibling entry pairs:
-    ``inverse`` maps each entry pair to its feature pair (one Gram value, one gradient row each)."""
+    ``inverse`` maps each entry pair to its feature pair (one Gram value, one gradient row
+    each)."""
 
     lo: torch.Tensor
     hi: torch.Tensor
@@ -225,7 +228,8 @@ def pc_forward(pairs: list[_PairPC], vals: list[torch.Tensor], ws: list[torch.Te
         else:
             sib_dot, sibs = va, None
         out[p] = total / q.pat_p.n_rows
-        saved.append((diag_p, diag_c, gram.shape[0], vp_hit, vc_hit, gram_hit, va, vb, sibs, sib_dot))
+        saved.append((diag_p, diag_c, gram.shape[0], vp_hit, vc_hit, gram_hit, va, vb, sibs,
+                      sib_dot))
     return out, (saved, sq)
 
 
@@ -307,7 +311,8 @@ def apply_decoder_terms_(g_w: list[torch.Tensor | None], ws, row_coef: list[torc
         else:
             g_w[l].addcmul_(ws[l], coef[:, None])
     for t in cross:
-        scatter_bag_sum_(g_w[t.dst], t.rows, t.partners, t.coef, ws[t.src], dest_sorted=t.rows_sorted)
+        scatter_bag_sum_(g_w[t.dst], t.rows, t.partners, t.coef, ws[t.src],
+                         dest_sorted=t.rows_sorted)
 
 
 class _ForestPC(torch.autograd.Function):
@@ -369,5 +374,6 @@ def swap_masks(parent: SupportPattern, entries: PairEntries, swapped: torch.Tens
     ``swapped`` parents ([n_l] bool, only parents with children): the parent entries leave
     level l's reconstruction and the taken child entries enter it in their place (§3.2)."""
     keep_p = ~swapped.index_select(0, parent.cols)
-    take = entries.sel.index_select(0, swapped.index_select(0, entries.par).nonzero(as_tuple=True)[0])
+    take = entries.sel.index_select(
+        0, swapped.index_select(0, entries.par).nonzero(as_tuple=True)[0])
     return keep_p, take

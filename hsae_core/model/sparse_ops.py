@@ -20,8 +20,9 @@ import torch
 
 #: Above this fraction of nonzeros a dense matmul beats the sparse kernels. CPU: measured with
 #: benchmarks/dense_cutoff.py (a training step of one level, d = 576, 1024 latents, 2 threads:
-#: the sparse path is 2.4x faster at 5%, 1.15x at 20%, 1.09x slower at 30%). Other devices (CUDA): 0.08, not
-#: yet measured there. A float here applies to every device (the tests force either path).
+#: the sparse path is 2.4x faster at 5%, 1.15x at 20%, 1.09x slower at 30%). Other devices
+#: (CUDA): 0.08, not yet measured there. A float here applies to every device (the tests force
+#: either path).
 DENSE_CUTOFF: float | dict[str, float] = {"cpu": 0.25, "default": 0.08}
 
 
@@ -47,7 +48,8 @@ class SupportPattern:
     n_cols: int
     _crow: torch.Tensor | None = field(default=None, repr=False)
     mask: torch.Tensor | None = field(default=None, repr=False)  # the dense bool it came from
-    _by_col: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+    _by_col: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = field(
+        default=None, repr=False)
 
     @classmethod
     def from_mask(cls, mask: torch.Tensor) -> "SupportPattern":
@@ -124,8 +126,9 @@ def bag_sum(index: torch.Tensor, ptr: torch.Tensor, weights: torch.Tensor, table
     with torch.no_grad():
         # detached: with an input that requires grad, embedding_bag takes its slower
         # training path (bag bookkeeping for a backward we never run)
-        return torch.nn.functional.embedding_bag(index, table.detach(), ptr[:-1], mode="sum",
-                                                 per_sample_weights=weights.detach().to(table.dtype))
+        return torch.nn.functional.embedding_bag(
+            index, table.detach(), ptr[:-1], mode="sum",
+            per_sample_weights=weights.detach().to(table.dtype))
 
 
 def scatter_bag_sum_(out: torch.Tensor, dest: torch.Tensor, index: torch.Tensor,
