@@ -30,7 +30,8 @@ def main(
     params: Path = typer.Option(Path("params.yaml"), help="params file (section metrics)"),
     hsae: Path = typer.Option(Path("data/hsae"), help="trained HSAE"),
     posthoc: Path = typer.Option(Path("data/posthoc"), help="baseline with its post-hoc forest"),
-    store: str = typer.Option("data/activations.zarr", help="activation store (eval split) (path or fsspec URL)"),
+    store: str = typer.Option("data/activations.zarr",
+                              help="activation store (eval split) (path or fsspec URL)"),
     normalization: Path = typer.Option(Path("data/normalization.json"), help="normalisation JSON"),
     out: Path = typer.Option(Path("metrics/metrics.json"), help="metrics JSON"),
     table: Path = typer.Option(Path("metrics/table.md"), help="human-readable table"),
@@ -39,7 +40,8 @@ def main(
         cfg = section_config(load_params(params), "metrics", MetricsConfig)
         info = open_store(store)
         scale = resolve_scale(normalization, info)
-        models = load_for_store({"hsae": hsae, "posthoc": posthoc}, info.d_model, store, cfg.device)
+        models = load_for_store({"hsae": hsae, "posthoc": posthoc}, info.d_model, store,
+                                cfg.device)
         metrics = compute_metrics(models, info, scale, cfg)
     except (ValueError, FileNotFoundError) as err:
         rprint(f"[red]compute-metrics: {err}[/red]")

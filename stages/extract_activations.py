@@ -2,8 +2,9 @@
 
     python -m stages.extract_activations --params params.yaml [--out data/activations.zarr]
 
-Reads the ``extract:`` section of params.yaml (fields: :class:`hsae_core.data.config.ExtractConfig`);
-options given on the command line override it. An interrupted run resumes when rerun.
+Reads the ``extract:`` section of params.yaml (fields:
+:class:`hsae_core.data.config.ExtractConfig`); options given on the command line override it. An
+interrupted run resumes when rerun.
 
 Distributed over N processes (each runs the model on its share of the windows; the store equals
 a 1-process one)::
@@ -30,18 +31,22 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 @app.command()
 def main(
-    params: Optional[Path] = typer.Option(None, help="params.yaml whose `extract:` section is read"),
+    params: Optional[Path] = typer.Option(None,
+                                          help="params.yaml whose `extract:` section is read"),
     out: str = typer.Option("data/activations.zarr", help="store to write (path or fsspec URL)"),
-    model: Optional[str] = typer.Option(None, help="hub name, folder, .gguf file or embedded:smollm2"),
+    model: Optional[str] = typer.Option(None,
+                                        help="hub name, folder, .gguf file or embedded:smollm2"),
     layer: Optional[int] = typer.Option(None, help="residual stream after this block (0-based)"),
-    corpus: Optional[str] = typer.Option(None, help="embedded:wiki, a file/folder, or an HF dataset"),
+    corpus: Optional[str] = typer.Option(None,
+                                         help="embedded:wiki, a file/folder, or an HF dataset"),
     text_column: Optional[str] = typer.Option(None),
     context_len: Optional[int] = typer.Option(None),
     batch_size: Optional[int] = typer.Option(None),
     max_tokens: Optional[int] = typer.Option(None),
     dtype: Optional[str] = typer.Option(None, help="float32, float16 or bfloat16"),
     device: Optional[str] = typer.Option(None),
-    overwrite: bool = typer.Option(False, help="replace an existing store once the new one is complete"),
+    overwrite: bool = typer.Option(False,
+                                   help="replace an existing store once the new one is complete"),
 ) -> None:
     overrides = {"model": model, "layer": layer, "corpus": corpus, "text_column": text_column,
                  "context_len": context_len, "batch_size": batch_size, "max_tokens": max_tokens,
@@ -51,14 +56,15 @@ def main(
                                       | {k: v for k, v in overrides.items() if v is not None})
         dist = init_from_env(cfg.device)
         store = extract_activations(cfg, out, overwrite=overwrite, dist=dist)
-    except ValueError as err:  # config, model, corpus and store errors name the problem and the fix
+    except ValueError as err:
+        # config, model, corpus and store errors name the problem and the fix
         rprint(f"[red]extract-activations: {err}[/red]")
         raise typer.Exit(2) from err
     shutdown(dist)
     if not dist.is_main:
         return
-    rprint(f"wrote {store.path}: {store.attrs['n_tokens']} tokens of {cfg.model} layer {cfg.layer}, "
-           f"d={store.d_model}, {cfg.dtype}")
+    rprint(f"wrote {store.path}: {store.attrs['n_tokens']} tokens of {cfg.model} "
+           f"layer {cfg.layer}, d={store.d_model}, {cfg.dtype}")
 
 
 if __name__ == "__main__":

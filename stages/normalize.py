@@ -24,8 +24,10 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 @app.command()
 def main(
-    params: Optional[Path] = typer.Option(None, help="params.yaml whose `normalize:` section is read"),
-    store: str = typer.Option("data/activations.zarr", help="activation store (path or fsspec URL)"),
+    params: Optional[Path] = typer.Option(None,
+                                          help="params.yaml whose `normalize:` section is read"),
+    store: str = typer.Option("data/activations.zarr",
+                              help="activation store (path or fsspec URL)"),
     out: Path = typer.Option(Path("data/normalization.json"), help="JSON artifact to write"),
     n_tokens: Optional[int] = typer.Option(None, help="train rows sampled"),
     seed: Optional[int] = typer.Option(None),

@@ -21,11 +21,15 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 @app.command()
 def main(
     params: Path = typer.Option(Path("params.yaml"), help="params file (sections sae, train)"),
-    store: str = typer.Option("data/activations.zarr", help="activation store (path or fsspec URL)"),
+    store: str = typer.Option("data/activations.zarr",
+                              help="activation store (path or fsspec URL)"),
     normalization: Path = typer.Option(Path("data/normalization.json"), help="normalisation JSON"),
-    out: str = typer.Option("data/baseline", help="folder of the trained independent SAEs (path or URL)"),
-    checkpoint: str = typer.Option("data/checkpoints/baseline.pt", help="resumable checkpoint (path or URL)"),
-    curves: Path = typer.Option(Path("plots/train/baseline"), help="folder of the per-level curves"),
+    out: str = typer.Option("data/baseline",
+                            help="folder of the trained independent SAEs (path or URL)"),
+    checkpoint: str = typer.Option("data/checkpoints/baseline.pt",
+                                   help="resumable checkpoint (path or URL)"),
+    curves: Path = typer.Option(Path("plots/train/baseline"),
+                                help="folder of the per-level curves"),
 ) -> None:
     train_stage("train-baselines", True, params, store, normalization, out, checkpoint, curves)
 

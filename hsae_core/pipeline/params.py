@@ -38,8 +38,8 @@ from hsae_core.common.errors import ConfigError
 from hsae_core.model.config import HSAEConfig
 
 #: HSAEConfig fields that only the HSAE uses (the baseline forces rho = swap_rate = 0).
-HIERARCHY_FIELDS = ("rho", "swap_rate", "update_interval", "similarity", "exclude_quantile", "tree",
-                    "coactivation_momentum", "coactivation_tokens")
+HIERARCHY_FIELDS = ("rho", "swap_rate", "update_interval", "similarity", "exclude_quantile",
+                    "tree", "coactivation_momentum", "coactivation_tokens")
 #: HSAEConfig fields shared by the HSAE and the baseline (d_model comes from the store).
 SAE_FIELDS = tuple(f.name for f in dataclasses.fields(HSAEConfig)
                    if f.name not in HIERARCHY_FIELDS and f.name != "d_model")
@@ -55,13 +55,15 @@ def load_params(path: str | Path) -> dict[str, dict[str, Any]]:
     :func:`section_config` / :func:`hsae_config` for the sections a stage reads)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"no params file at {path}: run from the repository root or pass --params")
+        raise ConfigError(f"no params file at {path}: run from the repository root or pass "
+                          "--params")
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
     for section, value in data.items():
         if section not in SECTIONS:
-            raise ConfigError(f"{path}: unknown section {section!r}; known sections: {sorted(SECTIONS)}")
+            raise ConfigError(f"{path}: unknown section {section!r}; "
+                              f"known sections: {sorted(SECTIONS)}")
         if value is None:
             data[section] = {}
         elif not isinstance(value, dict):
@@ -102,12 +104,13 @@ def hsae_config(params: dict, d_model: int, *, independent: bool = False) -> HSA
     try:
         return HSAEConfig(d_model=d_model, **fields)
     except ConfigError as err:
-        name = str(err).split(".", 1)[1].split(" ", 1)[0] if str(err).startswith("HSAEConfig.") else ""
+        name = (str(err).split(".", 1)[1].split(" ", 1)[0] if str(err).startswith("HSAEConfig.")
+                else "")
         where = "hierarchy" if name in HIERARCHY_FIELDS else "sae"
         raise ConfigError(f"{where}: {err}") from err
     except TypeError as err:
         raise ConfigError(f"sae/hierarchy: {err}") from err
 
 
-__all__ = ["HIERARCHY_FIELDS", "SAE_FIELDS", "SECTIONS", "check_keys", "hsae_config", "load_params",
-           "section_config"]
+__all__ = ["HIERARCHY_FIELDS", "SAE_FIELDS", "SECTIONS", "check_keys", "hsae_config",
+           "load_params", "section_config"]

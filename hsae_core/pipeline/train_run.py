@@ -1,6 +1,6 @@
 """Train an HSAE (or the independent baseline) on an activation store: what the training stages
-call. Adds to :class:`~hsae_core.model.trainer.Trainer` the store reader, a checkpoint that is reused
-only when it was written for the same config, and live training curves per level.
+call. Adds to :class:`~hsae_core.model.trainer.Trainer` the store reader, a checkpoint that is
+reused only when it was written for the same config, and live training curves per level.
 
 Curves (§4 / Appendix A quantities, one TSV per level, read by ``dvc plots``)::
 
@@ -11,9 +11,9 @@ level; 0 for level 0 and for the baseline, whose forest is built post hoc). A re
 the rows up to the checkpoint's step and appends after it, so the curves are those of an
 uninterrupted run.
 
-Under ``torchrun`` (``dist`` from :func:`hsae_core.common.distributed.init_from_env`) every rank trains
-its slice of each global batch; rank 0 alone writes the curves and the checkpoint (a local path
-or an fsspec URL), which resumes on any number of ranks.
+Under ``torchrun`` (``dist`` from :func:`hsae_core.common.distributed.init_from_env`) every rank
+trains its slice of each global batch; rank 0 alone writes the curves and the checkpoint (a local
+path or an fsspec URL), which resumes on any number of ranks.
 """
 
 from __future__ import annotations
@@ -47,9 +47,11 @@ class TrainRunConfig:
     for CUDA, also runs on the CPU given a C++ compiler, results equal eager). Off by default."""
 
     def __post_init__(self) -> None:
-        check_field(self, "checkpoint_every", is_int(self.checkpoint_every) and self.checkpoint_every >= 0,
+        check_field(self, "checkpoint_every",
+                    is_int(self.checkpoint_every) and self.checkpoint_every >= 0,
                "an integer >= 0 (0 = no checkpoints)")
-        check_field(self, "log_every", is_int(self.log_every) and self.log_every >= 1, "an integer >= 1")
+        check_field(self, "log_every", is_int(self.log_every) and self.log_every >= 1,
+                    "an integer >= 1")
         check_field(self, "buffer_blocks", is_int(self.buffer_blocks) and self.buffer_blocks >= 1,
                "an integer >= 1")
         check_field(self, "compile", isinstance(self.compile, bool), "true or false")
@@ -71,7 +73,8 @@ class TrainingCurves:
             kept = []
             if resume_step and path.exists():
                 with path.open() as f:
-                    kept = [r for r in csv.DictReader(f, delimiter="\t") if int(r["step"]) <= resume_step]
+                    kept = [r for r in csv.DictReader(f, delimiter="\t")
+                            if int(r["step"]) <= resume_step]
             with path.open("w", newline="") as f:
                 w = csv.DictWriter(f, CURVE_COLUMNS, delimiter="\t")
                 w.writeheader()
@@ -88,17 +91,21 @@ class TrainingCurves:
 
 
 def train_on_store(cfg: HSAEConfig, store: str | Path | StoreInfo, scale: float | str | Path, *,
-                   checkpoint: str | Path, curves: str | Path, run: TrainRunConfig = TrainRunConfig(),
-                   name: str = "hsae", dist: DistContext = SINGLE) -> HSAE:
+                   checkpoint: str | Path, curves: str | Path,
+                   run: TrainRunConfig = TrainRunConfig(), name: str = "hsae",
+                   dist: DistContext = SINGLE) -> HSAE:
     """Train ``cfg.total_steps`` steps of ``cfg.batch_size`` shuffled train rows (epochs repeat as
     needed), resuming from ``checkpoint`` when it holds a run of the same config. Under
-    ``dist`` each rank reads its slice of every global batch; rank 0 writes curves and checkpoints."""
+    ``dist`` each rank reads its slice of every global batch; rank 0 writes curves and
+    checkpoints."""
     info = store if isinstance(store, StoreInfo) else open_store(store)
     if info.d_model != cfg.d_model:
-        raise ValueError(f"store {info.path} holds d = {info.d_model}, the config asks for d_model = {cfg.d_model}")
+        raise ValueError(f"store {info.path} holds d = {info.d_model}, the config asks for "
+                         f"d_model = {cfg.d_model}")
     if info.n_rows("train") < cfg.batch_size:
-        raise ValueError(f"store {info.path} has {info.n_rows('train')} train rows, fewer than one batch "
-                         f"(sae.batch_size = {cfg.batch_size}): lower it or extract more tokens")
+        raise ValueError(f"store {info.path} has {info.n_rows('train')} train rows, fewer than "
+                         f"one batch (sae.batch_size = {cfg.batch_size}): lower it or extract "
+                         "more tokens")
     checkpoint = fsio.as_location(checkpoint)
     start = usable_checkpoint(checkpoint, cfg, dist)
     if start and dist.is_main:
@@ -111,12 +118,13 @@ def train_on_store(cfg: HSAEConfig, store: str | Path | StoreInfo, scale: float 
         if step % every == 0 or step == cfg.total_steps:
             l0 = " ".join(f"{rec[f'level{l}/l0']:.1f}" for l in range(cfg.n_levels))
             fve = " ".join(f"{rec[f'level{l}/fve']:.3f}" for l in range(cfg.n_levels))
-            print(f"{name} step {step}/{cfg.total_steps} loss {rec['loss']:.4g} L0 [{l0}] FVE [{fve}] "
-                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+            print(f"{name} step {step}/{cfg.total_steps} loss {rec['loss']:.4g} L0 [{l0}] "
+                  f"FVE [{fve}] ({time.perf_counter() - t0:.0f} s)", flush=True)
 
     reader = TrainActivations(info, scale, batch_size=cfg.batch_size, seed=cfg.seed, epochs=None,
                               max_tokens=cfg.total_steps * cfg.batch_size, drop_last=True,
-                              buffer_blocks=run.buffer_blocks, rank=dist.rank, world_size=dist.world_size)
+                              buffer_blocks=run.buffer_blocks, rank=dist.rank,
+                              world_size=dist.world_size)
     ckpt = Checkpoint(checkpoint)
     trainer = Trainer(cfg, checkpoint_every=run.checkpoint_every, on_checkpoint=ckpt.save,
                       log_every=run.log_every, on_log=on_log if dist.is_main else None, dist=dist,
