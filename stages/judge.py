@@ -39,7 +39,8 @@ def make_backend(cfg: JudgeConfig):
                                  concurrency=cfg.concurrency, timeout_s=cfg.timeout_s,
                                  max_tokens=cfg.max_tokens, temperature=cfg.temperature,
                                  retry=RetryPolicy(cfg.max_retries, cfg.backoff_base_s,
-                                                   cfg.backoff_max_s))
+                                                   cfg.backoff_max_s, cfg.max_wait_s,
+                                                   cfg.max_request_s))
     return LocalChatBackend(cfg.model, max_new_tokens=cfg.max_tokens, batch_size=cfg.batch_size,
                             answer_prefix=cfg.answer_prefix, device=cfg.device)
 
@@ -77,7 +78,7 @@ def main(
     print(f"judge: {counts} pairs, backend {backend.name} model {backend.model}")
     cache = ResponseCache(out / "cache")
     try:
-        records = judge_pairs(pairs, ev, backend, cache)
+        records = judge_pairs(pairs, ev, backend, cache, cfg.max_answer_chars)
     except JudgeBackendError as err:
         rprint(f"[red]judge: {err}[/red]")
         raise typer.Exit(2) from err
@@ -94,6 +95,10 @@ def main(
     print(f"judge: {len(records)} pairs, {asked} asked, {len(records) - asked} from cache, "
           f"{sum(r['error'] is not None for r in records)} failed "
           f"({time.perf_counter() - t0:.0f} s)")
+    cut = sum(r["raw_truncated"] for r in records)
+    if cut:
+        print(f"judge: {cut} answers longer than judge.max_answer_chars = "
+              f"{cfg.max_answer_chars} were cut to it and recorded unparseable")
     for source in ("hsae", "posthoc", "random"):
         s = summary[source]
         shown = "n/a" if s["yes_rate"] is None else \

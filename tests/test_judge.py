@@ -1,6 +1,7 @@
 """The judge stage (Appendix C): parsing, intervals and pair sampling; the OpenAI backend against a
 real chat-completions server on 127.0.0.1 that injects 429 + Retry-After, 500s, timeouts and
-malformed answers; the local backend with a tiny random model in process."""
+malformed answers, and hostile modes (echoed keys, huge Retry-After, trickled bodies, huge
+answers); the local backend with a tiny random model in process."""
 
 from __future__ import annotations
 
@@ -72,6 +73,28 @@ def test_parse_answer(text, want):
     assert parse_answer(text) == want
 
 
+@pytest.mark.parametrize("text,want", [
+    ("<think>so HaveRelationship: Yes, but", ("unparseable", None)),  # cut off while thinking
+    ("<think>a</think>\nHaveRelationship: Yes\nConfidence: High\n<think>more",
+     ("unparseable", None)),  # a think block left open: cut off
+    ("HaveRelationship: Yes or No\nConfidence: High", ("unparseable", "high")),
+    ("HaveRelationship: Yes|No", ("unparseable", None)),
+    ("HaveRelationship: yes-ish", ("unparseable", None)),
+    ("HaveRelationship: Maybe yes", ("unparseable", None)),
+    ("HaveRelationship: Yes, no doubt", ("unparseable", None)),  # both words: not guessed
+    ("HaveRelationship: [Yes/No]\nHaveRelationship: Yes", ("unparseable", None)),
+    ("HaveRelationship: Yes\nConfidence: High or Low", ("yes", None)),
+    ("HaveRelationship: Yes, but only partly\nConfidence: Low", ("yes", "low")),
+    ("HaveRelationship: _No_\nConfidence: *medium*", ("no", "medium")),
+    ("HaveRelationship:\n  No\nConfidence: High", ("no", "high")),
+    # a template that opened the think block in the prompt: only what follows </think> counts
+    ("HaveRelationship: Yes? No...</think>\nHaveRelationship: No\nConfidence: Low",
+     ("no", "low")),
+])
+def test_parse_answer_only_unambiguous_complete_verdicts(text, want):
+    assert parse_answer(text) == want
+
+
 def test_wilson_interval():
     lo, hi = wilson(5, 10)
     assert abs(lo - 0.2366) < 1e-4 and abs(hi - 0.7634) < 1e-4
@@ -91,6 +114,7 @@ def test_retry_after_and_backoff():
     assert (np.mean([policy.delay(0, None) for _ in range(500)])
             < np.mean([policy.delay(3, None) for _ in range(500)]))
     assert policy.delay(0, 5.0) >= 5.0  # a server's Retry-After is a floor
+    assert parse_retry_after("inf") == float("inf") and parse_retry_after("nan") is None
 
 
 # ------------------------------------------------------------------------- a small world on disk
@@ -175,13 +199,22 @@ class JudgeServer:
     """Chat completions on 127.0.0.1. Faults by prompt hash: 0 answers at once; 1 answers 429 with
     Retry-After: 1 first; 2 answers 500 twice first; 3 stalls past the client's timeout first;
     4 answers prose that is not in the format; 5 sends a body that is not JSON first.
-    ``always_fail`` turns every request into a 503."""
+    ``always_fail`` turns every request into a 503. ``mode`` (hostile servers): "echo_key" echoes
+    the Authorization header in 400 error bodies (even kinds) and in answers (odd kinds);
+    "retry_after" answers every request 429 with ``Retry-After: retry_after``; "trickle" sends a
+    valid answer one byte every ``trickle_s``; "huge" appends ``huge_chars`` characters to the
+    answers of even kinds."""
 
     def __init__(self, expect_key: str | None):
         self.requests: dict[str, list[float]] = defaultdict(list)
         self.auth: set[str | None] = set()
         self.always_fail = False
         self.expect_key = expect_key
+        self.mode: str | None = None
+        self.retry_after = "1"
+        self.trickle_s = 0.25
+        self.huge_chars = 1_000_000
+        self.closing = threading.Event()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -202,6 +235,8 @@ class JudgeServer:
                 attempt = len(times)
                 if server.always_fail:
                     return self.reply(503, {"error": "down"})
+                if server.mode is not None:
+                    return self.hostile(server.mode, kind, verdict, conf, auth)
                 if kind == 1 and attempt == 1:
                     return self.reply(429, {"error": "slow down"}, {"Retry-After": "1"})
                 if kind == 2 and attempt <= 2:
@@ -214,6 +249,37 @@ class JudgeServer:
                         else answer_text(verdict, conf, attempt + kind))
                 self.reply(200, {"choices": [
                     {"index": 0, "message": {"role": "assistant", "content": text}}]})
+
+            def hostile(self, mode, kind, verdict, conf, auth):
+                text = answer_text(verdict, conf, 0)
+                if mode == "echo_key" and kind % 2 == 0:
+                    if kind == 0:  # the key where a 200-character cut would split it
+                        return self.reply(400, {"error": "x" * 172 + auth})
+                    return self.reply(400, {"error": {"message": "invalid request", "request": {
+                        "headers": {"Authorization": auth, "X-Api-Key": auth.split()[-1]}}}})
+                if mode == "echo_key":
+                    text += f"\n(you sent Authorization: {auth})"
+                if mode == "retry_after":
+                    return self.reply(429, {"error": "slow down"},
+                                      {"Retry-After": server.retry_after})
+                if mode == "huge" and kind % 2 == 0:
+                    text += "\n" + "x" * server.huge_chars
+                data = json.dumps({"choices": [{"index": 0, "message": {
+                    "role": "assistant", "content": text}}]}).encode()
+                if mode != "trickle":
+                    return self.reply(200, None, raw=data)
+                try:  # headers at once, then the body one byte at a time
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    for i in range(len(data)):
+                        if server.closing.wait(server.trickle_s):
+                            return
+                        self.wfile.write(data[i:i + 1])
+                        self.wfile.flush()
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
 
             def reply(self, status, payload, headers=None, raw=None):
                 data = raw if raw is not None else json.dumps(payload).encode()
@@ -238,6 +304,7 @@ class JudgeServer:
         return self
 
     def __exit__(self, *exc):
+        self.closing.set()
         self.httpd.shutdown()
         self.httpd.server_close()
 
@@ -252,6 +319,21 @@ def run_stage(root: Path, judge: dict, hsae: Path, posthoc: Path, evidence: Path
         "--params", str(root / "params.yaml"), "--hsae", str(hsae), "--posthoc", str(posthoc),
         "--evidence", str(evidence), "--out", str(root / "judge"),
         "--metrics", str(root / "judge.json")])
+
+
+def run_stage_within(seconds: float, *args):
+    """``run_stage`` in a thread; fails if it has not finished after ``seconds``."""
+    box = {}
+    thread = threading.Thread(target=lambda: box.update(result=run_stage(*args)), daemon=True)
+    t0 = time.monotonic()
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"the stage was still running after {seconds} s"
+    return box["result"], time.monotonic() - t0
+
+
+def read_records(root: Path) -> list[dict]:
+    return [json.loads(line) for line in (root / "judge" / "pairs.jsonl").read_text().splitlines()]
 
 
 def server_params(url: str, **kw) -> dict:
@@ -352,6 +434,111 @@ def test_openai_backend_stops_on_bad_or_missing_key(tmp_path, monkeypatch):
                 and "sk-wrong-key-77" not in result.output)
     bad = run_stage(tmp_path, server_params("localhost:8000"), hsae, posthoc, evidence)
     assert bad.exit_code == 2 and "judge" in bad.output and "base_url" in bad.output
+
+
+def test_openai_backend_scrubs_an_echoed_key(tmp_path, monkeypatch):
+    hsae, posthoc, evidence = tiny_world(tmp_path)
+    monkeypatch.setenv("HSAE_TEST_JUDGE_KEY", KEY)
+    with JudgeServer(expect_key=KEY) as server:
+        server.mode = "echo_key"
+        result = run_stage(tmp_path, server_params(server.url), hsae, posthoc, evidence)
+        assert result.exit_code == 0, result.output
+        records = read_records(tmp_path)
+        kinds = {scenario(c)[0] for c in server.requests}
+        assert {0, 1} <= kinds and any(k % 2 == 0 and k > 0 for k in kinds)
+        failed = [r for r in records if r["error"] is not None]
+        answered = [r for r in records if r["error"] is None]
+        assert failed and answered
+        assert all(r["error"].startswith("HTTP 400") and "[REDACTED]" in r["error"]
+                   and r["raw"] is None for r in failed)
+        assert all(r["verdict"] in ("yes", "no") and "Bearer [REDACTED]" in r["raw"]
+                   for r in answered)
+    # neither the key nor a fragment of it nor the Bearer token reaches any file or the log
+    for path in tmp_path.rglob("*.json*"):
+        text = path.read_text()
+        assert KEY[:10] not in text and "Bearer sk" not in text, path
+    assert KEY[:10] not in result.output
+
+
+def test_openai_backend_caps_retry_after_and_request_time(tmp_path, monkeypatch):
+    hsae, posthoc, evidence = tiny_world(tmp_path)
+    monkeypatch.setenv("HSAE_TEST_JUDGE_KEY", KEY)
+    small = {"n_pairs": 2, "n_random": 2}
+    with JudgeServer(expect_key=KEY) as server:
+        server.mode, server.retry_after = "retry_after", "100000"  # default max_wait_s: 120
+        result, took = run_stage_within(30, tmp_path, server_params(server.url, **small),
+                                        hsae, posthoc, evidence)
+        assert result.exit_code == 0, result.output
+        assert took < 20 and all(len(t) == 1 for t in server.requests.values())
+        records = read_records(tmp_path)
+        assert records and all(r["verdict"] == "unparseable" and r["raw"] is None
+                               and "Retry-After" in r["error"] and "100000" in r["error"]
+                               and "max_wait_s" in r["error"] for r in records)
+    with JudgeServer(expect_key=KEY) as server:  # every wait allowed, but not their total
+        server.mode, server.retry_after = "retry_after", "1"
+        params = server_params(server.url, max_retries=10, max_request_s=2.5, **small)
+        result, took = run_stage_within(30, tmp_path, params, hsae, posthoc, evidence)
+        assert result.exit_code == 0, result.output
+        assert took < 20 and all(2 <= len(t) <= 3 for t in server.requests.values())
+        assert all(t[-1] - t[0] < 2.5 for t in server.requests.values())
+        records = read_records(tmp_path)
+        assert records and all(r["verdict"] == "unparseable" and "max_request_s" in r["error"]
+                               for r in records)
+    bad = run_stage(tmp_path, server_params("http://x/v1", max_wait_s=0.01), hsae, posthoc,
+                    evidence)
+    assert bad.exit_code == 2 and "max_wait_s" in bad.output
+
+
+def test_openai_backend_timeout_bounds_a_trickled_answer(tmp_path, monkeypatch):
+    hsae, posthoc, evidence = tiny_world(tmp_path)
+    monkeypatch.setenv("HSAE_TEST_JUDGE_KEY", KEY)
+    with JudgeServer(expect_key=KEY) as server:
+        server.mode, server.trickle_s = "trickle", 0.25  # a valid answer takes > 25 s to arrive
+        params = server_params(server.url, n_pairs=2, n_random=2, timeout_s=1.0, max_retries=1)
+        result, took = run_stage_within(30, tmp_path, params, hsae, posthoc, evidence)
+        assert result.exit_code == 0, result.output
+        assert took < 20 and all(len(t) == 2 for t in server.requests.values())
+        records = read_records(tmp_path)
+        assert records and all(r["verdict"] == "unparseable" and r["raw"] is None
+                               and r["error"].startswith("gave up after 2 attempts: timeout")
+                               for r in records)
+
+
+def test_openai_backend_caps_a_huge_answer(tmp_path, monkeypatch):
+    hsae, posthoc, evidence = tiny_world(tmp_path)
+    monkeypatch.setenv("HSAE_TEST_JUDGE_KEY", KEY)
+    small = {"n_pairs": 3, "n_random": 3}
+    with JudgeServer(expect_key=KEY) as server:
+        server.mode = "huge"
+        result = run_stage(tmp_path, server_params(server.url, **small), hsae, posthoc, evidence)
+        assert result.exit_code == 0, result.output
+        records = read_records(tmp_path)
+        huge = [r for r in records if r["raw_truncated"]]
+        whole = [r for r in records if not r["raw_truncated"]]
+        assert huge and whole and all(r["error"] is None for r in records)
+        # cut: the first 4,000 characters kept, never parsed (its end is unknown)
+        assert all(len(r["raw"]) == 4000 and r["raw"].startswith("HaveRelationship:")
+                   and r["verdict"] == "unparseable" and r["confidence"] is None
+                   for r in huge)
+        assert all(r["verdict"] in ("yes", "no") and len(r["raw"]) < 100 for r in whole)
+        assert "cut" in result.output
+        for name in ("pairs.jsonl", "cache/responses.jsonl"):
+            assert (tmp_path / "judge" / name).stat().st_size < 100_000, name
+        n_first = server.n_requests
+        # from the cache: the same records, still marked truncated
+        result = run_stage(tmp_path, server_params(server.url, **small), hsae, posthoc, evidence)
+        assert result.exit_code == 0 and server.n_requests == n_first
+        again = read_records(tmp_path)
+        assert all(r["cached"] for r in again)
+        assert ([(r["raw"], r["raw_truncated"], r["verdict"]) for r in again]
+                == [(r["raw"], r["raw_truncated"], r["verdict"]) for r in records])
+        # a larger cap asks again for the answers that were cut, and only for them
+        result = run_stage(tmp_path, server_params(server.url, max_answer_chars=2_000_000,
+                                                   **small), hsae, posthoc, evidence)
+        assert result.exit_code == 0 and server.n_requests == n_first + len(huge)
+        third = read_records(tmp_path)
+        assert not any(r["raw_truncated"] for r in third)
+        assert all(r["verdict"] in ("yes", "no") for r in third)
 
 
 # ------------------------------------------------------------------------------- the local backend

@@ -7,10 +7,14 @@ messages) in, one completion (text or an error) out, in order. Two backends:
 - :class:`OpenAIChatBackend`: any OpenAI-compatible ``POST {base_url}/chat/completions``
   (vLLM, Ollama, llama.cpp server, hosted APIs) through httpx, ``concurrency`` requests in
   flight, retries on timeouts, connection errors, 429 and 5xx with exponential backoff and
-  full jitter, waiting at least what ``Retry-After`` asks. Other 4xx fail the request at once;
-  401/403 stop the run (a wrong key would fail every request). The API key is read from the
-  environment variable the config names; it goes only into the Authorization header, never
-  into messages, logs, errors, the cache or artifacts.
+  full jitter, waiting at least what ``Retry-After`` asks. Bounded in time: ``timeout_s``
+  limits an attempt's wall time (body read included, so a trickling server cannot stretch it),
+  a Retry-After over ``max_wait_s`` fails the request at once, and no retry starts that would
+  end past ``max_request_s`` after the request began; each such failure says why. Other 4xx
+  fail the request at once; 401/403 stop the run (a wrong key would fail every request). The
+  API key is read from the environment variable the config names and goes only into the
+  Authorization header; what a server sends back is scrubbed of it (and of any ``Bearer``
+  token, in error texts) before it is logged, cached or stored.
 - :class:`LocalChatBackend`: a transformers causal LM with its chat template, greedy decoding,
   left-padded batches (default the embedded SmolLM2-135M-Instruct, METHOD §6: a stand-in
   judge that runs offline, not a judge to draw conclusions from). ``answer_prefix`` starts the
@@ -19,7 +23,9 @@ messages) in, one completion (text or an error) out, in order. Two backends:
 
 :class:`ResponseCache` keeps every successful completion in ``<dir>/responses.jsonl`` keyed by
 ``sha256(backend, model, generation settings, messages)``; failed requests are not cached, so a
-re-run retries them and pays nothing for the rest.
+re-run retries them and pays nothing for the rest. :func:`complete_cached` keeps at most
+``max_chars`` characters of an answer (the rest is dropped, the answer marked ``truncated``),
+in the cache as in what it returns; a cut cached answer is asked again under a larger cap.
 """
 
 from __future__ import annotations
@@ -28,8 +34,10 @@ import asyncio
 import email.utils
 import hashlib
 import json
+import math
 import os
 import random
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +54,19 @@ class Completion(NamedTuple):
     text: str | None  # the answer, or None when the request failed for good
     error: str | None = None  # why it failed (never contains the API key)
     cached: bool = False
+    truncated: bool = False  # text is the answer's first max_chars characters only
+
+
+REDACTED = "[REDACTED]"
+_BEARER = re.compile(r"(\bbearer\s+)(?!\[REDACTED\])[^\s\"'`,;)\]}]+", re.I)
+
+
+def redact(text: str, secret: str | None, bearer: bool = True) -> str:
+    """``text`` with ``secret`` and (``bearer``) any ``Bearer <token>`` replaced by
+    ``[REDACTED]``."""
+    if secret:
+        text = text.replace(secret, REDACTED)
+    return _BEARER.sub(r"\1" + REDACTED, text) if bearer else text
 
 
 class Backend(Protocol):
@@ -68,30 +89,33 @@ def cache_key(backend: str, model: str, settings: dict, messages: Messages) -> s
 
 
 class ResponseCache:
-    """Append-only JSONL of ``{"key", "model", "text"}``; later lines win; safe to interrupt."""
+    """Append-only JSONL of ``{"key", "model", "text"}`` (plus ``"truncated": true`` for a cut
+    answer); later lines win; safe to interrupt."""
 
     def __init__(self, folder: str | Path):
         self.path = Path(folder) / "responses.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.entries: dict[str, str] = {}
+        self.entries: dict[str, tuple[str, bool]] = {}
         if self.path.is_file():
             for line in self.path.read_text().splitlines():
                 try:
                     row = json.loads(line)
-                    self.entries[row["key"]] = row["text"]
-                except (ValueError, KeyError):
+                    self.entries[row["key"]] = (row["text"], bool(row.get("truncated")))
+                except (ValueError, KeyError, TypeError, AttributeError):
                     continue  # a line cut by an interrupted run
         self._file = None
 
-    def get(self, key: str) -> str | None:
+    def get(self, key: str) -> tuple[str, bool] | None:
+        """``(text, truncated)`` or None."""
         return self.entries.get(key)
 
-    def put(self, key: str, model: str, text: str) -> None:
-        self.entries[key] = text
+    def put(self, key: str, model: str, text: str, truncated: bool = False) -> None:
+        self.entries[key] = (text, truncated)
         if self._file is None:
             self._file = self.path.open("a")
-        self._file.write(json.dumps({"key": key, "model": model, "text": text},
-                                    ensure_ascii=False) + "\n")
+        row = {"key": key, "model": model, "text": text} | ({"truncated": True} if truncated
+                                                             else {})
+        self._file.write(json.dumps(row, ensure_ascii=False) + "\n")
         self._file.flush()
 
     def close(self) -> None:
@@ -101,16 +125,20 @@ class ResponseCache:
 
 
 def complete_cached(backend: Backend, requests: list[Messages], cache: ResponseCache,
-                    log=print) -> list[Completion]:
+                    log=print, max_chars: int = 4000) -> list[Completion]:
     """Serve what the cache holds, send the rest to ``backend``, cache each success (as it
-    arrives, so an interrupted run keeps what it paid for); progress every 5%."""
+    arrives, so an interrupted run keeps what it paid for); progress every 5%. An answer over
+    ``max_chars`` characters is cut to them and marked ``truncated``; a cached cut answer
+    shorter than ``max_chars`` is asked again."""
     keys = [cache_key(backend.name, backend.model, backend.settings(), m) for m in requests]
     out: list[Completion | None] = [None] * len(requests)
     todo = []
     for i, key in enumerate(keys):
         hit = cache.get(key)
-        if hit is not None:
-            out[i] = Completion(hit, cached=True)
+        if hit is not None and not (hit[1] and len(hit[0]) < max_chars):
+            text, cut = hit
+            out[i] = Completion(text[:max_chars], cached=True,
+                                truncated=cut or len(text) > max_chars)
         else:
             todo.append(i)
     if todo:
@@ -119,7 +147,9 @@ def complete_cached(backend: Backend, requests: list[Messages], cache: ResponseC
 
         def store(i: int, done: Completion) -> None:
             if done.text is not None:
-                cache.put(keys[i], backend.model, done.text)
+                if len(done.text) > max_chars:
+                    done = done._replace(text=done.text[:max_chars], truncated=True)
+                cache.put(keys[i], backend.model, done.text, done.truncated)
             out[i] = done
             finished[0] += 1
             if finished[0] % step == 0 or finished[0] == len(todo):
@@ -132,24 +162,30 @@ def complete_cached(backend: Backend, requests: list[Messages], cache: ResponseC
 @dataclass
 class RetryPolicy:
     """Exponential backoff with full jitter: attempt k waits U(0, min(max_s, base_s 2^k)),
-    and never less than a server's Retry-After."""
+    and never less than a server's Retry-After. One wait is at most ``max_wait_s`` (a longer
+    Retry-After fails the request instead) and one request, attempts and waits together, at
+    most ``max_request_s``."""
 
     max_retries: int = 6
     base_s: float = 1.0
     max_s: float = 60.0
+    max_wait_s: float = 120.0
+    max_request_s: float = 600.0
     rng: random.Random = field(default_factory=random.Random)
 
     def delay(self, attempt: int, retry_after: float | None) -> float:
-        wait = self.rng.uniform(0, min(self.max_s, self.base_s * 2 ** attempt))
+        wait = self.rng.uniform(0, min(self.max_s, self.max_wait_s, self.base_s * 2 ** attempt))
         return max(wait, retry_after or 0.0)
 
 
 def parse_retry_after(value: str | None) -> float | None:
-    """Seconds from a Retry-After header: delta-seconds (fractions tolerated) or an HTTP date."""
+    """Seconds from a Retry-After header: delta-seconds (fractions tolerated) or an HTTP date;
+    None when absent or unreadable."""
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
+        return None if math.isnan(seconds) else max(0.0, seconds)
     except ValueError:
         pass
     try:
@@ -204,7 +240,11 @@ class OpenAIChatBackend:
                                      timeout=httpx.Timeout(self.timeout_s)) as client:
             async def one(i: int) -> None:
                 async with sem:
-                    out[i] = await self._one(client, requests[i])
+                    done = await self._one(client, requests[i])
+                out[i] = done._replace(
+                    text=done.text if done.text is None else redact(done.text, self._key,
+                                                                    bearer=False),
+                    error=done.error if done.error is None else redact(done.error, self._key))
                 if on_done is not None:
                     on_done(i, out[i])
 
@@ -214,6 +254,8 @@ class OpenAIChatBackend:
             except BaseException:
                 for t in tasks:
                     t.cancel()
+                # let the cancelled requests unwind while the client is still open
+                await asyncio.gather(*tasks, return_exceptions=True)
                 raise
         return out  # type: ignore[return-value]
 
@@ -221,14 +263,22 @@ class OpenAIChatBackend:
         import httpx
 
         body = {"model": self.model, "messages": messages, **self.settings()}
+        policy = self.retry
+        deadline = time.monotonic() + policy.max_request_s
         why = ""
-        for attempt in range(self.retry.max_retries + 1):
+        for attempt in range(policy.max_retries + 1):
             retry_after = None
+            budget = min(self.timeout_s, deadline - time.monotonic())
+            if budget <= 0:  # a wait overshot the deadline
+                return Completion(None, f"gave up after {attempt} attempts: {why}; "
+                                        f"judge.max_request_s = {policy.max_request_s:g} s "
+                                        "reached")
             self.requests_sent += 1
-            try:
-                resp = await client.post("/chat/completions", json=body)
-            except httpx.TimeoutException:
-                why = "timeout"
+            try:  # the whole exchange, body read included, within the budget
+                resp = await asyncio.wait_for(client.post("/chat/completions", json=body),
+                                              budget)
+            except (TimeoutError, asyncio.TimeoutError, httpx.TimeoutException):
+                why = f"timeout (no complete answer within {budget:.1f} s)"
             except httpx.TransportError as err:
                 why = f"connection error ({type(err).__name__})"
             else:
@@ -247,15 +297,25 @@ class OpenAIChatBackend:
                 elif resp.status_code in RETRY_STATUS or resp.status_code >= 500:
                     why = f"HTTP {resp.status_code}"
                     retry_after = parse_retry_after(resp.headers.get("retry-after"))
-                else:
-                    return Completion(None, f"HTTP {resp.status_code}: {resp.text[:200]}")
-            if attempt == self.retry.max_retries:
+                else:  # scrubbed before the cut, so no fragment of the key survives it
+                    return Completion(None, f"HTTP {resp.status_code}: "
+                                            f"{redact(resp.text, self._key)[:200]}")
+            if attempt == policy.max_retries:
                 break
-            self.retries += 1
+            if retry_after is not None and retry_after > policy.max_wait_s:
+                return Completion(None, f"{why}: the server asked to retry after "
+                                        f"{retry_after:.0f} s (Retry-After), more than "
+                                        f"judge.max_wait_s = {policy.max_wait_s:g} s: not retried")
             wait = self.retry.delay(attempt, retry_after)
-            self.log(f"judge: {why}, retry {attempt + 1}/{self.retry.max_retries} in {wait:.1f} s")
+            if time.monotonic() + wait >= deadline:
+                return Completion(None, f"gave up after {attempt + 1} attempts: {why}; a retry "
+                                        f"in {wait:.1f} s would end past judge.max_request_s = "
+                                        f"{policy.max_request_s:g} s")
+            self.retries += 1
+            self.log(redact(f"judge: {why}, retry {attempt + 1}/{policy.max_retries} in "
+                            f"{wait:.1f} s", self._key))
             await asyncio.sleep(wait)
-        return Completion(None, f"gave up after {self.retry.max_retries + 1} attempts: {why}")
+        return Completion(None, f"gave up after {policy.max_retries + 1} attempts: {why}")
 
 
 class LocalChatBackend:
@@ -332,5 +392,5 @@ class LocalChatBackend:
 
 
 __all__ = ["Backend", "Completion", "JudgeBackendError", "LocalChatBackend", "Messages",
-           "OpenAIChatBackend", "ResponseCache", "RetryPolicy", "cache_key", "complete_cached",
-           "parse_retry_after"]
+           "OpenAIChatBackend", "REDACTED", "ResponseCache", "RetryPolicy", "cache_key",
+           "complete_cached", "parse_retry_after", "redact"]

@@ -10,9 +10,12 @@ Neuron A (``order = "child_first"``), the rest the parent ("parent_first").
 
 Prompts are Appendix C's system prompt and user template verbatim (PDF line breaks undone);
 each feature's contexts (10 top + 5 activation-sampled) are listed as ``Example i: ...`` lines
-with activating tokens marked ``<<tok>>``. Answers are parsed tolerantly
-(``HaveRelationship: Yes`` in any case or spacing, markdown emphasis, a ``<think>`` block
-before it); anything else is recorded as ``unparseable``, never guessed.
+with activating tokens marked ``<<tok>>``. Answers are parsed tolerantly in form
+(``HaveRelationship: Yes`` in any case or spacing, markdown emphasis, a closed ``<think>``
+block before it) but strictly in content: a verdict counts only when it is unambiguous (see
+:func:`parse_answer`); an answer cut off (a ``<think>`` block left open, or longer than
+``max_answer_chars`` and stored cut) or anything else is recorded as ``unparseable`` with its
+raw text, never guessed.
 
 Metrics per source: the Yes rate over parsed answers with a 95% Wilson interval, the
 unparseable rate, and the same Yes rate by stated confidence and by presentation order.
@@ -83,9 +86,20 @@ class JudgeConfig:
     backoff_base_s: float = 1.0
     """First retry waits up to this long (full jitter), doubling each retry."""
     backoff_max_s: float = 60.0
-    """Cap of one backoff wait (a longer Retry-After is still honoured)."""
+    """Cap of one backoff wait (a longer Retry-After is still honoured, up to max_wait_s)."""
     timeout_s: float = 60.0
-    """Per-request timeout of the OpenAI backend."""
+    """OpenAI backend: wall-time limit of one attempt, the whole answer's body included (a server
+    trickling bytes cannot stretch it); past it the attempt is a timeout and retried."""
+    max_wait_s: float = 120.0
+    """OpenAI backend: longest single wait before a retry (>= backoff_max_s). A server asking
+    (Retry-After) for more fails the request at once, with the reason, instead of waiting."""
+    max_request_s: float = 600.0
+    """OpenAI backend: wall-time limit of one request, all attempts and waits together
+    (>= timeout_s); a retry that would end past it is not made and the request fails."""
+    max_answer_chars: int = 4000
+    """Longest answer stored (pairs.jsonl and the cache): a longer one keeps its first
+    ``max_answer_chars`` characters, is marked ``raw_truncated`` and is unparseable (its end,
+    where the verdict may be, is lost). Raise it for reasoning models that think at length."""
     max_tokens: int = 24
     """Answer length limit (the expected answer is about 12 tokens)."""
     temperature: float = 0.0
@@ -111,7 +125,8 @@ class JudgeConfig:
             return isinstance(v, int) and not isinstance(v, bool)
 
         for name, low in (("n_pairs", 1), ("concurrency", 1), ("max_retries", 0),
-                          ("max_tokens", 1), ("batch_size", 1), ("seed", 0)):
+                          ("max_tokens", 1), ("batch_size", 1), ("seed", 0),
+                          ("max_answer_chars", 1)):
             check(name, is_int(getattr(self, name)) and getattr(self, name) >= low,
                   f"an integer >= {low}")
         check("n_random", self.n_random is None or (is_int(self.n_random) and self.n_random >= 0),
@@ -126,10 +141,15 @@ class JudgeConfig:
                   isinstance(self.api_key_env, str)
                   and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.api_key_env)),
               "None or an environment variable name (the key itself never goes in params)")
-        for name in ("backoff_base_s", "backoff_max_s", "timeout_s"):
+        for name in ("backoff_base_s", "backoff_max_s", "timeout_s", "max_wait_s",
+                     "max_request_s"):
             v = getattr(self, name)
-            check(name, isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0,
-                  "a number > 0")
+            check(name, isinstance(v, (int, float)) and not isinstance(v, bool)
+                  and 0 < v < math.inf, "a finite number > 0")
+        check("max_wait_s", self.max_wait_s >= self.backoff_max_s,
+              f"a number >= backoff_max_s ({self.backoff_max_s})")
+        check("max_request_s", self.max_request_s >= self.timeout_s,
+              f"a number >= timeout_s ({self.timeout_s})")
         check("temperature",
               isinstance(self.temperature, (int, float)) and 0 <= self.temperature <= 2,
               "a number in [0, 2]")
@@ -215,23 +235,51 @@ def build_messages(pair: Pair, ev: Evidence) -> Messages:
 
 
 _THINK = re.compile(r"<think>.*?</think>", re.S | re.I)
+_THINK_OPEN, _THINK_CLOSE = re.compile(r"<think>", re.I), re.compile(r"</think>", re.I)
 _SEP = r"[\s*_:：\-]{0,8}"  # spacing, colons, markdown emphasis; not "[" (an echoed template)
-_VERDICT = re.compile(r"have[\s_\-]*relationship" + _SEP + r"(yes|no)\b(?!\s*/)", re.I)
-_CONFIDENCE = re.compile(r"confidence" + _SEP + r"(high|medium|low)\b(?!\s*/)", re.I)
+_VERDICT = re.compile(r"have[\s_\-]*relationship" + _SEP, re.I)
+_CONFIDENCE = re.compile(r"confidence" + _SEP, re.I)
+_LABEL = re.compile(r"have[\s_\-]*relationship|confidence", re.I)
+_EDGE = r"(?<![^\W_])(?<!-)({})(?![^\W_])(?!-)"  # a whole word: "yes-ish" is not "yes"
+
+
+def _slot_value(body: str, label: re.Pattern, values: tuple[str, ...]) -> str | None:
+    """The one value every ``label`` slot (the rest of its line, up to the next label) states,
+    or None. A slot states a value when it starts with it as a whole word (not followed by "/"
+    or "|") and names no other; a slot naming none is prose and skipped; a slot naming one
+    ambiguously, or slots disagreeing, give None."""
+    words = re.compile(_EDGE.format("|".join(values)), re.I)
+    first = re.compile(_EDGE.format("|".join(values)) + r"(?!\s*[/|])", re.I)
+    found = set()
+    for m in label.finditer(body):
+        slot = body[m.end():].split("\n", 1)[0]
+        if (nxt := _LABEL.search(slot)) is not None:
+            slot = slot[:nxt.start()]
+        named = {w.lower() for w in words.findall(slot)}
+        if not named:
+            continue
+        head = first.match(slot)
+        if head is None or len(named) != 1:
+            return None
+        found.add(head.group(1).lower())
+    return found.pop() if len(found) == 1 else None
 
 
 def parse_answer(text: str | None) -> tuple[str, str | None]:
     """``(verdict, confidence)``: verdict ``yes`` / ``no`` when the answer states exactly one
-    HaveRelationship value, else ``unparseable``; confidence ``high`` / ``medium`` / ``low`` or
-    None."""
+    HaveRelationship value unambiguously (``Yes or No``, ``Yes|No``, ``yes-ish``, ``Maybe yes``
+    are not), else ``unparseable``; confidence ``high`` / ``medium`` / ``low`` by the same rule,
+    or None. Closed ``<think>...</think>`` blocks are ignored, as is everything before a lone
+    ``</think>`` (a template that opened the block); a ``<think>`` left open means the answer
+    was cut off: unparseable."""
     if text is None:
         return "unparseable", None
     body = _THINK.sub(" ", text)
-    verdicts = {m.lower() for m in _VERDICT.findall(body)}
-    confidences = {m.lower() for m in _CONFIDENCE.findall(body)}
-    verdict = verdicts.pop() if len(verdicts) == 1 else "unparseable"
-    confidence = confidences.pop() if len(confidences) == 1 else None
-    return verdict, confidence
+    if _THINK_OPEN.search(body):
+        return "unparseable", None
+    body = _THINK_CLOSE.split(body)[-1]
+    verdict = _slot_value(body, _VERDICT, ("yes", "no"))
+    return verdict or "unparseable", _slot_value(body, _CONFIDENCE, CONFIDENCES)
 
 
 def wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
@@ -289,15 +337,19 @@ def sample_pairs(forests: dict[str, Forest], evidence: dict[str, Evidence],
 
 
 def judge_pairs(pairs: list[Pair], evidence: dict[str, Evidence], backend: Backend,
-                cache: ResponseCache) -> list[dict]:
-    """Ask ``backend`` about every pair (cached answers are not asked again); one record each."""
+                cache: ResponseCache, max_answer_chars: int = 4000) -> list[dict]:
+    """Ask ``backend`` about every pair (cached answers are not asked again); one record each.
+    An answer over ``max_answer_chars`` keeps that many characters, ``raw_truncated`` says so,
+    and it is unparseable."""
     messages = [build_messages(p, evidence[p.source]) for p in pairs]
-    answers: list[Completion] = complete_cached(backend, messages, cache)
+    answers: list[Completion] = complete_cached(backend, messages, cache,
+                                                max_chars=max_answer_chars)
     records = []
     for pair, ans in zip(pairs, answers):
-        verdict, confidence = parse_answer(ans.text)
-        records.append(pair._asdict() | {"raw": ans.text, "verdict": verdict,
-                                         "confidence": confidence,
+        verdict, confidence = (("unparseable", None) if ans.truncated
+                               else parse_answer(ans.text))
+        records.append(pair._asdict() | {"raw": ans.text, "raw_truncated": ans.truncated,
+                                         "verdict": verdict, "confidence": confidence,
                                          "error": ans.error, "cached": ans.cached,
                                          "backend": backend.name, "model": backend.model})
     return records
