@@ -31,7 +31,15 @@ import torch
 import torch.nn.functional as F
 
 from hsae_core.model.coupling import _PairPC, apply_decoder_terms_, pc_backward_terms_, pc_forward
-from hsae_core.model.sparse_ops import SupportPattern, _csr, _offsets, sddmm, spmm_cols, spmm_rows
+from hsae_core.model.sparse_ops import (
+    SupportPattern,
+    _csr,
+    _offsets,
+    sddmm,
+    sorted_offsets,
+    spmm_cols,
+    spmm_rows,
+)
 
 
 @dataclass
@@ -80,19 +88,19 @@ def _merge_grouped(sources: list[tuple[torch.Tensor | None, torch.Tensor, torch.
     """Merge entry lists that are each grouped by bag (bag ascending) into one list grouped by
     bag, the sources in the given order within each bag. A source is (bag per entry or None,
     table index, weight, entries per bag or None); it gives its bags or its counts or both.
-    Returns (index, weight, ptr)."""
-    counts = [torch.bincount(dest, minlength=n_bags) if c is None else c
-              for dest, _, _, c in sources]
-    total = counts[0].clone()
-    for c in counts[1:]:
-        total += c
-    ptr = _offsets(total)
-    n = int(ptr[-1])
+    Returns (index, weight, ptr). Sizes are known on the host: no device value is read back."""
+    offsets = [sorted_offsets(dest, n_bags) if c is None else _offsets(c)
+               for dest, _, _, c in sources]
+    ptr = offsets[0].clone()
+    for o in offsets[1:]:
+        ptr += o
+    n = sum(idx.numel() for _, idx, _, _ in sources)
     index = sources[0][1].new_empty(n)
     weight = sources[0][2].new_empty(n)
     before = ptr[:-1].clone()  # where the next source's entries start in each bag
-    for (dest, idx, w, _), c in zip(sources, counts):
-        shift = before - _offsets(c)[:-1]  # per bag: merged start minus this source's start
+    for (dest, idx, w, _), o in zip(sources, offsets):
+        c = o[1:] - o[:-1]
+        shift = before - o[:-1]  # per bag: merged start minus this source's start
         shift = (torch.repeat_interleave(shift, c, output_size=idx.numel()) if dest is None
                  else shift.index_select(0, dest))
         pos = torch.arange(idx.numel(), device=idx.device) + shift
@@ -150,13 +158,14 @@ def _merged_forward(ctx, plan: DecodePlan, vals, ws):
     wall = stacked_decoders(ws)
     if wall is None:  # not packed (HSAE.pack_decoders_): a copy
         wall = torch.cat([w.detach() for w in ws])
-    idx_parts, w_parts, ptr_parts, own_pos, take_pos = [], [], [], [], []
+    idx_parts, w_parts, ptr_parts, own_pos, take_pos, bases = [], [], [], [], [], []
     base = 0
     for l in range(n):
         p, keep = plan.patterns[l], plan.keep[l]
         v = vals[l] if keep is None else vals[l] * keep
         crow = p.crow()
         e = plan.extra(l + 1) if l + 1 < n else None
+        bases.append(base)
         if e is None or e.nnz == 0:
             idx_parts.append(p.cols + off[l])
             w_parts.append(v)
@@ -165,7 +174,7 @@ def _merged_forward(ctx, plan: DecodePlan, vals, ws):
             take_pos.append(None)
             base += p.nnz
             continue
-        t_ptr = _offsets(torch.bincount(e.rows, minlength=B))
+        t_ptr = sorted_offsets(e.rows, B)
         pos_own = torch.arange(p.nnz, device=crow.device) + t_ptr.index_select(0, p.rows)
         pos_take = torch.arange(e.nnz, device=crow.device) + crow.index_select(0, e.rows + 1)
         idx = p.cols.new_empty(p.nnz + e.nnz)
@@ -180,19 +189,21 @@ def _merged_forward(ctx, plan: DecodePlan, vals, ws):
         take_pos.append(pos_take + base)
         base += p.nnz + e.nnz
     index, weight = torch.cat(idx_parts), torch.cat(w_parts)
-    ptr = torch.cat(ptr_parts + [ptr_parts[0].new_tensor([base])])
+    # the last offset by a fill kernel: new_tensor([base]) would be a blocking host-to-device copy
+    ptr = torch.cat(ptr_parts + [torch.full((1,), base, dtype=ptr_parts[0].dtype,
+                                            device=ptr_parts[0].device)])
     with torch.no_grad():
         out = F.embedding_bag(index, wall, ptr, mode="sum",
                               per_sample_weights=weight.detach().to(wall.dtype),
                               include_last_offset=True)
-    ctx.fwd = (index, ptr, own_pos, take_pos, off, wall)
+    ctx.fwd = (index, ptr, own_pos, take_pos, off, wall, bases)
     outs = list(out.view(n, B, -1).unbind(0))
     return outs, []  # swapped-in children are inside the levels' outputs
 
 
 def _merged_backward(ctx, plan: DecodePlan, vals, ws, grads):
     n = len(plan.patterns)
-    index, ptr, own_pos, take_pos, off, wall = ctx.fwd
+    index, ptr, own_pos, take_pos, off, wall, bases = ctx.fwd
     B = plan.patterns[0].n_rows
     d = ws[0].shape[1]
     extras = bool(plan.pairs) or any(t is not None for t in take_pos)
@@ -212,9 +223,8 @@ def _merged_backward(ctx, plan: DecodePlan, vals, ws, grads):
                                    g, wall.t(), beta=0.0).values()
     g_vals = []
     for l in range(n):
-        if own_pos[l] is None:
-            start = int(ptr[l * B])
-            gv = s[start:start + plan.patterns[l].nnz].clone()
+        if own_pos[l] is None:  # level l's entries are one run starting at bases[l]
+            gv = s[bases[l]:bases[l] + plan.patterns[l].nnz].clone()
         else:
             gv = s.index_select(0, own_pos[l])
         if plan.keep[l] is not None:

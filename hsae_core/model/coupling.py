@@ -62,37 +62,59 @@ class PairEntries:
 
 @dataclass
 class _PCIndex:
-    """Index lists of one level pair for one batch (no gradients flow through these)."""
+    """Index lists of one level pair for one batch (no gradients flow through these).
+
+    Their sizes depend on the batch; with the support's dense mask at hand (always, in
+    training) every size is computed on the device first and read back at once, so building
+    them costs one host synchronisation on CUDA (nonzero, bool(), int() would cost one each)."""
 
     hit_p: torch.Tensor  # parent entry met by ...
     hit_c: torch.Tensor  # ... the child entry at the same token whose parent it is
     hit_link: torch.Tensor  # the link (child feature) of each hit
     sib_a: torch.Tensor  # child entries a < b of one parent firing on one token
     sib_b: torch.Tensor
+    met: torch.Tensor  # the links with a hit in the batch, ascending (child order) ...
+    met_by_parent: torch.Tensor  # ... and in parent order (Links.by_parent_perm)
 
     @classmethod
     def build(cls, parent: SupportPattern, child: SupportPattern, parent_of: torch.Tensor,
               links: Links, entries: PairEntries | None = None) -> "_PCIndex":
         e = PairEntries.build(child, parent_of, parent.n_cols) if entries is None else entries
+        link_e = links.by_child_crow.index_select(0, child.cols.index_select(0, e.sel))
         if parent.mask is not None:  # dense lookups: O(nnz), no search, no sort of everything
-            hit_pos = parent.mask.view(-1).index_select(0, e.keys).nonzero(as_tuple=True)[0]
-            hit_p = _entry_index(parent).index_select(0, e.keys.index_select(0, hit_pos)).long()
-            cof = _cofiring(e.keys, parent.n_rows * parent.n_cols).nonzero(as_tuple=True)[0]
-            a, b = _sibling_pairs(e.keys.index_select(0, cof))
-            sib_a, sib_b = e.sel[cof[a]], e.sel[cof[b]]
+            hit = parent.mask.view(-1).index_select(0, e.keys)
+            p_pos = None
+            same = _key_counts(e.keys, parent.n_rows * parent.n_cols)  # entries sharing the key
+            cof = same > 1
+            # sum over entries of (same - 1) = 2 * the number of sibling pairs
+            counts = [cof.sum(), (same.long() - 1).sum()]
         else:
             p_keys = parent.rows * parent.n_cols + parent.cols  # sorted: supports are row-major
-            if p_keys.numel() and e.keys.numel():
-                pos = torch.searchsorted(p_keys, e.keys).clamp_(max=p_keys.numel() - 1)
-                hit_pos = (p_keys[pos] == e.keys).nonzero(as_tuple=True)[0]
-                hit_p = pos[hit_pos]
-            else:
-                hit_pos = hit_p = e.keys.new_zeros(0)
+            p_pos = torch.searchsorted(p_keys, e.keys).clamp_(max=max(p_keys.numel() - 1, 0))
+            hit = (p_keys.index_select(0, p_pos) == e.keys if p_keys.numel()
+                   else torch.zeros_like(e.keys, dtype=torch.bool))
+            counts = []
+        met = links.kids.new_zeros(links.kids.numel(), dtype=torch.int32).index_add_(
+            0, link_e, hit.int()) > 0
+        n_hit, n_met, *counts = torch.stack([hit.sum(), met.sum(), *counts]).tolist()
+        hit_pos = _compact(hit, n_hit)
+        if p_pos is None:
+            hit_p = _entry_index(parent).index_select(0, e.keys.index_select(0, hit_pos)).long()
+            cof_pos = _compact(cof, counts[0])
+            a, b = _sibling_pairs(e.keys.index_select(0, cof_pos), counts[1] // 2)
+            a, b = cof_pos.index_select(0, a), cof_pos.index_select(0, b)
+        else:
+            hit_p = p_pos.index_select(0, hit_pos)
             a, b = _sibling_pairs(e.keys)
-            sib_a, sib_b = e.sel[a], e.sel[b]
-        hit_c = e.sel.index_select(0, hit_pos)
-        hit_link = links.by_child_crow.index_select(0, child.cols.index_select(0, hit_c))
-        return cls(hit_p, hit_c, hit_link, sib_a, sib_b)
+        perm = links.by_parent_perm
+        return cls(hit_p, e.sel.index_select(0, hit_pos), link_e.index_select(0, hit_pos),
+                   e.sel.index_select(0, a), e.sel.index_select(0, b), _compact(met, n_met),
+                   perm.index_select(0, _compact(met.index_select(0, perm), n_met)))
+
+
+def _compact(mask: torch.Tensor, n: int) -> torch.Tensor:
+    """The positions of the ``n`` True entries of a 1-D ``mask`` (``n`` known): no host sync."""
+    return torch.nonzero_static(mask, size=n).view(-1)
 
 
 _SCRATCH: dict[tuple, torch.Tensor] = {}
@@ -117,34 +139,35 @@ def _entry_index(pattern: SupportPattern) -> torch.Tensor:
     return buf
 
 
-def _cofiring(keys: torch.Tensor, size: int) -> torch.Tensor:
-    """Bool over ``keys``: another entry has the same key. O(nnz), no sort."""
+def _key_counts(keys: torch.Tensor, size: int) -> torch.Tensor:
+    """Int32 over ``keys``: how many entries have the same key (1 = none other). O(nnz), no
+    sort."""
     buf = _scratch("count", size, keys.device)
     buf.index_fill_(0, keys, 0)
     buf.index_add_(0, keys, torch.ones_like(keys, dtype=torch.int32))
-    return buf.index_select(0, keys) > 1
+    return buf.index_select(0, keys)
 
 
-def _sibling_pairs(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """All pairs (a, b), a before b in sorted order, of entries with equal keys >= 0."""
+def _sibling_pairs(keys: torch.Tensor, n_pairs: int | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """All pairs (a, b), a before b in sorted order, of entries with equal keys >= 0.
+    ``n_pairs``: their number when known; else it is read back (one host sync)."""
+    n = keys.numel()
+    if n < 2 or n_pairs == 0:
+        return keys.new_zeros(0), keys.new_zeros(0)
     sorted_keys, order = torch.sort(keys, stable=True)
-    n = sorted_keys.numel()
-    if n < 2:
-        return keys.new_zeros(0), keys.new_zeros(0)
-    same_as_next = (sorted_keys[1:] == sorted_keys[:-1]) & (sorted_keys[1:] >= 0)
-    if not bool(same_as_next.any()):
-        return keys.new_zeros(0), keys.new_zeros(0)
-    # end (exclusive) of each position's run of equal keys
-    boundary = torch.ones(n, dtype=torch.bool, device=keys.device)
-    boundary[:-1] = ~same_as_next
-    run_end = torch.flip(torch.cummin(torch.flip(
-        torch.where(boundary, torch.arange(1, n + 1, device=keys.device), n + 1), [0]), 0).values,
-        [0])
-    count = run_end - 1 - torch.arange(n, device=keys.device)  # partners after each position
-    left = torch.repeat_interleave(torch.arange(n, device=keys.device), count)
-    offset = torch.arange(left.numel(), device=keys.device) - torch.repeat_interleave(
-        torch.cumsum(count, 0) - count, count)
-    return order[left], order[left + 1 + offset]
+    # partners after each position: the rest of its run of equal keys (none for keys < 0)
+    run_end = torch.searchsorted(sorted_keys, sorted_keys, right=True)
+    count = torch.where(sorted_keys >= 0, run_end - 1 - torch.arange(n, device=keys.device), 0)
+    if n_pairs is None:
+        n_pairs = int(count.sum())
+        if n_pairs == 0:
+            return keys.new_zeros(0), keys.new_zeros(0)
+    left = torch.repeat_interleave(torch.arange(n, device=keys.device), count,
+                                   output_size=n_pairs)
+    offset = torch.arange(n_pairs, device=keys.device) - torch.repeat_interleave(
+        torch.cumsum(count, 0) - count, count, output_size=n_pairs)
+    return order.index_select(0, left), order.index_select(0, left + 1 + offset)
 
 
 @dataclass
@@ -285,12 +308,13 @@ def pc_backward_terms_(pairs: list[_PairPC], state, grad: torch.Tensor, vals,
         beta = vp_hit.new_zeros(n_links).index_add_(0, idx.hit_link, vp_hit * vc_hit, alpha=-1)
         beta.mul_(s2)
         # child rows: links in child order (ascending, unique); parent rows: the same links in
-        # parent order (Links.by_parent_perm), so neither side sorts; only met links are summed
-        met = beta.nonzero(as_tuple=True)[0]
+        # parent order (Links.by_parent_perm), so neither side sorts; only the links met in the
+        # batch are summed (listed in the forward: no host sync here; a met link whose products
+        # are all 0, on window entries, adds exact zeros)
+        met = idx.met
         cross.append(CrossTerm(c, links.kids.index_select(0, met), links.par.index_select(0, met),
                                beta.index_select(0, met), p, True))
-        perm = links.by_parent_perm
-        met = perm.index_select(0, beta.index_select(0, perm).nonzero(as_tuple=True)[0])
+        met = idx.met_by_parent
         cross.append(CrossTerm(p, links.par.index_select(0, met), links.kids.index_select(0, met),
                                beta.index_select(0, met), c, True))
         if sibs is not None:  # one coefficient per distinct feature pair, both directions

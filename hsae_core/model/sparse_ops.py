@@ -9,6 +9,8 @@ encoder matmul is cheap when done on the support (row, col) pairs only:
 
 Each switches to a dense matmul when the support is dense (early in training), so cost is
 min(dense, sparse). The dense twin of every op is the obvious formula and lives in the tests.
+On CUDA only building a support (``nonzero``, once per level and step) makes the host wait for
+the device; offsets come from binary searches, not ``bincount`` (tests/test_sync_count.py).
 """
 
 from __future__ import annotations
@@ -70,16 +72,15 @@ class SupportPattern:
 
     def crow(self) -> torch.Tensor:
         if self._crow is None:
-            counts = torch.bincount(self.rows, minlength=self.n_rows)
-            self._crow = _offsets(counts)
+            self._crow = sorted_offsets(self.rows, self.n_rows)
         return self._crow
 
     def by_col(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(perm, col_ptr, rows_by_col): entries reordered column-major, rows sorted within."""
         if self._by_col is None:
             perm = torch.argsort(self.cols, stable=True)
-            counts = torch.bincount(self.cols, minlength=self.n_cols)
-            self._by_col = (perm, _offsets(counts), self.rows[perm])
+            col_ptr = sorted_offsets(self.cols.index_select(0, perm), self.n_cols)
+            self._by_col = (perm, col_ptr, self.rows.index_select(0, perm))
         return self._by_col
 
     def to_dense(self, vals: torch.Tensor) -> torch.Tensor:
@@ -96,6 +97,14 @@ def _offsets(counts: torch.Tensor) -> torch.Tensor:
     out = torch.zeros(counts.numel() + 1, dtype=torch.int64, device=counts.device)
     torch.cumsum(counts, 0, out=out[1:])
     return out
+
+
+def sorted_offsets(index: torch.Tensor, n: int) -> torch.Tensor:
+    """``[n + 1]`` CSR offsets of ascending ``index`` in [0, n): ``out[k]`` = number of entries
+    below k, by binary search. (``bincount`` would read the maximum back to size its output: two
+    host synchronisations on CUDA.)"""
+    keys = torch.arange(n + 1, dtype=index.dtype, device=index.device)
+    return torch.searchsorted(index, keys)
 
 
 def _csr(crow: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, shape) -> torch.Tensor:

@@ -1,0 +1,851 @@
+"""One command that proves and times the CUDA path (issue 17), writing its numbers to a folder.
+
+On a GPU machine, from the repository root (about 8 minutes; --time-limit is a hard limit):
+
+    python benchmarks/gpu_check.py --out "$OUT/gpu_check"        # or
+    bash benchmarks/gpu_check.sh "$OUT/gpu_check"                 # the same under `timeout`
+
+On the CPU at toy sizes (tests/test_gpu_check.py runs this, so it cannot rot):
+
+    python benchmarks/gpu_check.py --device cpu --small --out /tmp/gpucheck
+
+Phases, in this order, each within what is left of the limit; ``gpu_check.json`` is rewritten
+after every phase, so a run cut short keeps what it measured:
+
+1. correctness: ``pytest -m cuda tests/test_cuda.py`` on the device: the fast coupled decode,
+   PC loss and swaps against the dense float64 reference (§3.1-3.2), the STE threshold
+   gradient, bf16 autocast, save/load and checkpoint/resume equality (and, reported apart,
+   tests/test_sync_count.py's CUDA-only sync checks);
+2. step time of the HSAE against the same levels trained independently at the paper's sizes
+   (d 2304, levels 2048..16384, batch 1024, L0 50; §4.1, App. A), fp32 and bf16 autocast of the
+   encoder matmuls (then TF32 if time is left): ms/step, tokens/s, peak memory;
+3. profile of 20 HSAE steps (torch.profiler): the ten most expensive kernels, kernel launches
+   and host-device synchronisations per step, the latter twice: torch.cuda.set_sync_debug_mode
+   and the patched count (:class:`SyncCounter`) the CPU sees, each by source line;
+4. training: 2,000 steps at the paper's sizes on a synthetic hierarchical stream generated on
+   the device: every level's L0 within 5% of target at the end, no non-finite loss, tokens/s;
+5. the sparse/dense crossover of one level of 16384 latents (``sparse_ops.DENSE_CUTOFF``).
+
+Exit status 0 when every check passed (correctness, finite training, L0); timings and the
+issue's goals (>= 250,000 tokens/s, HSAE/independent <= 1.10) are reported, never checked.
+
+Dependencies: torch (a CUDA build) and pytest, nothing else: ``hsae_core.model`` and
+``hsae_core.common`` import only torch (the JSON lists any other heavy module that got loaded).
+zarr, numcodecs, dvc, pydantic and gguf are never needed. On a machine without pytest, give
+wheels: download them where there is a network, for CPython 3.12 on manylinux x86_64
+
+    pip download --only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 \\
+        --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d wheels pytest
+
+(pure-Python wheels match any platform; the whole set is well under 64 MiB), then either pass
+``--wheels wheels``, which installs what is missing with
+
+    python -m pip install --no-index --find-links wheels --target OUT/site pytest
+
+(or, without pip, unzips every wheel into OUT/site) and puts OUT/site on the path, or do that
+by hand and run with ``PYTHONPATH=OUT/site``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import datetime
+import json
+import math
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import traceback
+import warnings
+import zipfile
+from pathlib import Path
+from xml.etree import ElementTree
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from hsae_core.model import sparse_ops  # noqa: E402
+from hsae_core.model.config import HSAEConfig  # noqa: E402
+from hsae_core.model.trainer import Trainer  # noqa: E402
+
+#: Modules a GPU machine lacks or that must not be needed: listed in the JSON if loaded.
+HEAVY = ("zarr", "numcodecs", "dvc", "pydantic", "gguf", "transformers", "safetensors",
+         "fsspec", "yaml", "typer", "rich", "scipy", "pandas", "matplotlib")
+
+PAPER = dict(d=2304, sizes=(2048, 4096, 8192, 16384), batch=1024, l0=50.0)
+SMALL = dict(d=64, sizes=(64, 128, 256, 512), batch=128, l0=8.0)
+
+
+# ---------------------------------------------------------------- host synchronisations
+
+class SyncCounter:
+    """Counts, by patching torch, the calls in a block that make a CUDA host wait for the
+    device, on any device (so the CPU sees them too), each with the source line that made it.
+
+    Counted: reading a value back (``item``, ``bool``, ``int``, ``float``, ``tolist``,
+    ``equal``, ...);
+    ops whose output size depends on the data (``nonzero``, boolean-mask indexing, ``unique``,
+    ``masked_select``, ``repeat_interleave`` without ``output_size``, ``bincount``: two, it reads
+    min and max); blocking host-to-device copies (``new_tensor``, ``torch.tensor(...,
+    device=)``, ``.to(device)`` of a CPU tensor without ``non_blocking``: on the CPU every
+    tensor is a CPU tensor, so these count what would cross to a GPU). Not counted: the same
+    ops called inside a counted one. ``torch.cuda.set_sync_debug_mode`` is the ground truth on
+    CUDA (:func:`cuda_sync_sites`).
+    """
+
+    def __init__(self):
+        self.events: list[tuple[str, str, int]] = []  # (op, file:line, syncs)
+        self._undo: list[tuple[object, str, object]] = []
+        self._local = threading.local()
+        self._on = False
+
+    def _site(self) -> str:
+        return caller_site(skip=(__file__,))
+
+    def _wrap(self, owner, name: str, test=None, n: int = 1) -> None:
+        orig = getattr(owner, name)
+        local = self._local
+
+        def wrapper(*args, **kwargs):
+            depth = getattr(local, "depth", 0)
+            if self._on and depth == 0 and (test is None or test(*args, **kwargs)):
+                self.events.append((name, self._site(), n))
+            local.depth = depth + 1
+            try:
+                return orig(*args, **kwargs)
+            finally:
+                local.depth = depth
+
+        setattr(owner, name, wrapper)
+        self._undo.append((owner, name, orig))
+
+    def __enter__(self) -> "SyncCounter":
+        T = torch.Tensor
+        for name in ("item", "__bool__", "__int__", "__float__", "__index__", "tolist", "numpy"):
+            self._wrap(T, name)
+        for owner in (T, torch):
+            for name in ("nonzero", "argwhere", "masked_select", "unique", "unique_consecutive"):
+                self._wrap(owner, name)
+            self._wrap(owner, "bincount", n=2)
+            self._wrap(owner, "repeat_interleave", test=_sized_by_data)
+        self._wrap(torch, "where", test=lambda *a, **kw: len(a) + len(kw) == 1)
+        self._wrap(T, "__getitem__", test=lambda self_, index: _has_mask(index))
+        self._wrap(T, "__setitem__", test=lambda self_, index, value: _has_mask(index)
+                   and isinstance(value, torch.Tensor))
+        self._wrap(T, "new_tensor")
+        self._wrap(torch, "tensor", test=lambda *a, **kw: kw.get("device") is not None)
+        self._wrap(T, "to", test=_blocking_copy)
+        self._wrap(T, "cpu", test=lambda self_, *a, **kw: self_.device.type != "cpu")
+        for owner, name in ((torch, "equal"), (T, "equal"), (torch, "allclose"), (T, "allclose")):
+            self._wrap(owner, name)
+        self._on = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._on = False
+        for owner, name, orig in reversed(self._undo):
+            setattr(owner, name, orig)
+        self._undo.clear()
+
+    @property
+    def total(self) -> int:
+        return sum(n for _, _, n in self.events)
+
+    def by_site(self) -> dict[str, int]:
+        """``{"file:line op": syncs}``, most first."""
+        c = collections.Counter()
+        for op, site, n in self.events:
+            c[f"{site} {op}"] += n
+        return dict(c.most_common())
+
+    def by_file(self) -> dict[str, int]:
+        c = collections.Counter()
+        for _, site, n in self.events:
+            c[site.rsplit(":", 1)[0]] += n
+        return dict(c.most_common())
+
+
+def _sized_by_data(*args, **kwargs) -> bool:
+    repeats = args[1] if len(args) > 1 else kwargs.get("repeats")
+    if repeats is None:  # torch.repeat_interleave(counts)
+        return kwargs.get("output_size") is None
+    return (isinstance(repeats, torch.Tensor) and repeats.numel() > 1
+            and kwargs.get("output_size") is None)
+
+
+def _has_mask(index) -> bool:
+    items = index if isinstance(index, tuple) else (index,)
+    return any(isinstance(t, torch.Tensor) and t.dtype in (torch.bool, torch.uint8)
+               for t in items)
+
+
+def _blocking_copy(self, *args, **kwargs) -> bool:
+    """``.to(device)`` without ``non_blocking`` between host and device; on the CPU, any
+    ``.to(device)`` of a (CPU) tensor: on a GPU it would be an upload."""
+    if kwargs.get("non_blocking") or any(a is True for a in args[1:]):
+        return False
+    dev = kwargs.get("device", args[0] if args else None)
+    if not isinstance(dev, (str, torch.device)):
+        return False
+    return self.device.type == "cpu" or torch.device(dev).type != self.device.type
+
+
+def caller_site(skip: tuple[str, ...] = ()) -> str:
+    """``path:line`` (relative to the repository) of the innermost frame outside torch, the
+    warnings module and ``skip``."""
+    torch_dir = os.path.dirname(torch.__file__)
+    for frame in reversed(traceback.extract_stack()[:-1]):
+        f = os.path.abspath(frame.filename)
+        if (f.startswith(torch_dir) or f in skip or f == os.path.abspath(__file__)
+                or os.path.basename(f) == "warnings.py"):
+            continue
+        try:
+            f = os.path.relpath(f, ROOT)
+        except ValueError:
+            pass
+        return f"{f}:{frame.lineno}"
+    return "?"
+
+
+@contextlib.contextmanager
+def cuda_sync_sites():
+    """Yields a Counter ``{"file:line": n}`` of the synchronising CUDA calls in the block, as
+    ``torch.cuda.set_sync_debug_mode("warn")`` reports them (empty on the CPU)."""
+    sites: collections.Counter = collections.Counter()
+    if not torch.cuda.is_available():
+        yield sites
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        shown = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if "synchroniz" in str(message):
+                sites[caller_site()] += 1
+            else:
+                shown(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield sites
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the ATen ops dispatched in a block, views aside: a proxy for kernel launches
+    (each costs host time on a GPU, about 5-20 us in eager PyTorch)."""
+
+    VIEWS = {"detach", "view", "slice", "t", "unbind", "select", "alias", "_unsafe_view",
+             "as_strided", "expand", "unsqueeze", "squeeze", "transpose", "reshape", "permute"}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ not in self.VIEWS:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+# ---------------------------------------------------------------- data
+
+class SyntheticStream:
+    """Tokens made on the device from a two-level forest of true features: each token draws
+    ``paths`` leaves; each leaf adds its direction and its root's, with log-normal magnitudes,
+    plus noise; scaled so E||x||^2 = d (App. A.1). A child's direction leans on its parent's."""
+
+    def __init__(self, d: int, n_roots: int, branching: int, paths: int, device, seed=0):
+        self.device, self.paths, self.branching, self.n_roots = device, paths, branching, n_roots
+        self.batch_size = 1024  # what iterating yields
+        self.gen = torch.Generator(device=device).manual_seed(seed)
+        roots = F.normalize(self._randn(n_roots, d), dim=1)
+        own = F.normalize(self._randn(n_roots * branching, d), dim=1)
+        kids = F.normalize(0.6 * roots.repeat_interleave(branching, 0) + 0.8 * own, dim=1)
+        self.table = torch.cat([roots, kids])
+        self.scale = 1.0
+        probe = self.batch(1024)
+        self.scale = math.sqrt(d / float(probe.pow(2).sum(1).mean()))
+
+    def _randn(self, *shape):
+        return torch.randn(*shape, generator=self.gen, device=self.device)
+
+    def batch(self, n: int) -> torch.Tensor:
+        leaf = torch.randint(self.n_roots * self.branching, (n, self.paths), generator=self.gen,
+                             device=self.device)
+        idx = torch.cat([leaf // self.branching, self.n_roots + leaf], 1)
+        mag = torch.exp(0.7 * torch.randn(idx.shape, generator=self.gen, device=self.device))
+        x = F.embedding_bag(idx, self.table, mode="sum", per_sample_weights=mag)
+        return (x + 0.05 * self._randn(n, x.shape[1])) * self.scale
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        return self.batch(self.batch_size)
+
+
+def stream(sz: dict, device, seed=0) -> SyntheticStream:
+    """As many true features (roots and leaves) as the largest level has latents, and as many
+    active per token as the target L0."""
+    n_leaf = sz["sizes"][-1]
+    s = SyntheticStream(sz["d"], max(8, n_leaf // 16), 16, max(2, int(sz["l0"]) // 2), device,
+                        seed)
+    s.batch_size = sz["batch"]
+    return s
+
+
+# ---------------------------------------------------------------- helpers
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_mib(device) -> float | None:
+    if torch.device(device).type != "cuda":
+        return None
+    return round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
+
+
+def make_trainer(sz: dict, device, independent: bool, **kw) -> Trainer:
+    coupling = dict(rho=0.0, swap_rate=0.0) if independent else dict(rho=0.01, swap_rate=0.05)
+    cfg = HSAEConfig(d_model=sz["d"], level_sizes=sz["sizes"], batch_size=sz["batch"],
+                     target_l0=sz["l0"], device=str(device), **{**coupling, **kw})
+    return Trainer(cfg)
+
+
+@contextlib.contextmanager
+def matmul_mode(mode: str, device):
+    """fp32 (no TF32), tf32 (fp32 parameters, TF32 matmuls) or bf16 (autocast, set in the
+    config)."""
+    cuda = torch.device(device).type == "cuda"
+    old = torch.backends.cuda.matmul.allow_tf32 if cuda else None
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = mode == "tf32"
+    try:
+        yield
+    finally:
+        if cuda:
+            torch.backends.cuda.matmul.allow_tf32 = old
+
+
+class TimeUp(Exception):
+    pass
+
+
+class Run:
+    """The JSON report, the log, and the clock."""
+
+    def __init__(self, out: Path, limit: float, argv: list[str]):
+        self.out, self.limit, self.t0 = out, limit, time.monotonic()
+        out.mkdir(parents=True, exist_ok=True)
+        self.log_file = open(out / "gpu_check.log", "w")
+        self.report: dict = {"issue": 17, "command": " ".join(argv),
+                             "started": datetime.datetime.now().isoformat(timespec="seconds"),
+                             "time_limit_s": limit, "phases": {}, "checks": {}}
+
+    def left(self) -> float:
+        return self.limit - (time.monotonic() - self.t0)
+
+    def log(self, msg: str) -> None:
+        line = f"[{time.monotonic() - self.t0:7.1f}s] {msg}"
+        print(line, flush=True)
+        self.log_file.write(line + "\n")
+        self.log_file.flush()
+
+    def save(self) -> None:
+        self.report["elapsed_s"] = round(time.monotonic() - self.t0, 1)
+        tmp = self.out / "gpu_check.json.tmp"
+        tmp.write_text(json.dumps(self.report, indent=1))
+        tmp.replace(self.out / "gpu_check.json")
+
+    def phase(self, name: str, fn, need_s: float) -> None:
+        """Run ``fn()`` (its dict goes under ``name``) if ``need_s`` seconds are left; an error
+        or the time limit is recorded, and the next phase runs."""
+        rec = {"status": "skipped", "seconds": 0.0}
+        self.report["phases"][name] = rec
+        if self.left() < need_s:
+            rec["reason"] = f"{self.left():.0f} s left, needs {need_s:.0f}"
+            self.log(f"-- {name}: skipped ({rec['reason']})")
+            self.save()
+            return
+        self.log(f"-- {name}")
+        t = time.monotonic()
+        try:
+            self.report[name] = fn()
+            rec["status"] = "done"
+        except TimeUp:
+            rec["status"] = "timeout"
+            self.log(f"   {name}: hard time limit reached")
+            raise
+        except Exception as err:  # recorded, and the other phases still run
+            rec["status"] = "error"
+            rec["error"] = f"{type(err).__name__}: {err}"
+            self.log(f"   {name}: {rec['error']}\n{traceback.format_exc()}")
+        finally:
+            rec["seconds"] = round(time.monotonic() - t, 1)
+            self.save()
+
+
+# ---------------------------------------------------------------- phase 1: correctness
+
+def ensure_pytest(wheels: str | None, run: Run) -> dict[str, str]:
+    """Environment for the pytest subprocess; installs pytest from ``wheels`` if missing."""
+    env = dict(os.environ)
+    if _importable("pytest"):
+        return env
+    if not wheels:
+        raise RuntimeError("pytest is not installed: pass --wheels DIR (see the docstring)")
+    site = run.out / "site"
+    cmd = [sys.executable, "-m", "pip", "install", "--no-index", "--find-links", wheels,
+           "--target", str(site), "pytest"]
+    run.log("   installing pytest: " + " ".join(cmd))
+    if not _importable("pip") or subprocess.run(cmd).returncode != 0:
+        for whl in sorted(Path(wheels).glob("*.whl")):  # pure-Python wheels are zip files
+            with zipfile.ZipFile(whl) as z:
+                z.extractall(site)
+    env["PYTHONPATH"] = os.pathsep.join([str(site), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
+
+
+def _importable(name: str) -> bool:
+    import importlib.util
+    return importlib.util.find_spec(name) is not None
+
+
+def correctness(args, run: Run) -> dict:
+    """``pytest -m cuda`` on tests/test_cuda.py (the check) and tests/test_sync_count.py (its
+    CUDA-only sync properties: reported, a performance matter, not correctness)."""
+    env = ensure_pytest(args.wheels, run)
+    env["HSAE_TEST_DEVICE"] = args.device
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    env.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS for resume
+    xml = run.out / "pytest_cuda.xml"
+    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider",
+           "tests/test_cuda.py", "tests/test_sync_count.py", f"--junitxml={xml}"]
+    run.log("   " + " ".join(cmd))
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=max(10.0, min(args.pytest_timeout, run.left() - 5)))
+    run.log_file.write(proc.stdout + proc.stderr)
+    tail = (proc.stdout + proc.stderr).strip().splitlines()[-1:] or [""]
+    run.log(f"   pytest exit {proc.returncode}: {tail[0]}")
+    res: dict = {"returncode": proc.returncode, "summary": tail[0]}
+    cases = ElementTree.parse(xml).getroot().iter("testcase") if xml.exists() else []
+    for case in cases:
+        group = "sync" if case.get("classname", "").endswith("test_sync_count") else "core"
+        r = res.setdefault(group, {"passed": [], "failed": [], "skipped": []})
+        bad = next((e for e in case if e.tag in ("failure", "error")), None)
+        if bad is not None:
+            r["failed"].append(f"{case.get('name')}: {bad.get('message', '')[:300]}")
+        elif case.find("skipped") is not None:
+            r["skipped"].append(case.get("name"))
+        else:
+            r["passed"].append(case.get("name"))
+    core = res.get("core", {"passed": [], "failed": [], "skipped": []})
+    # on CUDA nothing may skip; on the CPU nothing does either (HSAE_TEST_DEVICE=cpu)
+    res["passed"] = bool(core["passed"]) and not core["failed"] and not core["skipped"]
+    run.report["checks"]["correctness"] = res["passed"]
+    if "sync" in res:
+        run.report["checks"]["sync_tests"] = not res["sync"]["failed"]
+    run.log(f"   core: {len(core['passed'])} passed, {len(core['failed'])} failed, "
+            f"{len(core['skipped'])} skipped" + "".join(f"\n     FAILED {f}"
+                                                         for f in core["failed"]))
+    return res
+
+
+# ---------------------------------------------------------------- phase 2: step time
+
+def timed_block(trainer: Trainer, data, steps: int, device) -> float:
+    """Seconds per step over ``steps`` back-to-back steps (one sync at the end, as in
+    training)."""
+    sync(device)
+    t0 = time.perf_counter()
+    for i in range(steps):
+        trainer.train_step(data[i % len(data)])
+    sync(device)
+    return (time.perf_counter() - t0) / steps
+
+
+def step_time(args, run: Run, sz: dict, mode: str) -> dict:
+    """HSAE (rho 0.01, r 0.05, a real forest) against the same levels with rho = r = 0, on the
+    same batches; blocks of steps interleaved (ABAB) so drift hits both alike."""
+    device = args.device
+    src = stream(sz, device, seed=1)
+    data = [src.batch(sz["batch"]) for _ in range(4)]
+    kw = {"autocast_dtype": "bfloat16"} if mode == "bf16" else {}
+    out: dict = {"mode": mode}
+    trainers = {}
+    with matmul_mode(mode, device):
+        for name in ("hsae", "independent"):
+            base = 0
+            if torch.device(device).type == "cuda":
+                torch.cuda.empty_cache()
+                base = torch.cuda.memory_allocated()
+            t = make_trainer(sz, device, independent=name == "independent",
+                             total_steps=100_000, update_interval=0, **kw)
+            t.train_step(data[0])  # thresholds at the target L0
+            if name == "hsae":
+                sync(device)
+                t0 = time.perf_counter()
+                forest = t.update_hierarchy()
+                sync(device)
+                out["hierarchy_update_ms"] = round((time.perf_counter() - t0) * 1e3, 1)
+                out["forest_assigned"] = [forest.n_assigned(l) for l in range(forest.n_pairs)]
+            if torch.device(device).type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            timed_block(t, data, args.warmup, device)
+            mem = peak_mib(device)
+            out[name] = {"peak_mib": None if mem is None else round(mem - base / 2 ** 20, 1)}
+            trainers[name] = t
+        times = {name: [] for name in trainers}
+        for b in range(args.blocks):
+            order = list(trainers) if b % 2 == 0 else list(reversed(trainers))
+            for name in order:
+                times[name].append(timed_block(trainers[name], data, args.block_steps, device))
+    latents = sum(sz["sizes"])
+    for name, ts in times.items():
+        s = statistics.median(ts)
+        out[name].update(ms_per_step=round(s * 1e3, 2), tokens_per_s=round(sz["batch"] / s),
+                         latent_tokens_per_s_M=round(sz["batch"] * latents / s / 1e6, 1),
+                         block_ms=[round(t * 1e3, 2) for t in ts])
+        out[name]["l0"] = [round(v, 2) for v in trainers[name].controller.l0_ema.tolist()]
+    out["ratio"] = round(out["hsae"]["ms_per_step"] / out["independent"]["ms_per_step"], 3)
+    with torch.no_grad():
+        out["density"] = [round(c.pattern.density, 4) for c in
+                          trainers["hsae"].model(data[0]).codes]
+    run.log(f"   {mode}: HSAE {out['hsae']['ms_per_step']} ms ({out['hsae']['tokens_per_s']} "
+            f"tok/s, peak {out['hsae']['peak_mib']} MiB), independent "
+            f"{out['independent']['ms_per_step']} ms, ratio {out['ratio']}")
+    del trainers
+    return out
+
+
+# ---------------------------------------------------------------- phase 3: profile
+
+def profile(args, run: Run, sz: dict) -> dict:
+    """Host synchronisations (both counts, by source line) and dispatched ops of the HSAE step
+    with a forest, then the kernel profile."""
+    device = args.device
+    cuda = torch.device(device).type == "cuda"
+    src = stream(sz, device, seed=2)
+    data = [src.batch(sz["batch"]) for _ in range(4)]
+    t = make_trainer(sz, device, independent=False, total_steps=100_000, update_interval=0)
+    t.train_step(data[0])
+    t.update_hierarchy()
+    timed_block(t, data, args.warmup, device)
+    out: dict = {"steps": args.profile_steps}
+    # host synchronisations per step: the patched count, and CUDA's own where there is one
+    n = args.profile_steps
+    sync(device)
+    with cuda_sync_sites() as cuda_sites, SyncCounter() as counter:
+        for i in range(n):
+            t.train_step(data[i % len(data)])
+    sync(device)
+    out["syncs_per_step_patched"] = counter.total / n
+    out["syncs_by_site_patched"] = {k: v / n for k, v in counter.by_site().items()}
+    if cuda:
+        out["syncs_per_step_cuda"] = sum(cuda_sites.values()) / n
+        out["syncs_by_site_cuda"] = {k: v / n for k, v in cuda_sites.most_common()}
+    with OpCounter() as ops:
+        t.train_step(data[1])
+    out["aten_ops_per_step"] = ops.count
+    run.log(f"   syncs/step: patched {out['syncs_per_step_patched']:.1f}"
+            + (f", CUDA debug mode {out['syncs_per_step_cuda']:.1f}" if cuda else "")
+            + f"; aten ops/step {ops.count}")
+    try:  # the sync counts above stand even if the profiler (CUPTI) is missing
+        out.update(kernel_profile(run, t, data, n, device))
+    except Exception as err:
+        out["profiler_error"] = f"{type(err).__name__}: {err}"
+        run.log(f"   profiler: {out['profiler_error']}")
+    return out
+
+
+def kernel_profile(run: Run, t: Trainer, data, n: int, device) -> dict:
+    """torch.profiler over ``n`` steps: the ten most expensive kernels (CPU: aten ops), kernel
+    launches and synchronising runtime calls per step; the full table in profile.txt."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+    cuda = torch.device(device).type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with torch_profile(activities=acts) as prof:
+        timed_block(t, data, n, device)
+    events = prof.key_averages()
+
+    def self_time(e):  # microseconds
+        if cuda:
+            return getattr(e, "self_device_time_total", None) or getattr(
+                e, "self_cuda_time_total", 0)
+        return e.self_cpu_time_total
+
+    if cuda:
+        kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    else:
+        kernels = [e for e in events if e.key.startswith("aten::")]
+    total = sum(self_time(e) for e in kernels) or 1
+    top = sorted(kernels, key=self_time, reverse=True)[:10]
+    out = {"kernel_ms_per_step": round(total / 1e3 / n, 3)}  # device kernels (CPU: aten ops)
+    out["top_kernels"] = [{"name": e.key[:160], "calls_per_step": round(e.count / n, 2),
+                           "ms_per_step": round(self_time(e) / 1e3 / n, 3),
+                           "share": round(self_time(e) / total, 3)} for e in top]
+    counts = {e.key: e.count for e in events}
+    launch = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx")
+    out["kernel_launches_per_step"] = sum(counts.get(k, 0) for k in launch) / n
+    out["runtime_calls_per_step"] = {k: counts[k] / n for k in (
+        "cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpyAsync",
+        "cudaEventSynchronize") if k in counts}
+    for key in (("self_device_time_total", "self_cuda_time_total") if cuda
+                else ("self_cpu_time_total",)):
+        with contextlib.suppress(Exception):
+            (run.out / "profile.txt").write_text(events.table(sort_by=key, row_limit=40))
+            break
+    run.log(f"   kernels {out['kernel_ms_per_step']} ms/step, "
+            f"{out['kernel_launches_per_step']:.0f} launches/step")
+    for k in out["top_kernels"][:5]:
+        run.log(f"     {k['ms_per_step']:8.3f} ms  x{k['calls_per_step']:<6} {k['name'][:70]}")
+    return out
+
+
+# ---------------------------------------------------------------- phase 4: training
+
+class _StopTraining(Exception):
+    pass
+
+
+def train(args, run: Run, sz: dict, budget_s: float) -> dict:
+    """``--train-steps`` steps of the paper's recipe (hierarchy updates after each quarter of
+    the run, ghost grads) on the synthetic stream; L0 judged on the last tenth of the steps."""
+    device = args.device
+    steps = args.train_steps
+    src = stream(sz, device, seed=3)
+    t_end = time.monotonic() + budget_s
+    records: list[dict] = []
+
+    def on_log(step, rec):
+        records.append(rec)
+        if time.monotonic() > t_end:
+            raise _StopTraining()
+
+    interval = -(-steps // 4)  # three updates, the last three quarters train with a forest
+    t = make_trainer(sz, device, independent=False, total_steps=steps, update_interval=interval)
+    t.log_every, t.on_log = max(1, steps // 100), on_log
+    out: dict = {"steps": steps, "target_l0": sz["l0"], "update_interval": interval}
+    sync(device)
+    t0 = time.perf_counter()
+    try:
+        t.fit(src)
+        out["completed"] = True
+    except _StopTraining:
+        out["completed"] = False
+    except FloatingPointError as err:
+        out["completed"] = False
+        out["nonfinite"] = str(err)
+    sync(device)
+    seconds = time.perf_counter() - t0
+    out.update(steps_done=t.step, seconds=round(seconds, 1),
+               tokens_per_s=round(t.step * sz["batch"] / max(seconds, 1e-9)),
+               hierarchy_updates=t.n_updates,
+               forest_assigned=[t.model.forest.n_assigned(l)
+                                for l in range(t.model.forest.n_pairs)])
+    n_levels = len(sz["sizes"])
+    tail = [r for r in records if r["step"] > t.step - max(1, steps // 10)] or records[-1:]
+    out["l0_end"] = [round(statistics.mean(r[f"level{l}/l0"] for r in tail), 3)
+                     for l in range(n_levels)]
+    out["l0_ema_end"] = [round(v, 3) for v in t.controller.l0_ema.tolist()]
+    out["fve_end"] = [round(statistics.mean(r[f"level{l}/fve"] for r in tail), 4)
+                      for l in range(n_levels)]
+    out["dead_end"] = [tail[-1][f"level{l}/dead"] for l in range(n_levels)] if tail else None
+    out["loss_curve"] = [(r["step"], round(r["loss"], 4)) for r in records[:: max(
+        1, len(records) // 20)]]
+    finite = "nonfinite" not in out and all(math.isfinite(r["loss"]) for r in records)
+    off = [abs(v / sz["l0"] - 1) for v in out["l0_end"]]
+    out["l0_max_rel_error"] = round(max(off), 4)
+    l0_ok = out["completed"] and max(off) <= 0.05
+    run.report["checks"]["train_finite"] = finite
+    run.report["checks"]["train_l0_within_5pct"] = l0_ok
+    run.log(f"   {t.step} steps in {seconds:.1f} s ({out['tokens_per_s']} tok/s); L0 end "
+            f"{out['l0_end']} (target {sz['l0']:g}); FVE {out['fve_end']}; finite {finite}")
+    return out
+
+
+# ---------------------------------------------------------------- phase 5: crossover
+
+def crossover(args, run: Run, sz: dict) -> dict:
+    """One level (the largest), every product forced dense or forced sparse, at several
+    support densities; the crossover is where sparse/dense reaches 1 (log-interpolated)."""
+    device = args.device
+    n, d, batch = sz["sizes"][-1], sz["d"], sz["batch"]
+    src = stream(sz, device, seed=4)
+    data = [src.batch(batch) for _ in range(2)]
+    saved = sparse_ops.DENSE_CUTOFF
+    rows = []
+    try:
+        for density in args.densities:
+            one = dict(sz, sizes=(n,), l0=density * n)
+            ms = {}
+            trainers = {}
+            for name, cut in (("dense", 0.0), ("sparse", 1.1)):
+                sparse_ops.DENSE_CUTOFF = cut
+                trainers[name] = make_trainer(one, device, independent=True, total_steps=100_000,
+                                              update_interval=0)
+                timed_block(trainers[name], data, 2, device)
+            times = {name: [] for name in trainers}
+            for b in range(args.blocks):
+                for name, cut in (("dense", 0.0), ("sparse", 1.1)):
+                    sparse_ops.DENSE_CUTOFF = cut
+                    times[name].append(timed_block(trainers[name], data, args.block_steps,
+                                                   device))
+            ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+            with torch.no_grad():
+                real = trainers["sparse"].model.levels[0].encode(data[0]).pattern.density
+            rows.append({"target": density, "density": round(real, 4),
+                         "dense_ms": round(ms["dense"], 2), "sparse_ms": round(ms["sparse"], 2),
+                         "sparse_over_dense": round(ms["sparse"] / ms["dense"], 3)})
+            run.log(f"   density {real:.4f}: dense {ms['dense']:.2f} ms, sparse "
+                    f"{ms['sparse']:.2f} ms")
+            del trainers
+    finally:
+        sparse_ops.DENSE_CUTOFF = saved
+    cross = None
+    for a, b in zip(rows, rows[1:]):
+        ra, rb = a["sparse_over_dense"], b["sparse_over_dense"]
+        if ra < 1 <= rb:
+            f = (1 - ra) / (rb - ra)
+            cross = round(math.exp(math.log(a["density"]) + f * (
+                math.log(b["density"]) - math.log(a["density"]))), 4)
+            break
+    if cross is None and rows:
+        cross = ">max" if rows[-1]["sparse_over_dense"] < 1 else "<min"
+    current = sparse_ops.dense_cutoff(torch.device(device))
+    run.log(f"   crossover {cross} (DENSE_CUTOFF for {device} now {current})")
+    return {"n": n, "d": d, "batch": batch, "rows": rows, "crossover_density": cross,
+            "dense_cutoff_now": current}
+
+
+# ---------------------------------------------------------------- main
+
+def environment(args) -> dict:
+    env = {"python": platform.python_version(), "torch": torch.__version__,
+           "cuda": torch.version.cuda, "device": args.device, "small": args.small,
+           "cpu_threads": torch.get_num_threads(), "host": platform.node()}
+    if torch.device(args.device).type == "cuda":
+        p = torch.cuda.get_device_properties(torch.device(args.device))
+        env.update(gpu=p.name, capability=f"{p.major}.{p.minor}",
+                   gpu_mem_gib=round(p.total_memory / 2 ** 30, 1),
+                   multiprocessors=p.multi_processor_count)
+    return env
+
+
+def parse(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="folder for gpu_check.json and the log")
+    ap.add_argument("--device", default="cuda", help="cuda (default), cuda:N or cpu")
+    ap.add_argument("--small", action="store_true", help="toy sizes (CPU CI)")
+    ap.add_argument("--time-limit", type=float, default=480.0, help="hard limit, seconds")
+    ap.add_argument("--modes", default="fp32,bf16,tf32",
+                    help="step-time modes in order (tf32 runs last, and only on CUDA)")
+    ap.add_argument("--train-steps", type=int, default=None, help="default 2000 (small: 150)")
+    ap.add_argument("--profile-steps", type=int, default=None, help="default 20 (small: 3)")
+    ap.add_argument("--skip", default="", help="comma-separated phases to skip")
+    ap.add_argument("--wheels", default=None, help="folder of wheels for what is missing")
+    ap.add_argument("--pytest-timeout", type=float, default=150.0)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default: torch's; 1 with --device cpu, where spare "
+                         "OpenMP threads on shared cores cost more than they give)")
+    args = ap.parse_args(argv)
+    small = args.small
+    if args.threads is None and torch.device(args.device).type == "cpu":
+        args.threads = 1
+    args.train_steps = args.train_steps or (150 if small else 2000)
+    args.profile_steps = args.profile_steps or (3 if small else 20)
+    args.warmup = 2 if small else 5
+    args.blocks = 2 if small else 6
+    args.block_steps = 2 if small else 5
+    args.densities = ((0.02, 0.1, 0.3) if small
+                      else (0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32))
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        print(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA device; "
+              "run with --device cpu --small for the CPU check", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run = Run(Path(args.out), args.time_limit, [Path(sys.executable).name] + sys.argv)
+    sz = SMALL if args.small else PAPER
+    cuda = torch.device(args.device).type == "cuda"
+    skip = set(filter(None, args.skip.split(",")))
+    run.report["env"] = environment(args)
+    run.report["sizes"] = {k: list(v) if isinstance(v, tuple) else v for k, v in sz.items()}
+    run.log(f"gpu_check: {json.dumps(run.report['env'])}")
+
+    def on_alarm(signum, frame):
+        raise TimeUp()
+
+    if hasattr(signal, "SIGALRM"):
+        signal.signal(signal.SIGALRM, on_alarm)
+        signal.alarm(max(1, int(args.time_limit)))
+    try:
+        modes = [m for m in args.modes.split(",") if m and (cuda or m != "tf32")]
+        first, later = [m for m in modes if m != "tf32"], [m for m in modes if m == "tf32"]
+        if "correctness" not in skip:
+            run.phase("correctness", lambda: correctness(args, run), 20)
+        for m in first if "step_time" not in skip else []:
+            run.phase(f"step_time_{m}", lambda m=m: step_time(args, run, sz, m), 30)
+        if "profile" not in skip:
+            run.phase("profile", lambda: profile(args, run, sz), 20)
+        if "train" not in skip:
+            reserve = 0 if args.small else 75  # for the crossover and TF32 timing
+            budget = max(0.0, run.left() - reserve - 10)
+            run.phase("train", lambda: train(args, run, sz, budget), 30)
+        if "crossover" not in skip:
+            run.phase("crossover", lambda: crossover(args, run, sz), 40 if cuda else 5)
+        for m in later if "step_time" not in skip else []:
+            run.phase(f"step_time_{m}", lambda m=m: step_time(args, run, sz, m), 25)
+    except TimeUp:
+        run.report["timed_out"] = True
+    finally:
+        if hasattr(signal, "SIGALRM"):
+            signal.alarm(0)
+    heavy = sorted({m.split(".")[0] for m in sys.modules} & set(HEAVY))
+    run.report["heavy_modules_loaded"] = heavy
+    st = {k[len("step_time_"):]: v for k, v in run.report.items() if k.startswith("step_time_")}
+    if st:
+        best = max(st.values(), key=lambda v: v["hsae"]["tokens_per_s"])
+        run.report["goals"] = {
+            "hsae_tokens_per_s": {"best": best["hsae"]["tokens_per_s"], "mode": best["mode"],
+                                  "goal": 250_000,
+                                  "met": best["hsae"]["tokens_per_s"] >= 250_000},
+            "hsae_over_independent": {m: v["ratio"] for m, v in st.items()} | {
+                "goal": 1.10, "met": all(v["ratio"] <= 1.10 for v in st.values())}}
+    checks = run.report["checks"]
+    wanted = [k for k, p in (("correctness", "correctness"), ("train_finite", "train"),
+                             ("train_l0_within_5pct", "train")) if p not in skip]
+    run.report["ok"] = all(checks.get(k) is True for k in wanted) and not run.report.get(
+        "timed_out")
+    run.save()
+    run.log(f"checks {json.dumps(checks)}; goals {json.dumps(run.report.get('goals'))}")
+    run.log(f"ok={run.report['ok']}; wrote {run.out / 'gpu_check.json'}")
+    return 0 if run.report["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

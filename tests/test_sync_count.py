@@ -1,0 +1,170 @@
+"""Host-device synchronisations per training step, counted on the CPU (issue 17).
+
+A CUDA host waits for the device at every value read back (``item``, ``bool``, ``int``,
+``tolist``), every op whose output size depends on the data (``nonzero``, boolean-mask indexing,
+``unique``, ``bincount``: two, ``repeat_interleave`` without ``output_size``) and every blocking
+upload. ``SyncCounter`` (benchmarks/gpu_check.py) patches those calls, so the CPU counts them
+per source line. On the configuration below, before issue 17's changes, an HSAE step made 89
+(69 in the kernels: sparse_ops, coupling, coupled_decode) and an independent step 34 (25); the
+bounds are what the code meets now. Without CUDA the last test skips; on CUDA it checks
+``torch.cuda.set_sync_debug_mode``'s own view of the kernels.
+"""
+
+import importlib.util
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from hsae_core.model.config import HSAEConfig
+from hsae_core.model.coupling import PairEntries, _compact, _PCIndex
+from hsae_core.model.forest import Forest
+from hsae_core.model.hsae import HSAE
+from hsae_core.model.sparse_ops import _offsets, sorted_offsets
+from hsae_core.model.trainer import Trainer
+
+_spec = importlib.util.spec_from_file_location(
+    "gpu_check", Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py")
+gpu_check = importlib.util.module_from_spec(_spec)
+sys.modules.setdefault("gpu_check", gpu_check)
+_spec.loader.exec_module(gpu_check)
+SyncCounter = gpu_check.SyncCounter
+
+KERNELS = ("hsae_core/model/sparse_ops.py", "hsae_core/model/coupling.py",
+           "hsae_core/model/coupled_decode.py")
+SIZES = (64, 128, 256, 512)
+
+
+def counted(fn) -> int:
+    with SyncCounter() as c:
+        fn()
+    return c.total
+
+
+def test_counter_sees_every_kind_of_sync_and_none_of_the_alternatives():
+    t = torch.tensor([0, 3, 1, 3])
+    mask = t > 0
+    assert counted(lambda: bool(mask.any())) == 1
+    assert counted(lambda: t.sum().item()) == 1
+    assert counted(lambda: int(t[1])) == 1
+    assert counted(lambda: t.tolist()) == 1
+    assert counted(lambda: mask.nonzero()) == 1
+    assert counted(lambda: torch.nonzero(mask)) == 1
+    assert counted(lambda: t[mask]) == 1
+    assert counted(lambda: torch.unique(t)) == 1
+    assert counted(lambda: torch.bincount(t, minlength=4)) == 2
+    assert counted(lambda: torch.repeat_interleave(t, t)) == 1
+    assert counted(lambda: t.new_tensor([1, 2])) == 1
+    assert counted(lambda: torch.zeros(3).to("cpu")) == 1  # an upload, on a GPU
+    # the fixed-size, sync-free alternatives
+    assert counted(lambda: torch.nonzero_static(mask, size=3)) == 0
+    assert counted(lambda: torch.repeat_interleave(t, t, output_size=7)) == 0
+    assert counted(lambda: sorted_offsets(torch.sort(t).values, 4)) == 0
+    assert counted(lambda: t.masked_fill(mask, 0)) == 0
+    assert counted(lambda: t.to(torch.float64)) == 0
+    assert counted(lambda: t.to("cpu", non_blocking=True)) == 0
+    assert counted(lambda: torch.full((1,), 5)) == 0
+
+
+def test_sync_free_replacements_give_the_same_lists():
+    gen = torch.Generator().manual_seed(0)
+    idx = torch.sort(torch.randint(0, 50, (300,), generator=gen)).values
+    assert torch.equal(sorted_offsets(idx, 60), _offsets(torch.bincount(idx, minlength=60)))
+    mask = torch.rand(500, generator=gen) < 0.3
+    assert torch.equal(_compact(mask, int(mask.sum())), mask.nonzero(as_tuple=True)[0])
+
+
+def one_step(independent: bool):
+    """Syncs of one steady-state step: thresholds initialised, a forest, swaps, PC loss (not a
+    logging step nor a hierarchy update)."""
+    torch.manual_seed(0)
+    kw = dict(rho=0.0, swap_rate=0.0) if independent else dict(swap_rate=0.2)
+    cfg = HSAEConfig(d_model=32, level_sizes=SIZES, batch_size=128, total_steps=1000,
+                     target_l0=8, update_interval=0, **kw)
+    t = Trainer(cfg)
+    xs = [torch.randn(128, 32) for _ in range(4)]
+    t.train_step(xs[0])
+    if not independent:
+        assert not t.update_hierarchy().is_empty()
+    for i in range(5):
+        t.train_step(xs[i % 4])
+    with SyncCounter() as c:
+        t.train_step(xs[1])
+    return c
+
+
+def test_hsae_step_syncs():
+    c = one_step(independent=False)
+    files = c.by_file()
+    pairs = len(SIZES) - 1
+    assert files.get("hsae_core/model/coupled_decode.py", 0) == 0
+    # the supports (one nonzero per level) are the only syncs of the sparse kernels
+    assert files.get("hsae_core/model/sparse_ops.py", 0) == len(SIZES)
+    # per pair: child entries with a parent, the index lists' sizes (one read), distinct
+    # sibling feature pairs, swapped children; at least the sizes' read ran on every pair
+    assert pairs <= files.get("hsae_core/model/coupling.py", 0) <= 4 * pairs
+    assert sum(files.get(f, 0) for f in KERNELS) <= 16  # 69 before
+    assert c.total <= 36, c.by_site()  # 89 before
+
+
+def test_independent_step_syncs():
+    c = one_step(independent=True)
+    files = c.by_file()
+    assert files.get("hsae_core/model/sparse_ops.py", 0) == len(SIZES)
+    assert sum(files.get(f, 0) for f in KERNELS) == len(SIZES)  # 25 before
+    assert c.total <= 13, c.by_site()  # 34 before
+
+
+def cuda_model(seed=3, sizes=(32, 64, 128), d=16):
+    cfg = HSAEConfig(d_model=d, level_sizes=sizes, target_l0=3, bandwidth=0.5, seed=seed)
+    model = HSAE(cfg)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for lv in model.levels:
+            lv.b_enc.uniform_(-0.3, 0.3, generator=gen)
+            lv.threshold.copy_(0.05 + 0.2 * torch.rand(lv.threshold.shape, generator=gen))
+    parent_of = []
+    for a, b in zip(sizes, sizes[1:]):
+        p = torch.randint(0, a, (b,), generator=gen)
+        p[torch.rand(b, generator=gen) < 0.3] = -1
+        parent_of.append(p)
+    model.forest = Forest(sizes, parent_of)
+    return model.to("cuda"), gen
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available()
+                    or os.environ.get("HSAE_TEST_DEVICE", "cuda").startswith("cpu"),
+                    reason="torch.cuda.set_sync_debug_mode needs CUDA")
+def test_on_cuda_pc_index_reads_back_once_and_the_backward_never():
+    """torch.cuda.set_sync_debug_mode's view: the PC index lists of a level pair cost one
+    read-back; the backward of a training step (coupled decode, PC loss, JumpReLU) none."""
+    model, gen = cuda_model()
+    x = torch.randn(64, 16, generator=gen).cuda() * 2
+    codes = model.encode(x)
+    entries = PairEntries.build(codes[1].pattern, model.forest.parent_of[0], 32)
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            idx = _PCIndex.build(codes[0].pattern, codes[1].pattern, model.forest.parent_of[0],
+                                 model.forest.links(0), entries)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert idx.hit_p.numel() > 0
+    assert sum("synchroniz" in str(w.message) for w in seen) == 1
+    swapped = [(torch.rand(n, generator=gen) < 0.3).cuda() & model.forest.has_children(l)
+               for l, n in enumerate(model.cfg.level_sizes[:-1])]
+    out = model(x, swapped=swapped)
+    loss = HSAE.total_loss(out, torch.tensor([0.3, 0.2, 0.1], device="cuda"), 0.7)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
