@@ -39,7 +39,7 @@ def test_gpu_check_runs_every_phase_on_the_cpu(tmp_path):
     assert report["goals"]["hsae_over_independent"]["goal"] == 1.10
 
     prof = report["profile"]
-    assert 0 < prof["syncs_per_step_patched"] <= 36
+    assert 0 < prof["syncs_per_step_patched"] <= 34
     assert any("sparse_ops.py" in site for site in prof["syncs_by_site_patched"])
     assert len(prof["top_kernels"]) == 10 and prof["aten_ops_per_step"] > 0
 

@@ -53,20 +53,31 @@ class PairEntries:
     @classmethod
     def build(cls, child: SupportPattern, parent_of: torch.Tensor,
               n_parents: int) -> "PairEntries":
-        c_par = parent_of.index_select(0, child.cols)
-        sel = (c_par >= 0).nonzero(as_tuple=True)[0]
-        par = c_par.index_select(0, sel)
-        keys = child.rows.index_select(0, sel) * n_parents + par
-        return cls(sel, par, keys)
+        return cls.build_all([(child, parent_of, n_parents)])[0]
+
+    @classmethod
+    def build_all(cls, specs: list[tuple[SupportPattern, torch.Tensor, int]]
+                  ) -> list["PairEntries"]:
+        """One per ``(child, parent_of, n_parents)``, their sizes read back at once (one host
+        sync on CUDA for every level pair)."""
+        c_pars = [parent_of.index_select(0, child.cols) for child, parent_of, _ in specs]
+        sizes = torch.stack([(c >= 0).sum() for c in c_pars]).tolist() if specs else []
+        out = []
+        for (child, _, n_parents), c_par, n in zip(specs, c_pars, sizes):
+            sel = _compact(c_par >= 0, n)
+            par = c_par.index_select(0, sel)
+            out.append(cls(sel, par, child.rows.index_select(0, sel) * n_parents + par))
+        return out
 
 
 @dataclass
 class _PCIndex:
     """Index lists of one level pair for one batch (no gradients flow through these).
 
-    Their sizes depend on the batch; with the support's dense mask at hand (always, in
-    training) every size is computed on the device first and read back at once, so building
-    them costs one host synchronisation on CUDA (nonzero, bool(), int() would cost one each)."""
+    Their sizes depend on the batch. With the supports' dense masks at hand (always, in
+    training) every size is computed on the device first and the sizes of all level pairs are
+    read back at once (:meth:`build_all`): one host synchronisation per step on CUDA, where
+    nonzero, bool() or int() per list would cost one each."""
 
     hit_p: torch.Tensor  # parent entry met by ...
     hit_c: torch.Tensor  # ... the child entry at the same token whose parent it is
@@ -79,37 +90,75 @@ class _PCIndex:
     @classmethod
     def build(cls, parent: SupportPattern, child: SupportPattern, parent_of: torch.Tensor,
               links: Links, entries: PairEntries | None = None) -> "_PCIndex":
+        return cls.build_all([(parent, child, parent_of, links, entries)])[0]
+
+    @classmethod
+    def build_all(cls, specs: list[tuple]) -> list["_PCIndex"]:
+        """One index per ``(parent, child, parent_of, links, entries or None)``."""
+        staged = [_StagedIndex.stage(*spec) for spec in specs]
+        counts = [c for st in staged for c in st.counts]
+        sizes = torch.stack(counts).tolist() if counts else []
+        out = []
+        for st in staged:
+            out.append(st.finish(sizes[:len(st.counts)]))
+            sizes = sizes[len(st.counts):]
+        return out
+
+
+@dataclass
+class _StagedIndex:
+    """A :class:`_PCIndex` before its sizes are known: device masks and their counts."""
+
+    parent: SupportPattern
+    e: PairEntries
+    links: Links
+    link_e: torch.Tensor  # the link of each child entry with a parent
+    hit: torch.Tensor  # bool over e: its parent fires on its token
+    met: torch.Tensor  # bool over links: a hit in the batch
+    p_pos: torch.Tensor | None  # without a mask: each entry's position in the parent support
+    cof: torch.Tensor | None  # with a mask: bool over e, a sibling fires on the same token
+    counts: list[torch.Tensor]  # 0-dim: hits, met links (, co-firing entries, 2 * pairs)
+
+    @classmethod
+    def stage(cls, parent: SupportPattern, child: SupportPattern, parent_of: torch.Tensor,
+              links: Links, entries: PairEntries | None = None) -> "_StagedIndex":
         e = PairEntries.build(child, parent_of, parent.n_cols) if entries is None else entries
         link_e = links.by_child_crow.index_select(0, child.cols.index_select(0, e.sel))
+        p_pos = cof = None
+        extra = []
         if parent.mask is not None:  # dense lookups: O(nnz), no search, no sort of everything
             hit = parent.mask.view(-1).index_select(0, e.keys)
-            p_pos = None
             same = _key_counts(e.keys, parent.n_rows * parent.n_cols)  # entries sharing the key
             cof = same > 1
-            # sum over entries of (same - 1) = 2 * the number of sibling pairs
-            counts = [cof.sum(), (same.long() - 1).sum()]
+            # the sum over entries of (same - 1) is twice the number of sibling pairs
+            extra = [cof.sum(), (same.long() - 1).sum()]
         else:
             p_keys = parent.rows * parent.n_cols + parent.cols  # sorted: supports are row-major
             p_pos = torch.searchsorted(p_keys, e.keys).clamp_(max=max(p_keys.numel() - 1, 0))
             hit = (p_keys.index_select(0, p_pos) == e.keys if p_keys.numel()
                    else torch.zeros_like(e.keys, dtype=torch.bool))
-            counts = []
         met = links.kids.new_zeros(links.kids.numel(), dtype=torch.int32).index_add_(
             0, link_e, hit.int()) > 0
-        n_hit, n_met, *counts = torch.stack([hit.sum(), met.sum(), *counts]).tolist()
-        hit_pos = _compact(hit, n_hit)
-        if p_pos is None:
-            hit_p = _entry_index(parent).index_select(0, e.keys.index_select(0, hit_pos)).long()
-            cof_pos = _compact(cof, counts[0])
-            a, b = _sibling_pairs(e.keys.index_select(0, cof_pos), counts[1] // 2)
+        return cls(parent, e, links, link_e, hit, met, p_pos, cof,
+                   [hit.sum(), met.sum(), *extra])
+
+    def finish(self, sizes: list[int]) -> _PCIndex:
+        e, n_hit, n_met = self.e, sizes[0], sizes[1]
+        hit_pos = _compact(self.hit, n_hit)
+        if self.p_pos is None:
+            hit_p = _entry_index(self.parent).index_select(
+                0, e.keys.index_select(0, hit_pos)).long()
+            cof_pos = _compact(self.cof, sizes[2])
+            a, b = _sibling_pairs(e.keys.index_select(0, cof_pos), sizes[3] // 2)
             a, b = cof_pos.index_select(0, a), cof_pos.index_select(0, b)
         else:
-            hit_p = p_pos.index_select(0, hit_pos)
-            a, b = _sibling_pairs(e.keys)
-        perm = links.by_parent_perm
-        return cls(hit_p, e.sel.index_select(0, hit_pos), link_e.index_select(0, hit_pos),
-                   e.sel.index_select(0, a), e.sel.index_select(0, b), _compact(met, n_met),
-                   perm.index_select(0, _compact(met.index_select(0, perm), n_met)))
+            hit_p = self.p_pos.index_select(0, hit_pos)
+            a, b = _sibling_pairs(e.keys)  # reads its own size back
+        perm = self.links.by_parent_perm
+        return _PCIndex(hit_p, e.sel.index_select(0, hit_pos),
+                        self.link_e.index_select(0, hit_pos), e.sel.index_select(0, a),
+                        e.sel.index_select(0, b), _compact(self.met, n_met),
+                        perm.index_select(0, _compact(self.met.index_select(0, perm), n_met)))
 
 
 def _compact(mask: torch.Tensor, n: int) -> torch.Tensor:
@@ -362,17 +411,15 @@ class _ForestPC(torch.autograd.Function):
 
 def pc_pairs(codes: list[SparseCode], forest: Forest,
              entries: list[PairEntries | None] | None = None) -> list[_PairPC]:
-    """The level pairs with links, with this batch's index lists."""
-    pairs = []
-    for l in range(len(codes) - 1):
-        links = forest.links(l)
-        if links.kids.numel() == 0:
-            continue
-        e = entries[l] if entries is not None else None
-        idx = _PCIndex.build(codes[l].pattern, codes[l + 1].pattern, forest.parent_of[l], links, e)
-        pairs.append(_PairPC(l, codes[l].pattern, codes[l + 1].pattern, idx, links,
-                             forest.has_children(l), forest.parent_of[l] >= 0))
-    return pairs
+    """The level pairs with links, with this batch's index lists (built together: their sizes
+    are read back at once)."""
+    used = [l for l in range(len(codes) - 1) if forest.links(l).kids.numel()]
+    idx = _PCIndex.build_all([(codes[l].pattern, codes[l + 1].pattern, forest.parent_of[l],
+                               forest.links(l), entries[l] if entries is not None else None)
+                              for l in used])
+    return [_PairPC(l, codes[l].pattern, codes[l + 1].pattern, i, forest.links(l),
+                    forest.has_children(l), forest.parent_of[l] >= 0)
+            for l, i in zip(used, idx)]
 
 
 def forest_pc_loss(codes: list[SparseCode], w_decs: list[torch.Tensor], forest: Forest,
@@ -397,7 +444,14 @@ def swap_masks(parent: SupportPattern, entries: PairEntries, swapped: torch.Tens
     """(keep mask over parent entries, positions of the taken child entries) for the
     ``swapped`` parents ([n_l] bool, only parents with children): the parent entries leave
     level l's reconstruction and the taken child entries enter it in their place (§3.2)."""
-    keep_p = ~swapped.index_select(0, parent.cols)
-    take = entries.sel.index_select(
-        0, swapped.index_select(0, entries.par).nonzero(as_tuple=True)[0])
-    return keep_p, take
+    return swap_masks_all([(parent, entries, swapped)])[0]
+
+
+def swap_masks_all(specs: list[tuple[SupportPattern, PairEntries, torch.Tensor]]
+                   ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`swap_masks` of every ``(parent, entries, swapped)``, the numbers of taken child
+    entries read back at once (one host sync on CUDA for every level pair)."""
+    taken = [swapped.index_select(0, e.par) for _, e, swapped in specs]
+    sizes = torch.stack([t.sum() for t in taken]).tolist() if specs else []
+    return [(~swapped.index_select(0, parent.cols), e.sel.index_select(0, _compact(t, n)))
+            for (parent, e, swapped), t, n in zip(specs, taken, sizes)]

@@ -58,6 +58,17 @@ class SupportPattern:
         rows, cols = mask.nonzero(as_tuple=True)
         return cls(rows, cols, mask.shape[0], mask.shape[1], mask=mask)
 
+    @classmethod
+    def from_masks(cls, masks: list[torch.Tensor]) -> list["SupportPattern"]:
+        """:meth:`from_mask` of every mask, their sizes read back at once: one host sync on
+        CUDA for all levels instead of one per level."""
+        sizes = torch.stack([m.sum() for m in masks]).tolist() if masks else []
+        out = []
+        for mask, n in zip(masks, sizes):
+            rows, cols = torch.nonzero_static(mask, size=n).t().contiguous().unbind(0)
+            out.append(cls(rows, cols, mask.shape[0], mask.shape[1], mask=mask))
+        return out
+
     @property
     def nnz(self) -> int:
         return self.rows.numel()
