@@ -19,7 +19,7 @@ from rich import print as rprint
 from hsae_core.data.normalize import resolve_scale
 from hsae_core.data.store import open_store
 from hsae_core.evaluation.compute import MetricsConfig, compute_metrics, format_table, json_safe
-from hsae_core.pipeline.io import load_for_store
+from hsae_core.pipeline.io import load_for_store, load_training
 from hsae_core.pipeline.params import load_params, section_config
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
@@ -42,7 +42,8 @@ def main(
         scale = resolve_scale(normalization, info)
         models = load_for_store({"hsae": hsae, "posthoc": posthoc}, info.d_model, store,
                                 cfg.device)
-        metrics = compute_metrics(models, info, scale, cfg)
+        training = {"hsae": load_training(hsae), "posthoc": load_training(posthoc)}
+        metrics = compute_metrics(models, info, scale, cfg, training)
     except (ValueError, FileNotFoundError) as err:
         rprint(f"[red]compute-metrics: {err}[/red]")
         raise typer.Exit(2) from err

@@ -45,15 +45,19 @@ def train_stage(stage: str, independent: bool, params: Path, store: str, normali
             rprint(f"{stage}: levels {list(cfg.level_sizes)} on d = {cfg.d_model}, "
                    f"target L0 {cfg.target_l0}, {cfg.total_steps} steps x {cfg.batch_size} "
                    f"tokens, rho {cfg.rho}, r {cfg.swap_rate}{ranks}")
+        ended: dict = {}
         model = train_on_store(cfg, info, normalization, checkpoint=checkpoint, curves=curves,
-                               run=run, name=stage, dist=dist)
+                               run=run, name=stage, dist=dist,
+                               on_finish=lambda t: ended.update(t.summary()))
     except ValueError as err:
         # config, store, device and normalisation errors name the key and the fix
         rprint(f"[red]{stage}: {err}[/red]")
         raise typer.Exit(2) from err
     if dist.is_main:
-        save_hsae(model, out)
-        rprint(f"{stage}: wrote {out}")
+        save_hsae(model, out, training=ended)
+        dead = " ".join(f"{d:.3f}" for d in ended["dead_frac_train"])
+        rprint(f"{stage}: dead on the last {ended['dead_window_tokens']} train tokens per level "
+               f"[{dead}]; wrote {out}")
     shutdown(dist)
 
 

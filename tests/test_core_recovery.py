@@ -13,7 +13,8 @@ post-hoc cosine assignment is already near-perfect, and HSAE does not recover th
 
 import torch
 
-from hsae_core.evaluation.metrics import HierarchyStats
+from hsae_core.evaluation.evaluate import Bootstrap, replicate_metrics, summarize
+from hsae_core.evaluation.metrics import EvalCounts
 from hsae_core.model.config import HSAEConfig
 from hsae_core.model.hierarchy import assign_forest
 from hsae_core.model.trainer import Trainer
@@ -27,18 +28,19 @@ COMMON = dict(d_model=32, level_sizes=SYN.sizes, target_l0=2.0, batch_size=256, 
 
 
 def evaluate(model, forest, x, truth):
-    stats = HierarchyStats(forest)
+    counts = EvalCounts(forest)
     with torch.no_grad():
         active = [lv.encode(x).dense() > 0 for lv in model.levels]
-    stats.update(active)
+    counts.update(torch.arange(x.shape[0]), x, None, active)
+    mean = summarize(replicate_metrics(counts, Bootstrap(n_boot=0)), False)["mean"]
     fve = []
     for lv in model.levels:
         with torch.no_grad():
             err = (x - lv.decode(lv.encode(x))).pow(2).sum()
         fve.append(float(1 - err / (x - x.mean(0)).pow(2).sum()))
     return {
-        "hamming": sum(stats.hamming()) / len(stats.hamming()),
-        "p_parent_given_child": sum(p for p, _ in stats.p_parent_given_child()) / forest.n_pairs,
+        "hamming": mean["hamming"],
+        "p_parent_given_child": mean["p_parent_given_child"],
         "precision": link_precision(forest, match_features(model.levels, x, truth), SYN.parent_of),
         "l0": [float(a.float().sum(1).mean()) for a in active],
         "fve": fve,

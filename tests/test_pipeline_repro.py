@@ -41,6 +41,12 @@ def test_repro_ablation_and_metrics_diff(tmp_path):
             assert metrics[name][f"pair{l}"]["children_assigned"] > 0
             assert metrics[name][f"pair{l}"]["hamming"] >= 0
     assert metrics["eval_tokens"] > 0 and metrics["lm"]["tokens"] >= 120
+    for name in ("hsae", "posthoc"):  # intervals, robust forms, the train-stream dead fraction
+        mean = metrics[name]["mean"]
+        for key in ("hamming", "hamming_per_parent", "p_parent_given_child_pooled", "fve"):
+            assert mean[f"{key}_lo"] <= mean[f"{key}_hi"], key
+        assert 0 <= metrics[name]["level0"]["dead_frac_train"] <= 1
+    assert {"hamming", "hamming_lo", "hamming_hi"} <= set(metrics["diff"])
     shown = json.loads(dvc(root, "metrics", "show", "--json").stdout)
     assert "hsae" in json.dumps(shown) and "p_parent_given_child" in json.dumps(shown)
     plots = json.loads(dvc(root, "plots", "show", "--json").stdout)

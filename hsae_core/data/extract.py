@@ -8,9 +8,9 @@ progress marker records it. A resumed run re-tokenises (without running the mode
 first unwritten row and continues, so it yields byte-for-byte the store an uninterrupted run
 yields (on the same hardware and thread count). Memory: one window plus one batch.
 
-Distributed (``torchrun``, ``dist`` from :func:`hsae_core.common.distributed.init_from_env`): every rank
-tokenises the whole stream (cheap) to learn each split's row count, rank 0 sizes the arrays,
-and rank r runs the model only on the batches that overlap the windows ``k`` with
+Distributed (``torchrun``, ``dist`` from :func:`hsae_core.common.distributed.init_from_env`):
+every rank tokenises the whole stream (cheap) to learn each split's row count, rank 0 sizes the
+arrays, and rank r runs the model only on the batches that overlap the windows ``k`` with
 ``k % world_size == r``, permutes each window with the same (seed, window) seed and writes
 its shards. Windows are whole shards, so each shard has one writer, and the rows and their
 order are those of a 1-process extraction (a batch that straddles two ranks' windows is run by
@@ -41,7 +41,15 @@ from hsae_core.data.corpus import (
     tokenize_documents,
 )
 from hsae_core.data.lm import LanguageModel, ModelError, load_lm
-from hsae_core.data.store import COLUMNS, STORAGE, Layout, StoreInfo, StoreWriter, open_store, to_storage
+from hsae_core.data.store import (
+    COLUMNS,
+    STORAGE,
+    Layout,
+    StoreInfo,
+    StoreWriter,
+    open_store,
+    to_storage,
+)
 
 
 class ExtractionError(RuntimeError):
@@ -62,7 +70,8 @@ def extract_activations(cfg: ExtractConfig, out: str | Path, *, overwrite: bool 
     check_corpus(cfg.corpus, **_corpus_kwargs(cfg))
     if lm is None:
         lm = load_lm(cfg.model, cfg.layer, cfg.context_len, gguf_file=cfg.gguf_file,
-                     device=dist.device if dist.active else cfg.device, compute_dtype=cfg.compute_dtype)
+                     device=dist.device if dist.active else cfg.device,
+                     compute_dtype=cfg.compute_dtype)
     elif (lm.name, lm.layer) != (cfg.model, cfg.layer):
         raise ModelError(f"loaded model is {lm.name!r} layer {lm.layer}, config asks for "
                          f"{cfg.model!r} layer {cfg.layer}")
@@ -75,8 +84,8 @@ def extract_activations(cfg: ExtractConfig, out: str | Path, *, overwrite: bool 
     writer = StoreWriter(out, layout, cfg.to_dict(), overwrite=overwrite)
     budget = cfg.split_budget()
     done = sum(writer.rows_done(s) for s in SPLITS)
-    with tqdm(total=cfg.max_tokens, initial=done, unit="tok", unit_scale=True, disable=not progress,
-              desc="extract", smoothing=0.1) as bar:
+    with tqdm(total=cfg.max_tokens, initial=done, unit="tok", unit_scale=True,
+              disable=not progress, desc="extract", smoothing=0.1) as bar:
         for split in SPLITS:
             if not writer.split_done(split):
                 _extract_split(cfg, lm, writer, split, budget[split], bar, on_shard)
@@ -101,13 +110,14 @@ def _finish(cfg: ExtractConfig, lm: LanguageModel, writer: StoreWriter, layout: 
         "bos_token_id": lm.bos_token_id, "eos_token_id": lm.eos_token_id, "bos_excluded": True,
         "shuffled": {"train": True, "eval": False},
         "chunk_rows": layout.chunk_rows, "shard_rows": layout.shard_rows,
-        "extract_config": cfg.to_dict(),
+        "extract_config": cfg.to_dict(), "outliers": {"norm_ratio": cfg.outlier_norm_ratio},
     })
     return open_store(out, model=cfg.model, layer=cfg.layer)
 
 
-def _extract_distributed(cfg: ExtractConfig, lm: LanguageModel, out, layout: Layout, overwrite: bool,
-                         progress: bool, on_shard, dist: DistContext) -> StoreInfo:
+def _extract_distributed(cfg: ExtractConfig, lm: LanguageModel, out, layout: Layout,
+                         overwrite: bool, progress: bool, on_shard,
+                         dist: DistContext) -> StoreInfo:
     budget = cfg.split_budget()
     plan = {s: _plan_split(cfg, lm, s, budget[s]) for s in SPLITS}  # (rows, max doc id) per split
     if dist.is_main:
@@ -138,7 +148,8 @@ def _extract_distributed(cfg: ExtractConfig, lm: LanguageModel, out, layout: Lay
 WINDOWS = "windows_done"
 
 
-def _plan_split(cfg: ExtractConfig, lm: LanguageModel, split: str, cap: int | None) -> tuple[int, int]:
+def _plan_split(cfg: ExtractConfig, lm: LanguageModel, split: str,
+                cap: int | None) -> tuple[int, int]:
     """Rows a split will hold and the largest document id among them (tokenising only)."""
     rows, max_doc, seqs = 0, -1, split_sequences(cfg, lm, split)
     while cap is None or rows < cap:
@@ -153,9 +164,10 @@ def _plan_split(cfg: ExtractConfig, lm: LanguageModel, split: str, cap: int | No
     return rows, max_doc
 
 
-def _extract_windows(cfg: ExtractConfig, lm: LanguageModel, writer: StoreWriter, split: str, total: int,
-                     dist: DistContext, bar, on_shard) -> None:
-    """This rank's windows of ``split`` (rows ``[k size, (k+1) size)`` with ``k % world == rank``)."""
+def _extract_windows(cfg: ExtractConfig, lm: LanguageModel, writer: StoreWriter, split: str,
+                     total: int, dist: DistContext, bar, on_shard) -> None:
+    """This rank's windows of ``split`` (rows ``[k size, (k+1) size)`` with
+    ``k % world == rank``)."""
     lay = writer.layout
     size = lay.shard_rows * cfg.shuffle_shards
 
@@ -178,7 +190,9 @@ def _extract_windows(cfg: ExtractConfig, lm: LanguageModel, writer: StoreWriter,
         hits = [k for k in todo if k * size < b and min(total, (k + 1) * size) > a]
         if not hits:
             continue
-        acts = _checked(residual_rows(lm, batch).to(getattr(torch, cfg.dtype)), cols, split, cfg.dtype)
+        rows = residual_rows(lm, batch)
+        cols["outlier"] = outlier_flags(rows, cfg.outlier_norm_ratio)
+        acts = _checked(rows.to(getattr(torch, cfg.dtype)), cols, split, cfg.dtype)
         for k in hits:
             w0, w1 = k * size, min(total, (k + 1) * size)
             if k not in bufs:
@@ -201,7 +215,8 @@ def _write_window(cfg: ExtractConfig, writer: StoreWriter, split: str, k: int, s
                   acts: np.ndarray, cols: dict, on_shard) -> None:
     """One window permuted as :class:`_Window` permutes it, written shard by shard."""
     n, shard = len(acts), writer.layout.shard_rows
-    order = np.random.default_rng([cfg.seed, k]).permutation(n) if split == "train" else np.arange(n)
+    order = (np.random.default_rng([cfg.seed, k]).permutation(n) if split == "train"
+             else np.arange(n))
     for i in range(0, n, shard):
         part = order[i: i + shard]
         writer.write_shard(split, k * size + i, acts[part], {c: v[part] for c, v in cols.items()})
@@ -231,6 +246,15 @@ def stored_columns(batch: list[Sequence], bos: int) -> dict[str, np.ndarray]:
         "positions": np.concatenate([np.flatnonzero(k) for k in keep]).astype(np.int32),
         "sequence_ids": np.concatenate([np.full(k.sum(), s.index) for s, k in zip(batch, keep)]),
     }
+
+
+def outlier_flags(rows: torch.Tensor, norm_ratio: float | None) -> np.ndarray:
+    """The ``outlier`` column of one extraction batch (METHOD §1): 1 where ``||x||^2`` exceeds
+    ``norm_ratio`` times the batch's median ``||x||^2`` (attention sinks), else 0."""
+    if norm_ratio is None or rows.shape[0] == 0:
+        return np.zeros(rows.shape[0], dtype=np.uint8)
+    sq = rows.double().pow(2).sum(1)
+    return (sq > norm_ratio * sq.median()).cpu().numpy().astype(np.uint8)
 
 
 def residual_rows(lm: LanguageModel, batch: list[Sequence]) -> torch.Tensor:
@@ -267,8 +291,9 @@ def _extract_split(cfg, lm, writer, split, cap, bar, on_shard) -> None:
         if seen + n <= start:  # written before an interruption: no forward pass needed
             seen += n
             continue
-        rows = residual_rows(lm, batch).to(getattr(torch, cfg.dtype))
-        acts = _checked(rows, cols, split, cfg.dtype)
+        rows = residual_rows(lm, batch)
+        cols["outlier"] = outlier_flags(rows, cfg.outlier_norm_ratio)
+        acts = _checked(rows.to(getattr(torch, cfg.dtype)), cols, split, cfg.dtype)
         skip = max(0, start - seen)
         seen += n
         bar.update(window.add(acts[skip:], {k: v[skip:] for k, v in cols.items()}))
@@ -347,5 +372,5 @@ def _document_table(cfg: ExtractConfig, n_docs: int) -> tuple[np.ndarray, np.nda
     return splits, labels, list(names)
 
 
-__all__ = ["ExtractionError", "extract_activations", "residual_rows", "split_sequences",
-           "stored_columns"]
+__all__ = ["ExtractionError", "extract_activations", "outlier_flags", "residual_rows",
+           "split_sequences", "stored_columns"]

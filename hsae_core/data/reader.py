@@ -2,7 +2,8 @@
 
 Random-row reads from Zarr are slow (METHOD §7), so the train reader reads contiguous blocks
 in a seeded random order, ``buffer_blocks`` at a time, and shuffles rows in memory; train
-rows were already shuffled across documents at write time. Optionally a background thread
+rows were already shuffled across documents at write time. Rows the store flags as attention
+sinks (``outlier`` column) are never served. Optionally a background thread
 prepares the next batches while the trainer works. Both readers multiply by the normalisation scale
 (Appendix A.1) and return float32.
 """
@@ -30,7 +31,8 @@ class TrainActivations:
 
     - ``store``: store path (or an opened :class:`StoreInfo`); ``model`` / ``layer``, if given,
       must match the store. ``scale``: a float or the path of the normalisation JSON.
-    - Each epoch serves every train row exactly once, in an order fixed by ``(seed, epoch)``;
+    - Each epoch serves every train row exactly once (flagged attention-sink rows never), in an
+      order fixed by ``(seed, epoch)``;
       the epoch's last batch is smaller unless ``drop_last``. ``epochs=None`` repeats until
       ``max_tokens``; ``max_tokens`` caps the rows served in all (the last batch is cut).
       ``len(reader)`` is the number of batches an iteration yields.
@@ -51,8 +53,10 @@ class TrainActivations:
                  batch_size: int = 1024, seed: int = 0, epochs: int | None = 1,
                  max_tokens: int | None = None, block_rows: int | None = None,
                  buffer_blocks: int = 32, drop_last: bool = False, prefetch: int = 0,
-                 model: str | None = None, layer: int | None = None, rank: int = 0, world_size: int = 1):
-        self.store = store if isinstance(store, StoreInfo) else open_store(store, model=model, layer=layer)
+                 model: str | None = None, layer: int | None = None, rank: int = 0,
+                 world_size: int = 1):
+        self.store = (store if isinstance(store, StoreInfo)
+                      else open_store(store, model=model, layer=layer))
         self.scale = resolve_scale(scale, self.store)
         if epochs is None and max_tokens is None:
             raise ValueError("TrainActivations: epochs=None repeats forever: give max_tokens")
@@ -61,17 +65,21 @@ class TrainActivations:
             if value < 1:
                 raise ValueError(f"TrainActivations.{name} = {value} is invalid: expected >= 1")
         if not 0 <= rank < world_size:
-            raise ValueError(f"TrainActivations: rank {rank} is not in [0, world_size = {world_size})")
+            raise ValueError(f"TrainActivations: rank {rank} is not in [0, world_size = "
+                             f"{world_size})")
         if world_size > 1 and (not drop_last or batch_size % world_size
                                or (max_tokens is not None and max_tokens % batch_size)):
-            raise ValueError(f"TrainActivations over {world_size} ranks needs drop_last=True, batch_size "
-                             f"({batch_size}) divisible by the ranks and max_tokens ({max_tokens}) a multiple "
-                             "of batch_size, so that every global batch splits into equal slices")
+            raise ValueError(f"TrainActivations over {world_size} ranks needs drop_last=True, "
+                             f"batch_size ({batch_size}) divisible by the ranks and max_tokens "
+                             f"({max_tokens}) a multiple of batch_size, so that every global "
+                             "batch splits into equal slices")
         self.rank, self.world_size = rank, world_size
-        self.batch_size, self.seed, self.epochs, self.max_tokens = batch_size, seed, epochs, max_tokens
+        self.batch_size, self.seed = batch_size, seed
+        self.epochs, self.max_tokens = epochs, max_tokens
         self.block_rows = block_rows or self.store.attrs["chunk_rows"] * 8
         self.buffer_blocks, self.drop_last, self.prefetch = buffer_blocks, drop_last, prefetch
-        self.n_rows, self.d_model = self.store.n_rows("train"), self.store.d_model
+        self.n_stored, self.d_model = self.store.n_rows("train"), self.store.d_model
+        self.n_rows = self.store.n_clean("train")
         if self.n_rows == 0:
             raise ValueError(f"store {self.store.path} has no train rows")
 
@@ -98,12 +106,16 @@ class TrainActivations:
     def _epoch_rows(self, epoch: int) -> Iterator[np.ndarray]:
         """Stored rows of one epoch in shuffled batches (the last one may be short)."""
         arr, rng = self.store.array("train"), np.random.default_rng([self.seed, epoch])
-        starts = np.arange(0, self.n_rows, self.block_rows)
+        flags = self.store.array("train", "outlier")
+        starts = np.arange(0, self.n_stored, self.block_rows)
         starts = starts[rng.permutation(len(starts))]
         carry = np.empty((0, self.d_model), dtype=STORAGE[self.store.dtype])
         for g in range(0, len(starts), self.buffer_blocks):
             group = sorted(starts[g: g + self.buffer_blocks])
-            buf = np.concatenate([carry] + [arr[s: s + self.block_rows] for s in group])
+            blocks = [arr[s: s + self.block_rows] for s in group]
+            if self.n_rows < self.n_stored:  # drop the flagged rows
+                blocks = [b[flags[s: s + self.block_rows] == 0] for b, s in zip(blocks, group)]
+            buf = np.concatenate([carry] + blocks)
             order = rng.permutation(len(buf))
             full = len(buf) - len(buf) % self.batch_size
             for i in range(0, full, self.batch_size):
@@ -123,7 +135,8 @@ class TrainActivations:
                     b = len(rows) // self.world_size
                     rows = rows[self.rank * b: (self.rank + 1) * b]
                 x = from_storage(rows, self.store.dtype)
-                np.multiply(x.numpy(), np.float32(self.scale), out=x.numpy())  # numpy: no torch threads
+                # numpy: no torch threads
+                np.multiply(x.numpy(), np.float32(self.scale), out=x.numpy())
                 yield x
                 if self.max_tokens is not None and served >= self.max_tokens:
                     return
@@ -144,33 +157,43 @@ class EvalActivations:
     """Ordered eval batches: an iterable of :class:`EvalBatch`.
 
     ``EvalActivations(store, scale, *, batch_size=1024, max_tokens=None, model=None, layer=None)``:
-    rows in store order (sequence by sequence, BOS excluded), at most ``max_tokens`` of them.
+    rows in store order (sequence by sequence, BOS and flagged attention-sink rows excluded), at
+    most ``max_tokens`` of them.
     """
 
     def __init__(self, store: str | Path | StoreInfo, scale: float | str | Path, *,
                  batch_size: int = 1024, max_tokens: int | None = None,
                  model: str | None = None, layer: int | None = None):
-        self.store = store if isinstance(store, StoreInfo) else open_store(store, model=model, layer=layer)
+        self.store = (store if isinstance(store, StoreInfo)
+                      else open_store(store, model=model, layer=layer))
         self.scale = resolve_scale(scale, self.store)
         self.batch_size = batch_size
-        n = self.store.n_rows("eval")
+        n = self.store.n_clean("eval")
         self.n_rows = n if max_tokens is None else min(n, max_tokens)
 
     def __len__(self) -> int:
+        """Batches of at most ``batch_size`` rows; a block of the store ends a batch early, so
+        this is an upper bound when the split holds flagged rows."""
         return -(-self.n_rows // self.batch_size)
 
     def __iter__(self) -> Iterator[EvalBatch]:
         block = max(self.batch_size, self.store.attrs["chunk_rows"] * 8)
         arrays = {c: self.store.array("eval", c) for c in ("activations", *COLUMNS)}
-        for start in range(0, self.n_rows, block):
-            stop = min(start + block, self.n_rows)
-            cols = {c: a[start:stop] for c, a in arrays.items()}
+        served, stored = 0, self.store.n_rows("eval")
+        for start in range(0, stored, block):
+            if served >= self.n_rows:
+                return
+            cols = {c: a[start:start + block] for c, a in arrays.items()}
+            keep = cols.pop("outlier") == 0
+            keep &= np.cumsum(keep) <= self.n_rows - served
+            cols = {c: v[keep] for c, v in cols.items()}
+            served += int(keep.sum())
             acts = from_storage(cols.pop("activations"), self.store.dtype).mul_(self.scale)
             ids = {c: torch.from_numpy(v.astype(np.int64)) for c, v in cols.items()}
-            for i in range(0, stop - start, self.batch_size):
+            for i in range(0, len(acts), self.batch_size):
                 s = slice(i, i + self.batch_size)
-                yield EvalBatch(acts[s], ids["token_ids"][s], ids["doc_ids"][s], ids["positions"][s],
-                                ids["sequence_ids"][s])
+                yield EvalBatch(acts[s], ids["token_ids"][s], ids["doc_ids"][s],
+                                ids["positions"][s], ids["sequence_ids"][s])
 
 
 _DONE = object()

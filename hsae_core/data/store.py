@@ -6,13 +6,15 @@ Layout (METHOD §7)::
                                   model, layer, hook, d_model, n_layers, dtype, storage_dtype,
                                   context_len, corpus, n_tokens {train, eval}, n_documents,
                                   bos_token_id, eos_token_id, bos_excluded, shuffled,
-                                  chunk_rows, shard_rows, extract_config (the full ExtractConfig)
+                                  chunk_rows, shard_rows, extract_config (the full ExtractConfig),
+                                  outliers {rule, norm_ratio, rows {train, eval}}
       train/activations           [N, d] float32 | float16 | uint16 (bfloat16 bits), raw, sharded;
                                   array attribute logical_dtype
       train/token_ids             [N] int32
       train/doc_ids               [N] int64   (document id in corpus order)
       train/positions             [N] int32   (position in the sequence; 0 is BOS, never stored)
       train/sequence_ids          [N] int64   (sequence index within the split)
+      train/outlier               [N] uint8   (1: an attention-sink row, skipped by readers)
       eval/...                    the same columns
       documents/split             [n_docs] uint8 (0 train, 1 eval)
       documents/label             [n_docs] int32 (index into attribute ``label_names``; -1 none)
@@ -44,8 +46,12 @@ from hsae_core.common import fsio
 from hsae_core.data.corpus import SPLITS
 
 FORMAT = "hsae-activations"
-FORMAT_VERSION = 1
-COLUMNS = {"token_ids": np.int32, "doc_ids": np.int64, "positions": np.int32, "sequence_ids": np.int64}
+#: 2: attention-sink rows flagged (``outlier`` column, ``outliers`` attribute); 1 had neither.
+FORMAT_VERSION = 2
+COLUMNS = {"token_ids": np.int32, "doc_ids": np.int64, "positions": np.int32,
+           "sequence_ids": np.int64, "outlier": np.uint8}
+#: How the ``outlier`` column is decided (recorded in the store's ``outliers`` attribute).
+OUTLIER_RULE = "||x||^2 > norm_ratio x the median ||x||^2 of the row's extraction batch"
 STORAGE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
 PROGRESS = "progress.json"
 
@@ -96,7 +102,9 @@ def location(path: str | Path) -> str | Path:
 
 def partial_path(path: str | Path) -> str | Path:
     path = location(path)
-    return f"{path.rstrip('/')}.partial" if fsio.is_url(path) else path.with_name(path.name + ".partial")
+    if fsio.is_url(path):
+        return f"{path.rstrip('/')}.partial"
+    return path.with_name(path.name + ".partial")
 
 
 def _rename(src: str | Path, dst: str | Path) -> None:
@@ -115,8 +123,8 @@ class StoreWriter:
     all rows before ``rows`` are on disk; ``commit(attrs)`` finalises and renames.
     """
 
-    def __init__(self, path: str | Path, layout: Layout, fingerprint: dict, overwrite: bool = False,
-                 attach: bool = False):
+    def __init__(self, path: str | Path, layout: Layout, fingerprint: dict,
+                 overwrite: bool = False, attach: bool = False):
         """``attach``: open the ``.partial`` group another process (rank 0 of a distributed
         extraction) created, to write shards into it; markers and commit stay with that process."""
         self.path, self.layout, self.partial = location(path), layout, partial_path(path)
@@ -133,8 +141,9 @@ class StoreWriter:
             if self.progress["fingerprint"] != fingerprint:
                 diff = sorted(k for k in fingerprint | self.progress["fingerprint"]
                               if fingerprint.get(k) != self.progress["fingerprint"].get(k))
-                raise StoreError(f"{self.partial} is an interrupted extraction with other settings "
-                                 f"({', '.join(diff)}): delete it or rerun with its settings to resume")
+                raise StoreError(f"{self.partial} is an interrupted extraction with other "
+                                 f"settings ({', '.join(diff)}): delete it or rerun with its "
+                                 "settings to resume")
             self.group = zarr.open_group(self.partial, mode="r+")
         else:
             if fsio.exists(self.partial):
@@ -153,12 +162,14 @@ class StoreWriter:
                                 shards=(lay.shard_rows, lay.d_model), compressors=None,
                                 fill_value=0, attributes={"logical_dtype": lay.dtype})
         for name, dtype in COLUMNS.items():
-            self.group.create_array(f"{split}/{name}", shape=(0,), dtype=dtype, chunks=(lay.chunk_rows,),
-                                    shards=(lay.shard_rows,), compressors=None, fill_value=0)
+            self.group.create_array(f"{split}/{name}", shape=(0,), dtype=dtype,
+                                    chunks=(lay.chunk_rows,), shards=(lay.shard_rows,),
+                                    compressors=None, fill_value=0)
 
     def _save_progress(self) -> None:
         if fsio.is_url(self.partial):
-            fsio.write_bytes(fsio.join(self.partial, PROGRESS), json.dumps(self.progress, sort_keys=True).encode())
+            fsio.write_bytes(fsio.join(self.partial, PROGRESS),
+                             json.dumps(self.progress, sort_keys=True).encode())
             return
         tmp = self.partial / (PROGRESS + ".tmp")
         tmp.write_text(json.dumps(self.progress, sort_keys=True))
@@ -203,7 +214,8 @@ class StoreWriter:
             self.progress["done"].append(split)
         self._save_progress()
 
-    def write_documents(self, splits: np.ndarray, labels: np.ndarray, label_names: list[str]) -> None:
+    def write_documents(self, splits: np.ndarray, labels: np.ndarray,
+                        label_names: list[str]) -> None:
         """The per-document table over document ids ``[0, n_docs)``, written before ``commit``."""
         self.group.create_array("documents/split", data=splits.astype(np.uint8), overwrite=True,
                                 compressors=None)
@@ -211,11 +223,17 @@ class StoreWriter:
                                 compressors=None, attributes={"label_names": label_names})
 
     def commit(self, attrs: dict) -> Path:
-        """Write the group attributes, drop the marker, and move the store into place."""
-        self.group.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION, **attrs})
+        """Write the group attributes (with the flagged rows counted per split under
+        ``outliers.rows``), drop the marker, and move the store into place."""
+        outliers = {"rule": OUTLIER_RULE, "norm_ratio": None, **attrs.pop("outliers", {})}
+        outliers["rows"] = {s: int(self.group[f"{s}/outlier"][:].sum(dtype=np.int64))
+                            for s in SPLITS}
+        self.group.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION, **attrs,
+                                 "outliers": outliers})
         fsio.remove(fsio.join(self.partial, PROGRESS))
         if fsio.exists(self.path):
-            old = f"{self.path}.old" if fsio.is_url(self.path) else self.path.with_name(self.path.name + ".old")
+            old = (f"{self.path}.old" if fsio.is_url(self.path)
+                   else self.path.with_name(self.path.name + ".old"))
             _rename(self.path, old)
             _rename(self.partial, self.path)
             fsio.remove(old)
@@ -241,19 +259,26 @@ class StoreInfo:
         return self.attrs["dtype"]
 
     def n_rows(self, split: str) -> int:
+        """Rows stored in ``split`` (attention-sink rows included)."""
         return self.attrs["n_tokens"][split]
+
+    def n_clean(self, split: str) -> int:
+        """Rows the readers serve: stored rows minus the flagged attention-sink rows."""
+        return self.n_rows(split) - self.attrs["outliers"]["rows"][split]
 
     def array(self, split: str, column: str = "activations") -> zarr.Array:
         return self.group[f"{split}/{column}"]
 
 
-def open_store(path: str | Path, *, model: str | None = None, layer: int | None = None) -> StoreInfo:
+def open_store(path: str | Path, *, model: str | None = None,
+               layer: int | None = None) -> StoreInfo:
     """Open a finished store; if ``model`` / ``layer`` are given, the store must match them."""
     path = location(path)
     if not fsio.exists(path):
         hint = " (an interrupted extraction is at .partial: rerun it to resume)" \
             if fsio.exists(partial_path(path)) else ""
-        raise StoreError(f"no activation store at {path}{hint}: run `python -m stages.extract_activations`")
+        raise StoreError(f"no activation store at {path}{hint}: run "
+                         "`python -m stages.extract_activations`")
     try:
         group = zarr.open_group(path, mode="r")
     except (FileNotFoundError, ValueError) as err:
@@ -261,12 +286,19 @@ def open_store(path: str | Path, *, model: str | None = None, layer: int | None 
     attrs = dict(group.attrs)
     if attrs.get("format") != FORMAT:
         raise StoreError(f"{path} is not an activation store (attribute format != {FORMAT!r})")
+    if attrs.get("format_version") != FORMAT_VERSION:
+        raise StoreError(
+            f"store {path} has format_version {attrs.get('format_version')!r}, this code reads "
+            f"{FORMAT_VERSION}: it was written before attention-sink rows were flagged "
+            "(extract.outlier_norm_ratio). Re-extract it: `dvc repro extract-activations` or "
+            "`python -m stages.extract_activations --overwrite`")
     for key, want in (("model", model), ("layer", layer)):
         if want is not None and attrs[key] != want:
-            raise StoreError(f"store {path} was written for {key} {attrs[key]!r}, but the config asks "
-                             f"for {key} {want!r}: re-run extraction or point to the right store")
+            raise StoreError(f"store {path} was written for {key} {attrs[key]!r}, but the config "
+                             f"asks for {key} {want!r}: re-run extraction or point to the right "
+                             "store")
     return StoreInfo(path, attrs, group)
 
 
-__all__ = ["COLUMNS", "FORMAT", "Layout", "StoreError", "StoreInfo", "StoreWriter", "from_storage",
-           "open_store", "partial_path", "to_storage"]
+__all__ = ["COLUMNS", "FORMAT", "OUTLIER_RULE", "Layout", "StoreError", "StoreInfo", "StoreWriter",
+           "from_storage", "open_store", "partial_path", "to_storage"]

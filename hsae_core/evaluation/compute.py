@@ -1,13 +1,18 @@
 """compute-metrics: evaluate the HSAE and the post-hoc baseline on the eval split and write one
 metrics JSON (read by ``dvc metrics show/diff``) plus a human table (§4.2, Appendix D).
 
-JSON layout, per model name (``hsae``, ``posthoc``)::
+JSON layout, per model name (``hsae``, ``posthoc``); every metric ``m`` that is not a count
+carries its 95% document-bootstrap interval as ``m_lo`` / ``m_hi``::
 
     <model>.level<l>.{l0, fve, fve_pooled, dead_frac, lm_loss, lm_loss_recovered}
-    <model>.pair<l>.{hamming, p_parent_given_child, p_child_given_parent, pc_skipped, cp_skipped,
-                     parents_with_children, children_assigned, assigned_frac, children_mean, ...}
-    <model>.mean.{l0, fve, hamming, p_parent_given_child, p_child_given_parent}
-    lm.{loss_clean, loss_zero, tokens}; eval_tokens
+    <model>.pair<l>.{hamming, hamming_per_parent, p_parent_given_child, p_child_given_parent,
+                     p_parent_given_child_pooled, p_child_given_parent_pooled,
+                     p_parent_given_child_min<k>, p_child_given_parent_min<k>, links_min<k>,
+                     pc_skipped, cp_skipped, parents_with_children, children_assigned, ...}
+    <model>.mean.{the same, averaged over level pairs; l0, fve, dead_frac over levels}
+    diff.<metric>: hsae minus posthoc of each mean, with a paired interval (both models are
+                   resampled with the same documents)
+    lm.{loss_clean, loss_zero, tokens}; eval_tokens; eval_documents
 """
 
 from __future__ import annotations
@@ -20,8 +25,21 @@ import torch
 from hsae_core.common.errors import check_field, is_int
 from hsae_core.data.reader import EvalActivations
 from hsae_core.data.store import StoreInfo
-from hsae_core.evaluation.evaluate import evaluate_hsae
-from hsae_core.evaluation.splice import SplicedLoss, batched_by_length, eval_sequences, load_full_lm, recovered
+from hsae_core.evaluation.bootstrap import interval
+from hsae_core.evaluation.evaluate import (
+    Bootstrap,
+    count_model,
+    replicate_metrics,
+    summarize,
+)
+from hsae_core.evaluation.metrics import branching_stats
+from hsae_core.evaluation.splice import (
+    SplicedLoss,
+    batched_by_length,
+    eval_sequences,
+    load_full_lm,
+    recovered,
+)
 from hsae_core.model.hsae import HSAE
 
 
@@ -36,34 +54,59 @@ class MetricsConfig:
     with each level's reconstruction spliced in; 0 skips the spliced loss."""
     lm_batch_sequences: int = 8
     """Sequences per forward pass of the language model."""
+    bootstrap: int = 1000
+    """Document-bootstrap replicates behind every interval (0: point estimates only)."""
+    min_fires: int = 20
+    """k of the restricted macro averages: links whose parent and child each fire at least k
+    times on the eval tokens (``p_*_min<k>``)."""
+    seed: int = 0
+    """Seed of the bootstrap's document resamples (shared by both models: paired)."""
     device: str = "cpu"
     """Torch device of the evaluation (SAEs and language model)."""
 
     def __post_init__(self) -> None:
-        check_field(self, "eval_tokens", self.eval_tokens is None or (is_int(self.eval_tokens) and self.eval_tokens >= 1),
-               "None or an integer >= 1")
-        check_field(self, "batch_size", is_int(self.batch_size) and self.batch_size >= 2, "an integer >= 2")
-        check_field(self, "lm_loss_tokens", is_int(self.lm_loss_tokens) and self.lm_loss_tokens >= 0,
-               "an integer >= 0 (0 = skip the spliced loss)")
-        check_field(self, "lm_batch_sequences", is_int(self.lm_batch_sequences) and self.lm_batch_sequences >= 1,
-               "an integer >= 1")
-        check_field(self, "device", isinstance(self.device, str) and self.device.split(":")[0] in ("cpu", "cuda", "mps"),
-               "cpu, cuda, cuda:N or mps")
+        check_field(self, "eval_tokens", self.eval_tokens is None
+                    or (is_int(self.eval_tokens) and self.eval_tokens >= 1),
+                    "None or an integer >= 1")
+        check_field(self, "batch_size", is_int(self.batch_size) and self.batch_size >= 2,
+                    "an integer >= 2")
+        check_field(self, "lm_loss_tokens",
+                    is_int(self.lm_loss_tokens) and self.lm_loss_tokens >= 0,
+                    "an integer >= 0 (0 = skip the spliced loss)")
+        check_field(self, "lm_batch_sequences",
+                    is_int(self.lm_batch_sequences) and self.lm_batch_sequences >= 1,
+                    "an integer >= 1")
+        check_field(self, "bootstrap", is_int(self.bootstrap) and self.bootstrap >= 0,
+                    "an integer >= 0 (0 = no intervals)")
+        check_field(self, "min_fires", is_int(self.min_fires) and self.min_fires >= 1,
+                    "an integer >= 1")
+        check_field(self, "seed", is_int(self.seed) and self.seed >= 0, "an integer >= 0")
+        check_field(self, "device", isinstance(self.device, str)
+                    and self.device.split(":")[0] in ("cpu", "cuda", "mps"),
+                    "cpu, cuda, cuda:N or mps")
+
+    @property
+    def boot(self) -> Bootstrap:
+        return Bootstrap(self.bootstrap, self.seed, self.min_fires)
 
 
 def eval_batches(store: StoreInfo, scale: float, cfg: MetricsConfig):
-    """Normalised eval activations in batches of ``cfg.batch_size`` (a last batch of one row,
-    which has no variance to explain, is dropped)."""
-    for batch in EvalActivations(store, scale, batch_size=cfg.batch_size, max_tokens=cfg.eval_tokens):
+    """Normalised eval batches (:class:`~hsae_core.data.reader.EvalBatch`: activations and
+    document ids) of ``cfg.batch_size`` rows (a batch of one row, which has no variance to
+    explain, is dropped)."""
+    for batch in EvalActivations(store, scale, batch_size=cfg.batch_size,
+                                 max_tokens=cfg.eval_tokens):
         if batch.activations.shape[0] >= 2:
-            yield batch.activations
+            yield batch
 
 
-def lm_metrics(models: dict[str, HSAE], store: StoreInfo, scale: float, cfg: MetricsConfig) -> dict:
+def lm_metrics(models: dict[str, HSAE], store: StoreInfo, scale: float,
+               cfg: MetricsConfig) -> dict:
     """Clean, zero-ablated and per-level spliced next-token losses over ``cfg.lm_loss_tokens``."""
     attrs = store.attrs
     lm = load_full_lm(attrs["model"], attrs.get("extract_config", {}).get("gguf_file"), cfg.device)
-    spliced = SplicedLoss(lm, int(attrs["layer"]), int(attrs["bos_token_id"]))
+    spliced = SplicedLoss(lm, int(attrs["layer"]), int(attrs["bos_token_id"]),
+                          attrs["outliers"]["norm_ratio"])
 
     def through(model: HSAE, level: int):
         def replace(h: torch.Tensor) -> torch.Tensor:
@@ -75,10 +118,12 @@ def lm_metrics(models: dict[str, HSAE], store: StoreInfo, scale: float, cfg: Met
     for name, model in models.items():
         for l in range(model.n_levels):
             conditions[f"{name}/level{l}"] = through(model, l)
-    for ids in batched_by_length(eval_sequences(store, cfg.lm_loss_tokens), cfg.lm_batch_sequences):
+    sequences = eval_sequences(store, cfg.lm_loss_tokens)
+    for ids in batched_by_length(sequences, cfg.lm_batch_sequences):
         spliced.add(ids, conditions)
     losses = spliced.losses()
-    out = {"lm": {"loss_clean": losses["clean"], "loss_zero": losses["zero"], "tokens": spliced.count}}
+    out = {"lm": {"loss_clean": losses["clean"], "loss_zero": losses["zero"],
+                  "tokens": spliced.count}}
     for name, model in models.items():
         out[name] = {f"level{l}": {"lm_loss": losses[f"{name}/level{l}"],
                                    "lm_loss_recovered": recovered(losses["clean"], losses["zero"],
@@ -87,15 +132,36 @@ def lm_metrics(models: dict[str, HSAE], store: StoreInfo, scale: float, cfg: Met
     return out
 
 
-def compute_metrics(models: dict[str, HSAE], store: StoreInfo, scale: float, cfg: MetricsConfig) -> dict:
-    """Every metric of every model, streamed over the eval split (one batch in memory)."""
+def compute_metrics(models: dict[str, HSAE], store: StoreInfo, scale: float,
+                    cfg: MetricsConfig, training: dict[str, dict | None] | None = None) -> dict:
+    """Every metric of every model, streamed over the eval split (one batch in memory), and the
+    paired difference hsae - posthoc of each mean metric. ``training[name]``: where that
+    model's training ended (``Trainer.summary``), whose train-stream dead fractions are
+    reported beside the eval split's (``dead_frac_train``)."""
     out: dict = {}
+    reps = {}
     for name, model in models.items():
-        out[name] = evaluate_hsae(model.to(cfg.device), eval_batches(store, scale, cfg))
-    out["eval_tokens"] = out[next(iter(models))].pop("tokens")
-    for res in out.values():
-        if isinstance(res, dict):
-            res.pop("tokens", None)
+        counts = count_model(model.to(cfg.device), eval_batches(store, scale, cfg))
+        reps[name] = replicate_metrics(counts, cfg.boot)
+        out[name] = summarize(reps[name], cfg.bootstrap > 0)
+        for l, branch in enumerate(branching_stats(counts.forest)):
+            out[name][f"pair{l}"].update(branch)
+        ended = (training or {}).get(name)
+        if ended:
+            for l, dead in enumerate(ended["dead_frac_train"]):
+                out[name][f"level{l}"]["dead_frac_train"] = dead
+            out[name]["mean"]["dead_frac_train"] = sum(ended["dead_frac_train"]) / model.n_levels
+        out["eval_tokens"] = counts.tokens
+        out["eval_documents"] = int(counts.documents().numel())
+    if {"hsae", "posthoc"} <= set(reps):
+        out["diff"] = {}
+        for key, value in reps["hsae"].items():
+            if key.startswith("mean/"):
+                point, lo, hi = interval(value - reps["posthoc"][key])
+                name = key.split("/")[1]
+                out["diff"][name] = point
+                if cfg.bootstrap:
+                    out["diff"][f"{name}_lo"], out["diff"][f"{name}_hi"] = lo, hi
     if cfg.lm_loss_tokens:
         lm = lm_metrics(models, store, scale, cfg)
         out["lm"] = lm.pop("lm")
@@ -105,30 +171,69 @@ def compute_metrics(models: dict[str, HSAE], store: StoreInfo, scale: float, cfg
     return out
 
 
+#: Rows of the table: (label, key) per level, per pair and for the means.
+LEVEL_ROWS = ("l0", "fve", "dead_frac", "dead_frac_train", "lm_loss", "lm_loss_recovered")
+PAIR_ROWS = ("hamming", "hamming_per_parent", "p_parent_given_child", "p_child_given_parent",
+             "p_parent_given_child_pooled", "p_child_given_parent_pooled",
+             "parents_with_children", "children_assigned", "children_mean", "children_max")
+
+
 def format_table(metrics: dict, models: tuple[str, ...] = ("hsae", "posthoc")) -> str:
-    """A markdown table: per level L0 / FVE / dead / spliced loss, per pair the hierarchy metrics."""
+    """A markdown table: per level L0 / FVE / dead / spliced loss, per pair and on average the
+    hierarchy metrics (the paper's forms and the robust ones), each with its 95% interval; and
+    the paired difference hsae - posthoc."""
     names = [m for m in models if m in metrics]
     n_levels = sum(1 for k in metrics[names[0]] if k.startswith("level"))
-    rows = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    head = names + (["hsae - posthoc"] if "diff" in metrics else [])
+    rows = ["| metric | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
 
-    def row(label: str, get) -> None:
-        rows.append(f"| {label} | " + " | ".join(_fmt(get(metrics[m])) for m in names) + " |")
+    def row(label: str, group: str, key: str) -> None:
+        cells = [_cell(metrics[m].get(group, {}), key) for m in names]
+        if "diff" in metrics:
+            cells.append(_cell(metrics["diff"], key) if group == "mean" else "")
+        rows.append(f"| {label} | " + " | ".join(cells) + " |")
 
     for l in range(n_levels):
-        for key in ("l0", "fve", "dead_frac", "lm_loss", "lm_loss_recovered"):
+        for key in LEVEL_ROWS:
             if key in metrics[names[0]][f"level{l}"]:
-                row(f"level {l} {key}", lambda m, l=l, key=key: m[f"level{l}"][key])
+                row(f"level {l} {key}", f"level{l}", key)
+    restricted = [k for k in metrics[names[0]].get("mean", {})
+                  if k.startswith("p_") and "_min" in k and not k.endswith(("_lo", "_hi"))]
     for l in range(n_levels - 1):
-        for key in ("hamming", "p_parent_given_child", "p_child_given_parent", "parents_with_children",
-                    "children_assigned", "children_mean", "children_max"):
-            row(f"pair {l}-{l + 1} {key}", lambda m, l=l, key=key: m[f"pair{l}"][key])
-    for key in ("hamming", "p_parent_given_child", "p_child_given_parent", "fve"):
-        row(f"mean {key}", lambda m, key=key: m["mean"][key])
+        for key in (*PAIR_ROWS, *restricted):
+            row(f"pair {l}-{l + 1} {key}", f"pair{l}", key)
+    for key in ("hamming", "hamming_per_parent", "p_parent_given_child", "p_child_given_parent",
+                "p_parent_given_child_pooled", "p_child_given_parent_pooled", *restricted,
+                "fve", "l0", "dead_frac", "dead_frac_train"):
+        if key in metrics[names[0]].get("mean", {}):
+            row(f"mean {key}", "mean", key)
     if "lm" in metrics:
         rows.append(f"\nclean next-token loss {metrics['lm']['loss_clean']:.4f}, zero-ablated "
-                    f"{metrics['lm']['loss_zero']:.4f}, over {metrics['lm']['tokens']} predictions; "
-                    f"{metrics['eval_tokens']} eval tokens")
+                    f"{metrics['lm']['loss_zero']:.4f}, over {metrics['lm']['tokens']} "
+                    f"predictions; {metrics['eval_tokens']} eval tokens in "
+                    f"{metrics.get('eval_documents', '?')} documents; [95% document-bootstrap "
+                    "intervals]; \u2020 an interval that misses its point estimate (a biased "
+                    "bootstrap: read the pooled and min-k forms)")
     return "\n".join(rows)
+
+
+def _cell(group: dict, key: str) -> str:
+    """``value [lo, hi]``; a dagger marks an interval that misses its own point estimate: the
+    bootstrap is biased there (the plain macro averages, whose set of links changes between
+    resamples as rarely firing children drop in and out)."""
+    if key not in group:
+        return ""
+    text = _fmt(group[key])
+    lo, hi = group.get(f"{key}_lo"), group.get(f"{key}_hi")
+    if f"{key}_lo" in group:
+        text += f" [{_fmt(lo)}, {_fmt(hi)}]"
+        if _finite(lo, hi, group[key]) and not lo <= group[key] <= hi:
+            text += " \u2020"
+    return text
+
+
+def _finite(*values) -> bool:
+    return all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
 
 
 def json_safe(obj):

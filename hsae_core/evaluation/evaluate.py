@@ -1,55 +1,43 @@
 """Streaming evaluation of a trained HSAE (or post-hoc baseline) on the eval split (§4.2,
 Appendix D, METHOD §4): per level L0, FVE and dead fraction; per level pair the hierarchy
-metrics of :class:`~hsae_core.evaluation.metrics.HierarchyStats` and the forest's branching statistics.
+metrics of :mod:`hsae_core.evaluation.metrics` and the forest's branching statistics; every
+metric with a 95% document-bootstrap interval (:mod:`hsae_core.evaluation.bootstrap`).
 
-Batches are encoded one at a time and only sums are kept, so memory is one batch whatever the
-split's size. FVE is SAEBench's ``explained_variance_legacy`` (METHOD §4): the mean over tokens
-of ``1 - ||x - x_hat||^2 / ||x - mean_batch(x)||^2``; ``fve_pooled`` is ``1 - SSE / SST`` over
-the batch sums, the quantity the trainer logs.
+Batches are encoded one at a time and only per-document sums are kept, so memory is one batch
+plus the sums whatever the split's size.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from hsae_core.evaluation.metrics import HierarchyStats, branching_stats
+from hsae_core.evaluation.bootstrap import doc_weights, interval
+from hsae_core.evaluation.metrics import (
+    EvalCounts,
+    branching_stats,
+    level_metrics,
+    pair_metrics,
+)
 from hsae_core.model.hsae import HSAE
 
+#: Headline metrics averaged over level pairs (hierarchy) or levels (L0, FVE, dead).
+PAIR_MEANS = ("hamming", "hamming_per_parent", "p_parent_given_child", "p_child_given_parent",
+              "p_parent_given_child_pooled", "p_child_given_parent_pooled")
+LEVEL_MEANS = ("l0", "fve", "dead_frac")
 
-@dataclass
-class LevelSums:
-    """Running sums of one level over eval tokens."""
 
-    n_features: int
-    tokens: int = 0
-    active: float = 0.0
-    fve_token_sum: float = 0.0
-    sse: float = 0.0
-    sst: float = 0.0
-    fired: torch.Tensor = field(default=None)  # type: ignore[assignment]
+@dataclass(frozen=True)
+class Bootstrap:
+    """Document-bootstrap settings: ``n_boot`` replicates (0: point estimates only), ``seed``
+    (the same seed resamples the same documents for every model, so differences are paired),
+    and the firing count ``min_fires`` of the restricted macro averages."""
 
-    def __post_init__(self) -> None:
-        if self.fired is None:
-            self.fired = torch.zeros(self.n_features, dtype=torch.int64)
-
-    def update(self, x: torch.Tensor, recon: torch.Tensor, active: torch.Tensor) -> None:
-        err = (x - recon).double().pow(2).sum(1)
-        centred = (x - x.mean(0)).double().pow(2).sum(1)
-        self.tokens += x.shape[0]
-        self.active += float(active.sum())
-        self.fve_token_sum += float((1 - err / centred.clamp_min(1e-12)).sum())
-        self.sse += float(err.sum())
-        self.sst += float(centred.sum())
-        self.fired += active.sum(0).cpu()
-
-    def summary(self) -> dict[str, float]:
-        n = max(1, self.tokens)
-        return {"l0": self.active / n, "fve": self.fve_token_sum / n,
-                "fve_pooled": 1 - self.sse / self.sst if self.sst else float("nan"),
-                "dead_frac": float((self.fired == 0).double().mean())}
+    n_boot: int = 1000
+    seed: int = 0
+    min_fires: int = 20
 
 
 @torch.no_grad()
@@ -67,44 +55,80 @@ def active_mask(model: HSAE, x: torch.Tensor) -> tuple[list[torch.Tensor], list[
 
 
 @torch.no_grad()
-def evaluate_hsae(model: HSAE, batches: Iterable[torch.Tensor]) -> dict:
-    """Level and level-pair metrics of ``model`` over ``batches`` of ``[b, d]`` normalised
-    activations (``b >= 2``: FVE centres on the batch mean).
-
-    Returns ``{"level<l>": {l0, fve, fve_pooled, dead_frac}, "pair<l>": {hamming,
-    p_parent_given_child, p_child_given_parent, pc_skipped, cp_skipped, <branching>},
-    "mean": {...}, "tokens": n}`` (pairs only for two or more levels).
-    """
+def count_model(model: HSAE, batches: Iterable) -> EvalCounts:
+    """Stream ``batches`` through every level. A batch is an
+    :class:`~hsae_core.data.reader.EvalBatch` (activations and document ids) or a plain
+    ``[b, d]`` tensor (then every token is its own resampling unit); ``b >= 2``: FVE centres on
+    the batch mean."""
     device = model.levels[0].W_dec.device
-    levels = [LevelSums(lv.n_features) for lv in model.levels]
-    hier = HierarchyStats(model.forest.to("cpu"))
-    for x in batches:
+    counts = EvalCounts(model.forest)
+    for batch in batches:
+        if isinstance(batch, torch.Tensor):
+            x = batch
+            docs = torch.arange(counts.tokens, counts.tokens + x.shape[0])
+        else:
+            x, docs = batch.activations, batch.doc_ids
         x = x.to(device).float()
         recons, actives = active_mask(model, x)
-        for sums, recon, act in zip(levels, recons, actives):
-            sums.update(x, recon, act)
-        hier.update(actives)
-    out: dict = {f"level{l}": s.summary() for l, s in enumerate(levels)}
-    pcs, cps = hier.p_parent_given_child(), hier.p_child_given_parent()
-    for l, (ham, (pc, pc_skip), (cp, cp_skip), branch) in enumerate(
-            zip(hier.hamming(), pcs, cps, branching_stats(hier.forest))):
-        out[f"pair{l}"] = {"hamming": ham, "p_parent_given_child": pc, "p_child_given_parent": cp,
-                           "pc_skipped": pc_skip, "cp_skipped": cp_skip, **branch}
-    out["mean"] = _means(out, model.n_levels)
-    out["tokens"] = levels[0].tokens
+        counts.update(docs, x, recons, actives)
+    return counts
+
+
+def replicate_metrics(counts: EvalCounts, boot: Bootstrap) -> dict[str, torch.Tensor]:
+    """Every metric as a ``[1 + n_boot]`` tensor (replicate 0: the point estimate), keyed
+    ``level<l>/<name>``, ``pair<l>/<name>`` and ``mean/<name>``."""
+    docs = counts.documents()
+    totals = counts.totals(doc_weights(len(docs), boot.n_boot, boot.seed))
+    out: dict[str, torch.Tensor] = {}
+    L = counts.n_levels
+    for l in range(L):
+        out.update({f"level{l}/{k}": v for k, v in level_metrics(totals, l).items()})
+    for l in range(L - 1):
+        out.update({f"pair{l}/{k}": v for k, v in pair_metrics(totals, l, boot.min_fires).items()})
+    for key in LEVEL_MEANS:
+        out[f"mean/{key}"] = torch.stack([out[f"level{l}/{key}"] for l in range(L)]).mean(0)
+    restricted = (f"p_parent_given_child_min{boot.min_fires}",
+                  f"p_child_given_parent_min{boot.min_fires}")
+    for key in (*PAIR_MEANS, *restricted) if L > 1 else ():
+        out[f"mean/{key}"] = torch.stack([out[f"pair{l}/{key}"] for l in range(L - 1)]).mean(0)
     return out
 
 
-def _means(out: dict, n_levels: int) -> dict[str, float]:
-    """Means over levels (L0, FVE) and over level pairs (the hierarchy metrics, §4.2)."""
-    def mean(prefix: str, key: str, n: int) -> float:
-        vals = [out[f"{prefix}{i}"][key] for i in range(n)]
-        return sum(vals) / len(vals) if vals else float("nan")
-
-    res = {"l0": mean("level", "l0", n_levels), "fve": mean("level", "fve", n_levels)}
-    for key in ("hamming", "p_parent_given_child", "p_child_given_parent"):
-        res[key] = mean("pair", key, n_levels - 1)
-    return res
+#: Metrics that are counts or fractions of the forest's own structure: no interval.
+NO_INTERVAL = ("pc_skipped", "cp_skipped", "links_min", "dead_frac")
 
 
-__all__ = ["LevelSums", "active_mask", "evaluate_hsae"]
+def summarize(reps: dict[str, torch.Tensor], with_intervals: bool) -> dict:
+    """Nested ``{"level0": {"l0": v, "l0_lo": lo, "l0_hi": hi, ...}, ...}`` from replicate
+    metrics (``_lo``/``_hi``: the 95% percentile interval)."""
+    out: dict = {}
+    for key, values in reps.items():
+        group, name = key.split("/")
+        point, lo, hi = interval(values)
+        dest = out.setdefault(group, {})
+        dest[name] = int(point) if name.startswith(("pc_", "cp_", "links_")) else point
+        if with_intervals and not name.startswith(NO_INTERVAL):
+            dest[f"{name}_lo"], dest[f"{name}_hi"] = lo, hi
+    return out
+
+
+@torch.no_grad()
+def evaluate_hsae(model: HSAE, batches: Iterable, boot: Bootstrap = Bootstrap()) -> dict:
+    """Level and level-pair metrics of ``model`` over ``batches`` (see :func:`count_model`).
+
+    Returns ``{"level<l>": {l0, fve, fve_pooled, dead_frac, ...}, "pair<l>": {hamming,
+    hamming_per_parent, p_parent_given_child, ..., <branching>}, "mean": {...}, "tokens": n,
+    "documents": m}``, each metric with ``_lo`` / ``_hi`` bounds when ``boot.n_boot > 0``
+    (pairs only for two or more levels).
+    """
+    counts = count_model(model, batches)
+    out = summarize(replicate_metrics(counts, boot), boot.n_boot > 0)
+    for l, branch in enumerate(branching_stats(counts.forest)):
+        out[f"pair{l}"].update(branch)
+    out["tokens"] = counts.tokens
+    out["documents"] = int(counts.documents().numel())
+    return out
+
+
+__all__ = ["Bootstrap", "active_mask", "count_model", "evaluate_hsae", "replicate_metrics",
+           "summarize"]

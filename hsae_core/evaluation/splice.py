@@ -5,7 +5,9 @@ The eval split stores, per token, its id, its sequence and its position (BOS pos
 stored), in sequence order, so the model inputs are rebuilt exactly from the store without the
 corpus. A forward hook on block ``layer`` replaces the residual stream at every stored position
 by ``decode(encode(scale * h)) / scale`` (the SAEs work on normalised activations, Appendix
-A.1); BOS positions are left as they are, as in training. Reported per condition: the mean
+A.1); BOS positions are left as they are, as in training, and so are attention-sink positions
+(``outlier_norm_ratio``: the extraction's rule, METHOD §1, applied to the batch's stored
+positions), which the SAEs never saw. Reported per condition: the mean
 cross-entropy of the next token over predictions made from stored positions; and
 ``recovered = (loss_zero - loss_spliced) / (loss_zero - loss_clean)`` where ``loss_zero``
 splices zeros instead.
@@ -71,10 +73,11 @@ def load_full_lm(model: str, gguf_file: str | None = None, device: str = "cpu"):
 class SplicedLoss:
     """Accumulates next-token loss sums per condition over batches of equal-length sequences."""
 
-    def __init__(self, lm, layer: int, bos_token_id: int):
+    def __init__(self, lm, layer: int, bos_token_id: int, outlier_norm_ratio: float | None = None):
         config = lm.config.get_text_config()
         blocks, _ = _decoder_blocks(lm.base_model, config.num_hidden_layers)
         self.lm, self.block, self.bos = lm, blocks[layer], bos_token_id
+        self.outlier_norm_ratio = outlier_norm_ratio
         self.sums: dict[str, float] = {}
         self.count = 0
 
@@ -88,7 +91,7 @@ class SplicedLoss:
         targets = input_ids[:, 1:][src]
         for name, replace in conditions.items():
             handle = None if replace is None else self.block.register_forward_hook(
-                _splice_hook(stored, replace))
+                _splice_hook(stored, replace, self.outlier_norm_ratio))
             try:
                 logits = self.lm(input_ids=input_ids, use_cache=False).logits[:, :-1][src]
             finally:
@@ -102,11 +105,15 @@ class SplicedLoss:
         return {k: v / max(1, self.count) for k, v in self.sums.items()}
 
 
-def _splice_hook(stored: torch.Tensor, replace: Replace):
+def _splice_hook(stored: torch.Tensor, replace: Replace, outlier_norm_ratio: float | None):
     def hook(module, args, output):
         hidden = output[0] if isinstance(output, tuple) else output
         hidden = hidden.clone()
-        hidden[stored] = replace(hidden[stored]).to(hidden.dtype)
+        where = stored
+        if outlier_norm_ratio is not None:  # attention sinks keep their residual
+            sq = hidden.double().pow(2).sum(-1)
+            where = stored & (sq <= outlier_norm_ratio * sq[stored].median())
+        hidden[where] = replace(hidden[where]).to(hidden.dtype)
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
     return hook
 

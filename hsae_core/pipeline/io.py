@@ -16,11 +16,13 @@ from hsae_core.model.forest import Forest
 from hsae_core.model.hsae import HSAE
 
 WEIGHTS, CONFIG, FOREST = "model.safetensors", "config.json", "forest.json"
+#: Where a training run ended (Trainer.summary): optional, written by the training stages.
+TRAINING = "training.json"
 
 
-def save_hsae(model: HSAE, folder: str | Path) -> str | Path:
+def save_hsae(model: HSAE, folder: str | Path, training: dict | None = None) -> str | Path:
     """Write the model to ``folder`` (created; a path or URL); tensors are saved contiguous on the
-    CPU."""
+    CPU. ``training``: where its training run ended (``training.json``)."""
     folder = fsio.as_location(folder)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     fsio.write_bytes(fsio.join(folder, WEIGHTS),
@@ -28,7 +30,16 @@ def save_hsae(model: HSAE, folder: str | Path) -> str | Path:
                                 metadata={"format": "hsae", "levels": str(model.n_levels)}))
     fsio.write_bytes(fsio.join(folder, CONFIG), json.dumps(model.cfg.to_dict(), indent=2).encode())
     save_forest(model.forest, fsio.join(folder, FOREST))
+    if training is not None:
+        fsio.write_bytes(fsio.join(folder, TRAINING),
+                         json.dumps(training, indent=2, sort_keys=True).encode())
     return folder
+
+
+def load_training(folder: str | Path) -> dict | None:
+    """The ``training.json`` of a saved model folder, or None when it has none."""
+    path = fsio.join(fsio.as_location(folder), TRAINING)
+    return fsio.read_json(path) if fsio.exists(path) else None
 
 
 def save_forest(forest: Forest, path: str | Path) -> None:

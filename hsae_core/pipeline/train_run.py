@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,17 +94,18 @@ class TrainingCurves:
 def train_on_store(cfg: HSAEConfig, store: str | Path | StoreInfo, scale: float | str | Path, *,
                    checkpoint: str | Path, curves: str | Path,
                    run: TrainRunConfig = TrainRunConfig(), name: str = "hsae",
-                   dist: DistContext = SINGLE) -> HSAE:
+                   dist: DistContext = SINGLE,
+                   on_finish: Callable[[Trainer], None] | None = None) -> HSAE:
     """Train ``cfg.total_steps`` steps of ``cfg.batch_size`` shuffled train rows (epochs repeat as
     needed), resuming from ``checkpoint`` when it holds a run of the same config. Under
     ``dist`` each rank reads its slice of every global batch; rank 0 writes curves and
-    checkpoints."""
+    checkpoints. ``on_finish(trainer)`` sees the finished trainer (e.g. its ``summary()``)."""
     info = store if isinstance(store, StoreInfo) else open_store(store)
     if info.d_model != cfg.d_model:
         raise ValueError(f"store {info.path} holds d = {info.d_model}, the config asks for "
                          f"d_model = {cfg.d_model}")
-    if info.n_rows("train") < cfg.batch_size:
-        raise ValueError(f"store {info.path} has {info.n_rows('train')} train rows, fewer than "
+    if info.n_clean("train") < cfg.batch_size:
+        raise ValueError(f"store {info.path} has {info.n_clean('train')} train rows, fewer than "
                          f"one batch (sae.batch_size = {cfg.batch_size}): lower it or extract "
                          "more tokens")
     checkpoint = fsio.as_location(checkpoint)
@@ -131,7 +133,10 @@ def train_on_store(cfg: HSAEConfig, store: str | Path | StoreInfo, scale: float 
                       compile=run.compile)
     if start:
         ckpt.load_into(trainer)
-    return trainer.fit(reader)
+    model = trainer.fit(reader)
+    if on_finish is not None:
+        on_finish(trainer)
+    return model
 
 
 __all__ = ["CURVE_COLUMNS", "TrainingCurves", "train_on_store", "usable_checkpoint"]

@@ -76,31 +76,45 @@ def judge_rates(pairs: Sequence[dict] | None) -> dict[str, dict]:
 def fig3_hierarchy(out: Path, metrics: dict | None, judge_pairs: Sequence[dict] | None,
                    judge_note: str | None = None) -> list[Path]:
     """Figure 3: (a) Hamming, (b) P(p|c), (c) P(c|p) per level pair and their mean, HSAE vs the
-    post-hoc baseline (metrics/metrics.json), (d) the judge's Yes rate per source."""
-    title = "Figure 3: hierarchy consistency, HSAE vs post-hoc baseline"
+    post-hoc baseline (metrics/metrics.json), with 95% document-bootstrap intervals as error
+    bars; below them the robust forms (Hamming per parent with children, P(p|c) and P(c|p)
+    pooled over tokens); (d) the judge's Yes rate per source."""
+    title = "Figure 3: hierarchy consistency, HSAE vs post-hoc baseline (95% intervals)"
     if not metrics or "hsae" not in metrics or "posthoc" not in metrics:
         return missing_figure(out, "fig3_hierarchy", title,
                               "metrics/metrics.json is missing: run `dvc repro compute-metrics`")
     plt = _plt()
-    fig, axes = plt.subplots(1, 4, figsize=(15, 3.6))
+    fig, grid = plt.subplots(2, 4, figsize=(15, 6.8))
     pairs = sorted(int(k[4:]) for k in metrics["hsae"] if k.startswith("pair"))
     labels = [f"{p}\u2192{p + 1}" for p in pairs] + ["mean"]
     x = np.arange(len(labels))
-    for ax, (key, name) in zip(axes, (("hamming", "(a) Hamming distance \u2193"),
-                                      ("p_parent_given_child", "(b) P(parent | child) \u2191"),
-                                      ("p_child_given_parent", "(c) P(child | parent) \u2191"))):
+    panels = ((grid[0, 0], "hamming", "(a) Hamming distance \u2193"),
+              (grid[0, 1], "p_parent_given_child", "(b) P(parent | child) \u2191"),
+              (grid[0, 2], "p_child_given_parent", "(c) P(child | parent) \u2191"),
+              (grid[1, 0], "hamming_per_parent", "Hamming per parent with children \u2193"),
+              (grid[1, 1], "p_parent_given_child_pooled", "P(parent | child), pooled \u2191"),
+              (grid[1, 2], "p_child_given_parent_pooled", "P(child | parent), pooled \u2191"))
+    for ax, key, name in panels:
         for k, (model, color, label) in enumerate((("hsae", HSAE_C, "HSAE"),
                                                     ("posthoc", BASE_C, "post-hoc baseline"))):
-            vals = ([metrics[model].get(f"pair{p}", {}).get(key) for p in pairs]
-                    + [metrics[model].get("mean", {}).get(key)])
-            vals = [v if _ok(v) else np.nan for v in vals]
-            bars = ax.bar(x + (k - 0.5) * 0.38, vals, 0.38, color=color, label=label)
-            ax.bar_label(bars, fmt="%.3g", fontsize=7)
+            groups = [metrics[model].get(f"pair{p}", {}) for p in pairs]
+            groups.append(metrics[model].get("mean", {}))
+            vals = np.array([g.get(key) if _ok(g.get(key)) else np.nan for g in groups])
+            lo = np.array([g.get(f"{key}_lo") if _ok(g.get(f"{key}_lo")) else np.nan
+                           for g in groups])
+            hi = np.array([g.get(f"{key}_hi") if _ok(g.get(f"{key}_hi")) else np.nan
+                           for g in groups])
+            err = np.nan_to_num(np.vstack([vals - lo, hi - vals]), nan=0.0).clip(min=0)
+            bars = ax.bar(x + (k - 0.5) * 0.38, vals, 0.38, color=color, label=label,
+                          yerr=err, capsize=2, error_kw={"elinewidth": 0.8})
+            ax.bar_label(bars, fmt="%.3g", fontsize=7, padding=2)
         ax.set_xticks(x, labels)
         ax.set_xlabel("level pair")
         ax.set_title(name, fontsize=10)
         ax.set_ylim(0, ax.get_ylim()[1] * 1.25)  # room for the legend above the bars
         ax.legend(fontsize=7, loc="upper left", ncol=2)
+    grid[1, 3].axis("off")
+    axes = grid[0]
     ax = axes[3]
     ax.set_title("(d) AutoInterp: judge's Yes rate \u2191", fontsize=10)
     rates = judge_rates(judge_pairs)

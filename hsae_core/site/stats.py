@@ -1,6 +1,6 @@
 """Per-feature and per-link statistics of a forest on the eval split, for the browser (§4.2):
 firing frequency of every feature and P(parent|child), P(child|parent) of every assigned link,
-counted with :class:`~hsae_core.evaluation.metrics.HierarchyStats` (the same counts as
+counted with :func:`~hsae_core.evaluation.evaluate.count_model` (the same counts as
 compute-metrics); and, for the UMAP figures (§4.6, Appendix G.1), the input activations where
 chosen features fire.
 """
@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from hsae_core.evaluation.evaluate import active_mask
-from hsae_core.evaluation.metrics import HierarchyStats
+from hsae_core.evaluation.bootstrap import doc_weights
+from hsae_core.evaluation.evaluate import active_mask, count_model
 from hsae_core.model.forest import Forest
 from hsae_core.model.hsae import HSAE
 
@@ -55,14 +55,13 @@ def forest_stats(model: HSAE, batches: Iterable[torch.Tensor]) -> ForestStats:
     if model.n_levels < 2:
         raise ValueError("the forest browser needs at least two levels, "
                          f"the model has {model.n_levels}")
-    device = model.levels[0].W_dec.device
-    hier = HierarchyStats(model.forest.to("cpu"))
-    for x in batches:
-        hier.update(active_mask(model, x.to(device).float())[1])
-    if hier.tokens == 0:
+    counts = count_model(model, batches)
+    if counts.tokens == 0:
         raise ValueError("forest_stats: no eval tokens (the eval split is empty)")
-    fired = [hier.parent_count[0].numpy()] + [c.numpy() for c in hier.child_count]
-    return ForestStats(hier.forest, hier.tokens, fired, [j.numpy() for j in hier.joint])
+    t = counts.totals(doc_weights(int(counts.documents().numel()), 0, 0))
+    fired = [f[0].numpy().astype(np.int64) for f in t.fired]
+    joint = [j[0].numpy().astype(np.int64) for j in t.joint]
+    return ForestStats(counts.forest, counts.tokens, fired, joint)
 
 
 @torch.no_grad()
