@@ -81,6 +81,19 @@ class HSAEConfig:
     dead_window_tokens: int = 1_000_000
     """A feature that has not fired for this many tokens is dead and gets ghost grads
     (Jermyn & Templeton 2024); 0 disables ghost grads."""
+    pre_act_loss: float = 0.0
+    """Coefficient c of the pre-activation loss on dead features (Anthropic 2025, SAELens's
+    ``pre_act_loss_coefficient``): ``c * mean_tokens sum_dead relu(theta_i - pre_i)``. Ghost
+    grads move a dead feature's direction, never its threshold; this term lowers the threshold
+    and raises the pre-activation until the feature fires again. 0 disables it."""
+    resample_interval: int = 0
+    """Every this many steps, resample each dead feature (Bricken et al. 2023, adapted to
+    JumpReLU): its decoder row becomes the direction of a badly reconstructed token of the batch
+    (drawn with probability proportional to the squared error), its encoder row the same
+    direction at 0.2x the live rows' mean norm, its bias 0 and its threshold the
+    (1 - target_l0 / n_l) quantile of its new pre-activations; its Adam state and dead counter
+    restart. Only during the first 80% of the steps (trainer.RESAMPLE_UNTIL). 0 never
+    resamples."""
 
     # --- execution ---
     seed: int = 0
@@ -107,8 +120,10 @@ class HSAEConfig:
         check_field(self, "similarity", self.similarity in SIMILARITIES, f"one of {SIMILARITIES}")
         check_field(self, "exclude_quantile", 0 <= self.exclude_quantile < 1, "0 <= q < 1")
         check_field(self, "tree", self.tree in TREES, f"one of {TREES}")
-        check_field(self, "coactivation_momentum", 0 <= self.coactivation_momentum < 1, "in [0, 1)")
-        check_field(self, "coactivation_tokens", self.coactivation_tokens > 0, "a positive integer")
+        check_field(self, "coactivation_momentum", 0 <= self.coactivation_momentum < 1,
+                    "in [0, 1)")
+        check_field(self, "coactivation_tokens", self.coactivation_tokens > 0,
+                    "a positive integer")
         check_field(self, "target_l0", 0 < self.target_l0 < min(sizes),
                f"0 < target L0 < the smallest level size ({min(sizes)})")
         check_field(self, "l0_ema_momentum", 0 <= self.l0_ema_momentum < 1, "in [0, 1)")
@@ -119,12 +134,18 @@ class HSAEConfig:
         check_field(self, "total_steps", self.total_steps > 0, "a positive integer")
         check_field(self, "lr", self.lr > 0, "a positive number")
         check_field(self, "warmup_frac", 0 <= self.warmup_frac < 1, "0 <= warmup_frac < 1")
-        check_field(self, "adam_betas", len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas),
+        check_field(self, "adam_betas",
+                    len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas),
                "two numbers in [0, 1)")
-        check_field(self, "dead_window_tokens", self.dead_window_tokens >= 0, ">= 0 (0 = no ghost grads)")
-        check_field(self, "device", isinstance(self.device, str) and self.device.split(":")[0] in ("cpu", "cuda", "mps"),
+        check_field(self, "dead_window_tokens", self.dead_window_tokens >= 0,
+                    ">= 0 (0 = no ghost grads)")
+        check_field(self, "pre_act_loss", self.pre_act_loss >= 0, ">= 0 (0 = off)")
+        check_field(self, "resample_interval", self.resample_interval >= 0, ">= 0 (0 = never)")
+        check_field(self, "device", isinstance(self.device, str)
+                    and self.device.split(":")[0] in ("cpu", "cuda", "mps"),
                "cpu, cuda, cuda:N or mps")
-        check_field(self, "autocast_dtype", self.autocast_dtype in AUTOCAST_DTYPES, f"one of {AUTOCAST_DTYPES}")
+        check_field(self, "autocast_dtype", self.autocast_dtype in AUTOCAST_DTYPES,
+                    f"one of {AUTOCAST_DTYPES}")
 
     @property
     def n_levels(self) -> int:
@@ -154,7 +175,8 @@ class HSAEConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ConfigError(f"HSAEConfig: unknown field(s) {unknown}; known fields: {sorted(known)}")
+            raise ConfigError(f"HSAEConfig: unknown field(s) {unknown}; known fields: "
+                              f"{sorted(known)}")
         return cls(**data)
 
 

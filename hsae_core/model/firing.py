@@ -26,17 +26,15 @@ class FiringTracker:
                global_batch: int | None = None) -> None:
         """Count one batch: ``global_batch`` tokens (the rank's rows when None) pass, and the
         features active in ``codes`` (on any rank) restart at 0."""
-        if dist.active:
-            for s, code in zip(self.since_fired, codes):
-                fired = torch.zeros(s.numel(), dtype=torch.int32, device=s.device)
-                fired[code.pattern.cols[code.active]] = 1
+        for s, code in zip(self.since_fired, codes):
+            # fixed-size scatter, no boolean indexing: no host synchronisation on CUDA
+            fired = torch.zeros(s.numel(), dtype=torch.int32, device=s.device)
+            fired.index_add_(0, code.pattern.cols, code.active.to(torch.int32))
+            if dist.active:
+                fired.clamp_(max=1)
                 all_reduce_max_(dist, fired)
-                s += global_batch
-                s[fired.bool()] = 0
-        else:
-            for s, code in zip(self.since_fired, codes):
-                s += code.pattern.n_rows
-                s[code.pattern.cols[code.active]] = 0
+            s += global_batch if dist.active else code.pattern.n_rows
+            s.masked_fill_(fired > 0, 0)
 
     def dead(self, window: int) -> list[torch.Tensor]:
         """Boolean masks of the features that have not fired for ``window`` tokens."""

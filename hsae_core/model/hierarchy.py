@@ -5,6 +5,11 @@ co-activation frequency. Partial tree: children whose best similarity falls in t
 ``exclude_quantile`` of all children's best similarities stay unassigned. Binary tree: at most
 two children per parent, most similar children first. The same ``assign_forest`` builds the
 post-hoc forest of the independent-SAE baseline (§4.2 Baselines).
+
+Dead features take part in no assignment (METHOD §4): given ``live`` masks, a feature that has
+not fired since the previous update is neither a parent nor a child, and the exclusion quantile
+is taken over the live children. Left in, dead features have high mutual cosines, gather under
+dead parents and push live children into the excluded quantile.
 """
 
 from __future__ import annotations
@@ -22,40 +27,54 @@ SIM_CHUNK = 2048
 BINARY_CANDIDATES = 16
 
 
-def top_parents(child_vecs: torch.Tensor, parent_vecs: torch.Tensor, k: int = 1
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k cosine similarities ``[n_child, k]`` and parent ids, in row blocks."""
+def top_parents(child_vecs: torch.Tensor, parent_vecs: torch.Tensor, k: int = 1,
+                parent_ok: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k cosine similarities ``[n_child, k]`` and parent ids, in row blocks; parents not
+    ``parent_ok`` score -inf."""
     c = torch.nn.functional.normalize(child_vecs.float(), dim=1)
     p = torch.nn.functional.normalize(parent_vecs.float(), dim=1)
     sims, ids = [], []
     for s in range(0, c.shape[0], SIM_CHUNK):
-        v, i = (c[s:s + SIM_CHUNK] @ p.t()).topk(k, dim=1)
+        block = c[s:s + SIM_CHUNK] @ p.t()
+        if parent_ok is not None:
+            block.masked_fill_(~parent_ok, float("-inf"))
+        v, i = block.topk(k, dim=1)
         sims.append(v)
         ids.append(i)
     return torch.cat(sims), torch.cat(ids)
 
 
-def top_parents_from_scores(scores: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k of a precomputed ``[n_parent, n_child]`` score matrix, per child."""
-    v, i = scores.t().topk(k, dim=1)
+def top_parents_from_scores(scores: torch.Tensor, k: int = 1,
+                            parent_ok: torch.Tensor | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of a precomputed ``[n_parent, n_child]`` score matrix, per child; parents not
+    ``parent_ok`` score -inf."""
+    scores = scores.t()
+    if parent_ok is not None:
+        scores = scores.masked_fill(~parent_ok, float("-inf"))
+    v, i = scores.topk(k, dim=1)
     return v, i
 
 
 def assign_children(sims: torch.Tensor, cands: torch.Tensor, n_parents: int,
-                    exclude_quantile: float, max_children: int | None = None) -> torch.Tensor:
+                    exclude_quantile: float, max_children: int | None = None,
+                    child_ok: torch.Tensor | None = None) -> torch.Tensor:
     """``parent_of`` for one level pair from each child's ranked candidate parents.
 
-    ``sims``/``cands`` are ``[n_child, k]`` (best first). Children below the
-    ``exclude_quantile`` of best similarities stay unassigned; with ``max_children``, parents
-    accept children in order of similarity until full, and a refused child tries its next
-    candidate.
+    ``sims``/``cands`` are ``[n_child, k]`` (best first; -inf: no candidate). Only children
+    ``child_ok`` (default all) with a finite best similarity take part; those below the
+    ``exclude_quantile`` of their best similarities stay unassigned; with ``max_children``,
+    parents accept children in order of similarity until full, and a refused child tries its
+    next candidate.
     """
     best = sims[:, 0]
     parent_of = torch.full((sims.shape[0],), UNASSIGNED, dtype=torch.int64, device=sims.device)
-    eligible = torch.ones_like(best, dtype=torch.bool)
-    if exclude_quantile > 0:
-        cut = torch.quantile(best.double(), exclude_quantile).to(best.dtype)
-        eligible = best >= cut
+    eligible = torch.isfinite(best)
+    if child_ok is not None:
+        eligible &= child_ok
+    if exclude_quantile > 0 and bool(eligible.any()):
+        cut = torch.quantile(best[eligible].double(), exclude_quantile).to(best.dtype)
+        eligible &= best >= cut
     if max_children is None:
         parent_of[eligible] = cands[eligible, 0]
         return parent_of
@@ -65,6 +84,8 @@ def assign_children(sims: torch.Tensor, cands: torch.Tensor, n_parents: int,
         if todo.numel() == 0:
             break
         par, sim = cands[todo, r], sims[todo, r]
+        usable = torch.isfinite(sim)  # a dead parent is never a candidate
+        todo, par, sim = todo[usable], par[usable], sim[usable]
         order = torch.argsort(sim, descending=True, stable=True)
         order = order[torch.argsort(par[order], stable=True)]  # by parent, best first
         par_sorted = par[order]
@@ -87,8 +108,10 @@ def level_vectors(level: JumpReLULevel, similarity: str) -> torch.Tensor:
 @torch.no_grad()
 def assign_forest(levels: Sequence[JumpReLULevel], similarity: str = "encoder",
                   exclude_quantile: float = 0.2, tree: str = "partial",
-                  coactivation: "CoactivationEMA | None" = None) -> Forest:
-    """Build the forest for trained (or training) levels; also the post-hoc baseline."""
+                  coactivation: "CoactivationEMA | None" = None,
+                  live: Sequence[torch.Tensor] | None = None) -> Forest:
+    """Build the forest for trained (or training) levels; also the post-hoc baseline.
+    ``live[l]`` (bool ``[n_l]``, default all) marks the features that may take part."""
     sizes = tuple(lv.n_features for lv in levels)
     q = 0.0 if tree == "full" else exclude_quantile
     max_children = 2 if tree == "binary" else None
@@ -96,14 +119,16 @@ def assign_forest(levels: Sequence[JumpReLULevel], similarity: str = "encoder",
     parent_of = []
     for l in range(len(levels) - 1):
         k_eff = min(k, sizes[l])
+        parent_ok = None if live is None else live[l].to(levels[l].W_enc.device)
+        child_ok = None if live is None else live[l + 1].to(levels[l].W_enc.device)
         if similarity == "coactivation":
             if coactivation is None:
                 raise ValueError("similarity='coactivation' needs co-activation statistics")
-            sims, cands = top_parents_from_scores(coactivation.frequencies(l), k_eff)
+            sims, cands = top_parents_from_scores(coactivation.frequencies(l), k_eff, parent_ok)
         else:
             sims, cands = top_parents(level_vectors(levels[l + 1], similarity),
-                                      level_vectors(levels[l], similarity), k_eff)
-        parent_of.append(assign_children(sims, cands, sizes[l], q, max_children))
+                                      level_vectors(levels[l], similarity), k_eff, parent_ok)
+        parent_of.append(assign_children(sims, cands, sizes[l], q, max_children, child_ok))
     return Forest(sizes, parent_of)
 
 
@@ -133,7 +158,8 @@ class CoactivationEMA:
             if pairs is not None:
                 flat = pairs[0] * acc.shape[1] + pairs[1]
                 scale = (1 - self.momentum) * inv / n_tok
-                acc.view(-1).index_add_(0, flat, torch.full(flat.shape, scale, dtype=acc.dtype, device=acc.device))
+                acc.view(-1).index_add_(0, flat, torch.full(flat.shape, scale, dtype=acc.dtype,
+                                                            device=acc.device))
         self.t += 1
         if self.t >= self.RESCALE:
             for acc in self.acc:

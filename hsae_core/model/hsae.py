@@ -94,6 +94,8 @@ class HSAE(nn.Module):
         entries = self._pair_entries(codes, swapped, with_pc)
         recons, swap_in, pc = self._decode_all(codes, swapped, entries, with_pc)
         mse, sq_err, ghost = [], [], zero
+        # one host read for every level's "any dead feature?" (not one per level)
+        any_dead = torch.stack([d.any() for d in dead]).tolist() if dead is not None else None
         for l, (lv, code, recon) in enumerate(zip(self.levels, codes, recons)):
             if swap_in[l] is not None:
                 recon = recon.add_(swap_in[l])  # recon is this forward's own tensor
@@ -105,8 +107,9 @@ class HSAE(nn.Module):
             residual = x - recon
             level_mse = residual.pow(2).sum(1).mean()
             mse.append(level_mse)
-            if dead is not None and bool(dead[l].any()):
-                ghost = ghost + ghost_grad_loss(lv, x, residual, dead[l], level_mse)
+            if any_dead is not None and any_dead[l]:
+                ghost = ghost + ghost_grad_loss(lv, x, residual, dead[l], level_mse,
+                                                self.cfg.pre_act_loss)
         return HSAEOutput(torch.stack(mse), torch.stack([c.l0 for c in codes]), pc, ghost,
                           torch.stack(sq_err), codes)
 
@@ -132,9 +135,11 @@ class HSAE(nn.Module):
         for l in range(n - 1):
             if swapped is not None and bool(swapped[l].any()):
                 keep[l], take[l + 1] = swap_masks(codes[l].pattern, entries[l], swapped[l])
-        pairs = pc_pairs(codes, self.forest, entries) if with_pc and not self.forest.is_empty() else []
+        pairs = (pc_pairs(codes, self.forest, entries)
+                 if with_pc and not self.forest.is_empty() else [])
         plan = DecodePlan([c.pattern for c in codes], keep, take, pairs)
-        outs, swap_in, pc = coupled_decode(plan, [c.vals for c in codes], [lv.W_dec for lv in self.levels])
+        outs, swap_in, pc = coupled_decode(plan, [c.vals for c in codes],
+                                           [lv.W_dec for lv in self.levels])
         recons = [out + lv.b_dec for out, lv in zip(outs, self.levels)]
         return recons, swap_in + [None], pc
 

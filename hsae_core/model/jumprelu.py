@@ -88,7 +88,8 @@ class JumpReLULevel(nn.Module):
         self.W_enc = nn.Parameter(w_dec.clone())  # tied init (Conerly et al. 2024)
         self.b_enc = nn.Parameter(torch.zeros(n_features))
         self.b_dec = nn.Parameter(torch.zeros(d_model))
-        self.threshold = nn.Parameter(torch.full((n_features,), max(threshold_init, MIN_THRESHOLD)))
+        self.threshold = nn.Parameter(torch.full((n_features,),
+                                                 max(threshold_init, MIN_THRESHOLD)))
 
     def preacts(self, x: torch.Tensor) -> torch.Tensor:
         """Dense pre-activations ``x @ W_enc^T + b_enc`` (no autograd), in the parameters'
@@ -106,7 +107,8 @@ class JumpReLULevel(nn.Module):
         pattern = SupportPattern.from_mask(support)
         pre_s = pre.reshape(-1).index_select(0, pattern.rows * pre.shape[1] + pattern.cols)
         vals, l0 = _JumpReLUOnSupport.apply(
-            self.W_enc, self.b_enc, self.threshold, x.to(pre.dtype), pre_s, pattern, self.bandwidth)
+            self.W_enc, self.b_enc, self.threshold, x.to(pre.dtype), pre_s, pattern,
+            self.bandwidth)
         return SparseCode(pattern, vals, l0)
 
     def decode(self, code: SparseCode) -> torch.Tensor:
@@ -142,12 +144,16 @@ class JumpReLULevel(nn.Module):
 
 
 def ghost_grad_loss(level: JumpReLULevel, x: torch.Tensor, residual: torch.Tensor,
-                    dead: torch.Tensor, mse: torch.Tensor) -> torch.Tensor:
-    """Ghost grads (Jermyn & Templeton 2024) for the dead features of one level.
+                    dead: torch.Tensor, mse: torch.Tensor, pre_act: float = 0.0) -> torch.Tensor:
+    """Ghost grads (Jermyn & Templeton 2024) for the dead features of one level, plus, with
+    ``pre_act > 0``, the pre-activation loss on them (Anthropic 2025; SAELens).
 
     The dead features' ``exp(pre)`` outputs, decoded and scaled to half the residual's norm,
     regress the (detached) residual; the loss is rescaled to the size of the main MSE so the
-    dead features get gradients of a useful magnitude. Cost: one matmul over dead columns.
+    dead features get gradients of a useful magnitude. Ghost grads never reach a threshold: the
+    pre-activation loss ``pre_act * mean_tokens sum_dead relu(theta_i - pre_i)`` (decoder rows
+    have unit norm) lowers the thresholds and raises the pre-activations of dead features until
+    they fire again. Cost: one matmul over the dead columns.
     """
     idx = dead.nonzero(as_tuple=True)[0]
     if idx.numel() == 0:
@@ -158,4 +164,33 @@ def ghost_grad_loss(level: JumpReLULevel, x: torch.Tensor, residual: torch.Tenso
     scale = residual.norm(dim=1, keepdim=True) / (2 * ghost.norm(dim=1, keepdim=True) + 1e-6)
     ghost = ghost * scale.detach()
     ghost_mse = (ghost - residual).pow(2).sum(1).mean()
-    return ghost_mse * (mse.detach() / (ghost_mse.detach() + 1e-6))
+    loss = ghost_mse * (mse.detach() / (ghost_mse.detach() + 1e-6))
+    if pre_act:
+        loss = loss + pre_act * (level.threshold[idx] - pre).relu().sum(1).mean()
+    return loss
+
+
+@torch.no_grad()
+def resample_dead_(level: JumpReLULevel, x: torch.Tensor, dead: torch.Tensor, target_l0: float,
+                   generator: torch.Generator) -> torch.Tensor:
+    """Resample the ``dead`` features of ``level`` on the batch ``x`` (config
+    ``resample_interval``); returns their ids (the caller restarts their optimiser state)."""
+    idx = dead.nonzero(as_tuple=True)[0]
+    if idx.numel() == 0:
+        return idx
+    x = x.to(level.W_enc.dtype)
+    err = (x - level.decode(level.encode(x))).pow(2).sum(1)
+    probs = err.pow(2).cpu().double()
+    rows = torch.multinomial(probs / probs.sum(), idx.numel(), replacement=True,
+                             generator=generator).to(x.device)
+    direction = torch.nn.functional.normalize(x[rows] - level.b_dec, dim=1)
+    live = ~dead
+    norm = level.W_enc[live].norm(dim=1).mean() if bool(live.any()) else x.new_tensor(1.0)
+    level.W_dec[idx] = direction
+    level.W_enc[idx] = direction * (0.2 * norm)
+    level.b_enc[idx] = 0.0
+    pre = x @ level.W_enc[idx].t()
+    q = 1.0 - target_l0 / level.n_features
+    k = min(pre.shape[0] - 1, max(0, int(round(q * (pre.shape[0] - 1)))))
+    level.threshold[idx] = pre.kthvalue(k + 1, dim=0).values.clamp_min(MIN_THRESHOLD)
+    return idx

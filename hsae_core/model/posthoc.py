@@ -3,6 +3,8 @@ similarity-based assignment the HSAE uses during training (§3.3), applied once.
 
 Encoder and decoder cosine need only the weights. Co-activation similarity needs firing
 statistics: the train split is streamed through the levels into the same EMA the trainer keeps.
+As in the HSAE's updates, only live features take part: those that fire on a stretch of train
+tokens as long as the HSAE's update interval (:func:`live_features`).
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ class PosthocConfig:
     ``hierarchy.similarity`` is ``coactivation`` (unused for encoder/decoder cosine)."""
 
     def __post_init__(self) -> None:
-        check_field(self, "coactivation_tokens", is_int(self.coactivation_tokens) and self.coactivation_tokens >= 1,
-               "an integer >= 1")
+        check_field(self, "coactivation_tokens",
+                    is_int(self.coactivation_tokens) and self.coactivation_tokens >= 1,
+                    "an integer >= 1")
 
 
 @torch.no_grad()
@@ -34,16 +37,29 @@ def coactivation_stats(model: HSAE, batches: Iterable[torch.Tensor], momentum: f
                        tokens_per_batch: int) -> CoactivationEMA:
     """Co-activation EMA of ``model``'s levels over ``batches`` (as in training, §3.3)."""
     device = model.levels[0].W_dec.device
-    ema = CoactivationEMA([lv.n_features for lv in model.levels], momentum, tokens_per_batch, device)
+    ema = CoactivationEMA([lv.n_features for lv in model.levels], momentum, tokens_per_batch,
+                          device)
     for x in batches:
         ema.update(model.encode(x.to(device).float()))
     return ema
 
 
+@torch.no_grad()
+def live_features(model: HSAE, batches: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    """Per level, the features that fire at least once on ``batches``."""
+    device = model.levels[0].W_dec.device
+    fired = [torch.zeros(lv.n_features, dtype=torch.bool, device=device) for lv in model.levels]
+    for x in batches:
+        for f, code in zip(fired, model.encode(x.to(device).float())):
+            f[code.pattern.cols[code.active]] = True
+    return fired
+
+
 def posthoc_forest(model: HSAE, similarity: str, exclude_quantile: float, tree: str,
-                   coactivation: CoactivationEMA | None = None) -> Forest:
-    """Assign every child of the trained levels to its most similar parent, once."""
-    return assign_forest(model.levels, similarity, exclude_quantile, tree, coactivation)
+                   coactivation: CoactivationEMA | None = None,
+                   live: list[torch.Tensor] | None = None) -> Forest:
+    """Assign every live child of the trained levels to its most similar live parent, once."""
+    return assign_forest(model.levels, similarity, exclude_quantile, tree, coactivation, live)
 
 
-__all__ = ["coactivation_stats", "posthoc_forest"]
+__all__ = ["PosthocConfig", "coactivation_stats", "live_features", "posthoc_forest"]

@@ -35,7 +35,8 @@ class SparsityController:
         self.l0_ema = new_ema
 
     def state_dict(self) -> dict:
-        return {"lambdas": self.lambdas.clone(), "l0_ema": self.l0_ema.clone(), "started": self.started}
+        return {"lambdas": self.lambdas.clone(), "l0_ema": self.l0_ema.clone(),
+                "started": self.started}
 
     def load_state_dict(self, state: dict) -> None:
         self.lambdas = state["lambdas"].clone().to(self.lambdas.device)

@@ -31,15 +31,26 @@ from typing import Callable, Iterable
 
 import torch
 
-from hsae_core.common.distributed import SINGLE, DistContext, all_gather_rows, all_reduce_sum_, barrier, broadcast_
+from hsae_core.common.distributed import (
+    SINGLE,
+    DistContext,
+    all_gather_rows,
+    all_reduce_sum_,
+    barrier,
+    broadcast_,
+)
 from hsae_core.model.config import HSAEConfig
 from hsae_core.model.firing import FiringTracker
 from hsae_core.model.forest import Forest
 from hsae_core.model.hierarchy import CoactivationEMA, assign_forest
+from hsae_core.model.jumprelu import resample_dead_
 from hsae_core.model.hsae import HSAE, HSAEOutput
 from hsae_core.model.sparsity import SparsityController
 
 LogFn = Callable[[int, dict], None]
+#: Dead features are resampled during the first 80% of the steps only: later the cosine-decayed
+#: learning rate is too small for a new feature to find its place, and it would only add to L0.
+RESAMPLE_UNTIL = 0.5
 CheckpointFn = Callable[["Trainer"], None]
 
 
@@ -91,17 +102,20 @@ class Trainer:
         functions stop Dynamo with an internal error, torch 2.13)."""
         self.cfg, self.dist = cfg, dist
         if cfg.batch_size % dist.world_size:
-            raise ValueError(f"batch_size {cfg.batch_size} does not split evenly over {dist.world_size} "
+            raise ValueError(f"batch_size {cfg.batch_size} does not split evenly over "
+                             f"{dist.world_size} "
                              f"ranks: choose a global batch divisible by the number of processes")
         self.local_batch = cfg.batch_size // dist.world_size
         if (cfg.similarity == "coactivation" and not cfg.is_independent and dist.active
                 and cfg.coactivation_tokens > self.local_batch):
-            raise ValueError(f"coactivation_tokens {cfg.coactivation_tokens} exceeds the per-rank batch "
-                             f"{self.local_batch}: rank 0 feeds the co-activation EMA from its slice, so "
+            raise ValueError(f"coactivation_tokens {cfg.coactivation_tokens} exceeds the per-rank "
+                             f"batch {self.local_batch}: rank 0 feeds the co-activation EMA from "
+                             "its slice, so "
                              f"lower coactivation_tokens or use fewer ranks")
         self.device = torch.device(dist.device if dist.active else cfg.device)
         self.model = HSAE(cfg).to(self.device)
-        self.model.pack_decoders_(slot_rows=cfg.n_levels * self.local_batch)  # before DDP and Adam see them
+        # before DDP and Adam see them
+        self.model.pack_decoders_(slot_rows=cfg.n_levels * self.local_batch)
         self.forward = self.model
         if dist.active:
             from torch.nn.parallel import DistributedDataParallel
@@ -119,10 +133,13 @@ class Trainer:
                                              cfg.l0_ema_momentum, cfg.lambda_init, cfg.lambda_rate,
                                              self.device)
         self.firing = FiringTracker(cfg.level_sizes, self.device)
+        coactivation = cfg.similarity == "coactivation" and not cfg.is_independent
         self.coactivation = (CoactivationEMA(cfg.level_sizes, cfg.coactivation_momentum,
                                              cfg.coactivation_tokens, self.device)
-                             if cfg.similarity == "coactivation" and not cfg.is_independent else None)
+                             if coactivation else None)
         self.swap_gen = torch.Generator().manual_seed(cfg.seed + 1)
+        self.resample_gen = torch.Generator().manual_seed(cfg.seed + 2)
+        self.resampled = 0
         self.step = 0
         self.n_updates = 0
         self.checkpoint_every, self.on_checkpoint = checkpoint_every, on_checkpoint
@@ -142,7 +159,8 @@ class Trainer:
                     f"the batch source ran out after {self.step} of {self.cfg.total_steps} steps: "
                     f"give it more tokens or epochs, or lower total_steps")
             self.train_step(x)
-            if self.on_checkpoint and self.checkpoint_every and self.step % self.checkpoint_every == 0:
+            every = self.checkpoint_every
+            if self.on_checkpoint and every and self.step % every == 0:
                 self.on_checkpoint(self)
         if self.on_checkpoint:
             self.on_checkpoint(self)
@@ -180,6 +198,9 @@ class Trainer:
         self.step += 1
         if self._update_due():
             self.update_hierarchy()
+        if (cfg.resample_interval and self.step % cfg.resample_interval == 0
+                and self.step <= RESAMPLE_UNTIL * cfg.total_steps):
+            self.resample_dead(x)  # after the update: a new feature joins the next one
         if logging:
             stats = self._stats(x, out, loss, lr, l0)
             if self.on_log is not None and self.dist.is_main:
@@ -197,24 +218,60 @@ class Trainer:
 
     # ------------------------------------------------------------ the hierarchy
     def _update_due(self) -> bool:
+        """Every ``update_interval`` steps, but never after the last gradient step: a forest
+        assigned then would be evaluated without ever having been trained with."""
         cfg = self.cfg
         if cfg.is_independent or cfg.update_interval == 0 or cfg.n_levels < 2:
             return False
-        if self.step % cfg.update_interval:
+        if self.step % cfg.update_interval or self.step >= cfg.total_steps:
             return False
         return not (cfg.tree == "fixed" and self.n_updates > 0)
 
     @torch.no_grad()
+    def resample_dead(self, x: torch.Tensor) -> list[int]:
+        """Resample every level's dead features on the global batch (config
+        ``resample_interval``): new rows from badly reconstructed tokens, their Adam state set to
+        the live rows' mean second moment, their dead counters restarted. Every rank computes
+        the same from the gathered batch and the same generator."""
+        x_all = all_gather_rows(self.dist, x)
+        counts = []
+        for l, (lv, dead) in enumerate(zip(self.model.levels, self._dead_masks() or [])):
+            idx = resample_dead_(lv, x_all, dead, self.cfg.target_l0, self.resample_gen)
+            counts.append(int(idx.numel()))
+            if idx.numel() == 0:
+                continue
+            for p in (lv.W_enc, lv.W_dec, lv.b_enc, lv.threshold):
+                state = self.optimizer.state.get(p, {})
+                for key in ("exp_avg", "exp_avg_sq"):
+                    if key in state:
+                        live = torch.ones(p.shape[0], dtype=torch.bool, device=p.device)
+                        live[idx] = False
+                        state[key][idx] = state[key][live].mean(0) if key == "exp_avg_sq" else 0
+            self.firing.since_fired[l][idx] = 0
+        self.resampled += sum(counts)
+        return counts
+
+    def live_features(self) -> list[torch.Tensor]:
+        """Per level, the features that fired since the previous hierarchy update (since the
+        start before the first): only they take part in an update (METHOD §4)."""
+        window = self.cfg.update_interval * self.cfg.batch_size
+        if self.n_updates == 0 or self.cfg.tree == "fixed":
+            window = self.step * self.cfg.batch_size
+        return [s < window for s in self.firing.since_fired]
+
+    @torch.no_grad()
     def update_hierarchy(self) -> Forest:
-        """Re-assign every child to its most similar parent (§3.3)."""
+        """Re-assign every live child to its most similar live parent (§3.3)."""
         cfg = self.cfg
         if self.dist.is_main or self.coactivation is None:
             forest = assign_forest(self.model.levels, cfg.similarity, cfg.exclude_quantile,
-                                   cfg.tree, self.coactivation).to(self.device)
+                                   cfg.tree, self.coactivation,
+                                   self.live_features()).to(self.device)
         else:  # only rank 0 holds the co-activation statistics; it sends the forest below
             forest = Forest.empty(cfg.level_sizes, self.device)
         if self.dist.active:  # one forest on every rank, whatever float ties did elsewhere
-            forest = Forest(cfg.level_sizes, [broadcast_(self.dist, p.contiguous()) for p in forest.parent_of])
+            forest = Forest(cfg.level_sizes, [broadcast_(self.dist, p.contiguous())
+                                              for p in forest.parent_of])
         self.model.forest = forest
         self.n_updates += 1
         return self.model.forest
@@ -275,7 +332,21 @@ class Trainer:
         if tuple(x.shape) != want:
             per_rank = f" / {self.dist.world_size} ranks" if self.dist.active else ""
             raise ValueError(f"batch of shape {tuple(x.shape)} but the config asks for {want} "
-                             f"(batch_size{per_rank}, d_model): fix the reader's batch size or d_model")
+                             f"(batch_size{per_rank}, d_model): fix the reader's batch size or "
+                             "d_model")
+
+    def summary(self) -> dict:
+        """Where the run ended, per level: the train-stream dead fraction (no firing in the last
+        ``dead_window_tokens``; the last ``batch_size * step`` tokens if the run was shorter),
+        the L0 EMA and lambda of the sparsity controller."""
+        window = self.cfg.dead_window_tokens or self.step * self.cfg.batch_size
+        window = min(window, self.step * self.cfg.batch_size)
+        return {"step": self.step, "tokens": self.step * self.cfg.batch_size,
+                "dead_window_tokens": window,
+                "dead_frac_train": [float(d.double().mean()) for d in self.firing.dead(window)],
+                "l0_ema": self.controller.l0_ema.tolist(),
+                "lambda": self.controller.lambdas.tolist(), "hierarchy_updates": self.n_updates,
+                "resampled": self.resampled}
 
     # ------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -290,6 +361,8 @@ class Trainer:
             "since_fired": self.firing.state(),
             "coactivation": self.coactivation.state_dict() if self.coactivation else None,
             "swap_gen": self.swap_gen.get_state(),
+            "resample_gen": self.resample_gen.get_state(),
+            "resampled": self.resampled,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -308,6 +381,8 @@ class Trainer:
         if self.coactivation is not None:
             self.coactivation.load_state_dict(state["coactivation"])
         self.swap_gen.set_state(state["swap_gen"])
+        self.resample_gen.set_state(state["resample_gen"])
+        self.resampled = int(state["resampled"])
 
 def _fast_adam_kwargs(device: torch.device) -> dict:
     """Fused Adam where this torch build has it for the device, else the foreach kernel."""
