@@ -6,6 +6,11 @@ rows were already shuffled across documents at write time. Rows the store flags 
 sinks (``outlier`` column) are never served. Optionally a background thread
 prepares the next batches while the trainer works. Both readers multiply by the normalisation scale
 (Appendix A.1) and return float32.
+
+Both readers check every block they read for NaN and Inf (a few ms per 8 MB block) and stop with
+:class:`NonFiniteRowsError` naming the first bad rows, so no batch of theirs carries a NaN into a
+training run or a metric; a store missing a shard file is refused when it is opened
+(:func:`~hsae_core.data.store.open_store`: zarr would read the shard as zeros).
 """
 
 from __future__ import annotations
@@ -20,7 +25,44 @@ import numpy as np
 import torch
 
 from hsae_core.data.normalize import resolve_scale
-from hsae_core.data.store import COLUMNS, STORAGE, StoreInfo, from_storage, open_store
+from hsae_core.data.store import (
+    COLUMNS,
+    STORAGE,
+    StoreError,
+    StoreInfo,
+    from_storage,
+    open_store,
+)
+
+
+class NonFiniteRowsError(StoreError):
+    """A row the reader would serve holds NaN or Inf."""
+
+
+def nonfinite_rows(block: np.ndarray, dtype: str) -> np.ndarray:
+    """Indices of the rows of a stored block (``dtype``: the store's logical dtype) holding NaN
+    or Inf; bfloat16 is stored as uint16 bits (exponent all ones: Inf or NaN)."""
+    if dtype == "bfloat16":
+        bad = ((block & 0x7F80) == 0x7F80).any(axis=1)
+    else:
+        bad = ~np.isfinite(block).all(axis=1)
+    return np.flatnonzero(bad)
+
+
+def check_finite(block: np.ndarray, store: StoreInfo, split: str, start: int,
+                 served: np.ndarray | None = None) -> None:
+    """Raise :class:`NonFiniteRowsError` naming the rows (store rows ``start + i``) of ``block``
+    that hold NaN or Inf, among the ``served`` ones (a boolean mask; default all)."""
+    bad = nonfinite_rows(block, store.dtype)
+    if served is not None:
+        bad = bad[served[bad]]
+    if len(bad):
+        rows = ", ".join(str(start + int(i)) for i in bad[:10])
+        raise NonFiniteRowsError(
+            f"NaN or Inf in {split} rows {rows} ({len(bad)} in the block of rows {start}.."
+            f"{start + len(block) - 1}) of store {store.path}: re-extract the store "
+            "(`dvc repro -f extract-activations`, or `python -m stages.extract_activations "
+            "--overwrite`)")
 
 
 class TrainActivations:
@@ -114,7 +156,13 @@ class TrainActivations:
             group = sorted(starts[g: g + self.buffer_blocks])
             blocks = [arr[s: s + self.block_rows] for s in group]
             if self.n_rows < self.n_stored:  # drop the flagged rows
-                blocks = [b[flags[s: s + self.block_rows] == 0] for b, s in zip(blocks, group)]
+                keep = [flags[s: s + self.block_rows] == 0 for s in group]
+                for b, s, k in zip(blocks, group, keep):
+                    check_finite(b, self.store, "train", int(s), k)
+                blocks = [b[k] for b, k in zip(blocks, keep)]
+            else:
+                for b, s in zip(blocks, group):
+                    check_finite(b, self.store, "train", int(s))
             buf = np.concatenate([carry] + blocks)
             order = rng.permutation(len(buf))
             full = len(buf) - len(buf) % self.batch_size
@@ -186,6 +234,7 @@ class EvalActivations:
             cols = {c: a[start:start + block] for c, a in arrays.items()}
             keep = cols.pop("outlier") == 0
             keep &= np.cumsum(keep) <= self.n_rows - served
+            check_finite(cols["activations"], self.store, "eval", start, keep)
             cols = {c: v[keep] for c, v in cols.items()}
             served += int(keep.sum())
             acts = from_storage(cols.pop("activations"), self.store.dtype).mul_(self.scale)
@@ -234,4 +283,5 @@ def _prefetched(produce: Callable[[], Iterator], depth: int) -> Iterator:
         thread.join()
 
 
-__all__ = ["EvalActivations", "EvalBatch", "TrainActivations"]
+__all__ = ["EvalActivations", "EvalBatch", "NonFiniteRowsError", "TrainActivations",
+           "check_finite", "nonfinite_rows"]

@@ -297,8 +297,39 @@ def open_store(path: str | Path, *, model: str | None = None,
             raise StoreError(f"store {path} was written for {key} {attrs[key]!r}, but the config "
                              f"asks for {key} {want!r}: re-run extraction or point to the right "
                              "store")
+    for split in SPLITS:
+        _check_shards(path, group[f"{split}/activations"], attrs["n_tokens"][split], split)
     return StoreInfo(path, attrs, group)
 
 
+def missing_shards(path: str | Path, arr: zarr.Array, rows: int) -> list[tuple[str, int]]:
+    """``(key, first row)`` of every shard file of the store array ``arr`` (rows ``[0, rows)``)
+    that is absent under ``path``: zarr would read its rows as the fill value (zeros). One
+    listing of the array's folder."""
+    shard = (arr.shards or arr.chunks)[0]
+    want = {arr.metadata.encode_chunk_key((i,) + (0,) * (arr.ndim - 1)): i * shard
+            for i in range(math.ceil(rows / shard))}
+    folder = fsio.join(path, arr.path)
+    if fsio.is_url(folder):
+        fs, p = fsio.filesystem(folder)
+        p = p.rstrip("/")
+        have = {f[len(p) + 1:] for f in fs.find(p)}
+    else:
+        have = {f.relative_to(folder).as_posix() for f in Path(folder).rglob("*")
+                if f.is_file()}
+    return [(key, first) for key, first in want.items() if key not in have]
+
+
+def _check_shards(path: str | Path, arr: zarr.Array, rows: int, split: str) -> None:
+    missing = missing_shards(path, arr, rows)
+    if missing:
+        shown = ", ".join(f"{arr.path}/{key} (rows from {first})" for key, first in missing[:5])
+        raise StoreError(f"store {path} is missing {len(missing)} shard file(s) of "
+                         f"{split}/activations: {shown}; zarr would read their rows as zeros. "
+                         "Restore the store (`dvc checkout` where DVC tracks it) or re-extract "
+                         "it (`dvc repro -f extract-activations`, or "
+                         "`python -m stages.extract_activations --overwrite`)")
+
+
 __all__ = ["COLUMNS", "FORMAT", "OUTLIER_RULE", "Layout", "StoreError", "StoreInfo", "StoreWriter",
-           "from_storage", "open_store", "partial_path", "to_storage"]
+           "from_storage", "missing_shards", "open_store", "partial_path", "to_storage"]
