@@ -49,8 +49,9 @@ def train_stage(stage: str, independent: bool, params: Path, store: str, normali
         model = train_on_store(cfg, info, normalization, checkpoint=checkpoint, curves=curves,
                                run=run, name=stage, dist=dist,
                                on_finish=lambda t: ended.update(t.summary()))
-    except ValueError as err:
-        # config, store, device and normalisation errors name the key and the fix
+    except (ValueError, FloatingPointError) as err:
+        # config, store (missing shards, NaN rows), device and normalisation errors and a
+        # diverged run name the key or rows and the fix
         rprint(f"[red]{stage}: {err}[/red]")
         raise typer.Exit(2) from err
     if dist.is_main:
