@@ -20,6 +20,7 @@ from typing import List, Optional
 import typer
 from rich import print as rprint
 
+from hsae_core.common import fsio
 from hsae_core.pipeline.ablations import ABLATIONS, experiment_rows, format_rows, queue_command
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
@@ -55,8 +56,7 @@ def table(
         rprint(f"[red]ablations: `dvc exp show --json` failed: {proc.stderr.strip()}[/red]")
         raise typer.Exit(2)
     text = format_rows(experiment_rows(json.loads(proc.stdout)))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text + "\n")
+    fsio.write_text(out, text + "\n")
     print(text)
 
 

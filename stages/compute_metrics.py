@@ -10,12 +10,12 @@ reloads the store's language model whole (hsae_core.evaluation.splice).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
 from rich import print as rprint
 
+from hsae_core.common import fsio
 from hsae_core.data.normalize import resolve_scale
 from hsae_core.data.store import open_store
 from hsae_core.evaluation.compute import MetricsConfig, compute_metrics, format_table, json_safe
@@ -47,11 +47,9 @@ def main(
     except (ValueError, FileNotFoundError) as err:
         rprint(f"[red]compute-metrics: {err}[/red]")
         raise typer.Exit(2) from err
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(json_safe(metrics), indent=2, sort_keys=True) + "\n")
+    fsio.write_json(out, json_safe(metrics), sort_keys=True)  # atomic: a new file renamed
     text = format_table(metrics)
-    table.parent.mkdir(parents=True, exist_ok=True)
-    table.write_text(text + "\n")
+    fsio.write_text(table, text + "\n")
     print(text)
     print(f"compute-metrics: wrote {out} and {table}")
 

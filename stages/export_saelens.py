@@ -49,11 +49,13 @@ def main(
     except (ValueError, FileNotFoundError) as err:
         rprint(f"[red]export-saelens: {err}[/red]")
         raise typer.Exit(2) from err
-    fsio.remove(out)  # a stale level folder from a run with more levels must not survive
-    for kind, model in models.items():
-        folders = export_saelens(model, fsio.join(fsio.as_location(out), kind), meta, kind=kind)
-        rprint(f"export-saelens: {kind}: {len(folders)} levels {list(model.cfg.level_sizes)} -> "
-               f"{fsio.join(fsio.as_location(out), kind)}")
+    # written whole under a temporary name, then swapped in: a stale level folder from a run
+    # with more levels does not survive, and no file of the old export is rewritten in place
+    with fsio.replacing_folder(out) as tmp:
+        for kind, model in models.items():
+            folders = export_saelens(model, fsio.join(tmp, kind), meta, kind=kind)
+            rprint(f"export-saelens: {kind}: {len(folders)} levels "
+                   f"{list(model.cfg.level_sizes)} -> {fsio.join(fsio.as_location(out), kind)}")
     rprint(f"export-saelens: model {meta.model_name}, hook {meta.hook_name}, "
            f"scale {meta.activation_scale:.6g} folded in")
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import typer
 from rich import print as rprint
 
+from hsae_core.common import fsio
 from hsae_core.evaluation.evidence import load_evidence
 from hsae_core.judge.backends import (
     JudgeBackendError,
@@ -84,13 +85,11 @@ def main(
         raise typer.Exit(2) from err
     finally:
         cache.close()
-    out.mkdir(parents=True, exist_ok=True)
-    with (out / "pairs.jsonl").open("w") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    # new files renamed into place: DVC links pairs.jsonl to its cache (never rewrite in place)
+    fsio.write_text(out / "pairs.jsonl",
+                    "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     summary = summarize(records) | {"sampling": info}
-    metrics.parent.mkdir(parents=True, exist_ok=True)
-    metrics.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    fsio.write_json(metrics, summary, sort_keys=True)
     asked = sum(not r["cached"] for r in records)
     print(f"judge: {len(records)} pairs, {asked} asked, {len(records) - asked} from cache, "
           f"{sum(r['error'] is not None for r in records)} failed "

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hsae_core.common import fsio
 from hsae_core.data.config import NormalizeConfig
 from hsae_core.data.store import StoreError, StoreInfo, from_storage, open_store
 
@@ -45,8 +46,9 @@ class Normalization:
     target: str = TARGET
 
     def save(self, path: str | Path) -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
+        """Write the JSON atomically (a new file renamed over the old one, never rewritten in
+        place: DVC links it to its cache)."""
+        fsio.write_text(path, json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> "Normalization":

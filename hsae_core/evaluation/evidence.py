@@ -66,8 +66,9 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
 
+from hsae_core.common import fsio
 from hsae_core.common.errors import ConfigError
 from hsae_core.model.hsae import HSAE
 
@@ -319,19 +320,22 @@ def collect_evidence(model: HSAE, batches: Callable[[], Iterable[Batch]],
 
 def save_evidence(levels: list[LevelEvidence], folder: str | Path, *, vocab: list[str], meta: dict,
                   cfg: EvidenceConfig) -> Path:
-    """Write ``index.json``, ``vocab.json`` and one ``level<l>.safetensors`` per level."""
+    """Write ``index.json``, ``vocab.json`` and one ``level<l>.safetensors`` per level into a
+    temporary folder that then replaces ``folder`` whole (never a file rewritten in place;
+    byte-identical for identical content)."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     index = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta,
              "level_sizes": [ev.n_features for ev in levels], "n_top": cfg.n_top,
              "n_sampled": cfg.n_sampled, "buffer": cfg.buffer, "window": cfg.window,
              "seed": cfg.seed, "pad_token_id": PAD, "vocab": "vocab.json", "levels": []}
-    for l, ev in enumerate(levels):
-        name = f"level{l}.safetensors"
-        save_file({k: np.ascontiguousarray(v) for k, v in ev.arrays().items()}, str(folder / name))
-        index["levels"].append({"level": l, "n_features": ev.n_features, "file": name})
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
-    (folder / "index.json").write_text(json.dumps(index, indent=2) + "\n")
+    with fsio.replacing_folder(folder) as tmp:
+        for l, ev in enumerate(levels):
+            name = f"level{l}.safetensors"
+            fsio.write_bytes(tmp / name, fsio.safetensors_bytes(
+                {k: np.ascontiguousarray(v) for k, v in ev.arrays().items()}))
+            index["levels"].append({"level": l, "n_features": ev.n_features, "file": name})
+        fsio.write_text(tmp / "vocab.json", json.dumps(vocab, ensure_ascii=False))
+        fsio.write_text(tmp / "index.json", json.dumps(index, indent=2) + "\n")
     return folder
 
 

@@ -29,7 +29,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save as save_bytes
 
 from hsae_core.common import fsio
 from hsae_core.model.hsae import HSAE
@@ -113,13 +112,14 @@ def forest_json(model: HSAE) -> dict:
 def export_saelens(model: HSAE, out: str | Path, meta: ExportMetadata,
                    kind: str = "hsae") -> list[str | Path]:
     """Write every level of ``model`` as a SAELens JumpReLU folder under ``out`` (a path or fsspec
-    URL) and the forest beside them; return the level folders."""
+    URL) and the forest beside them; return the level folders. Each file replaces the old one
+    (never rewritten in place) and is byte-identical for identical content."""
     out = fsio.as_location(out)
     folders = []
     for level in range(model.n_levels):
         folder = fsio.join(out, f"level{level}")
-        fsio.write_bytes(fsio.join(folder, SAELENS_WEIGHTS), save_bytes(
-            saelens_tensors(model, level, meta.activation_scale), metadata={"format": "pt"}))
+        fsio.write_bytes(fsio.join(folder, SAELENS_WEIGHTS), fsio.safetensors_bytes(
+            saelens_tensors(model, level, meta.activation_scale), {"format": "pt"}))
         fsio.write_bytes(fsio.join(folder, SAELENS_CONFIG),
                          json.dumps(saelens_config(model, level, meta, kind), indent=2).encode())
         folders.append(folder)

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load as load_bytes
-from safetensors.torch import save as save_bytes
 
 from hsae_core.common import fsio
 from hsae_core.model.config import HSAEConfig
@@ -21,19 +20,43 @@ TRAINING = "training.json"
 
 
 def save_hsae(model: HSAE, folder: str | Path, training: dict | None = None) -> str | Path:
-    """Write the model to ``folder`` (created; a path or URL); tensors are saved contiguous on the
-    CPU. ``training``: where its training run ended (``training.json``)."""
+    """Write the model to ``folder`` (a path or URL), replacing it whole
+    (:func:`~hsae_core.common.fsio.replacing_folder`: no file is rewritten in place, none of an
+    older model survives, a failed save leaves the old folder); tensors are saved contiguous on
+    the CPU, byte-identical for identical content. ``training``: where its training run ended
+    (``training.json``)."""
     folder = fsio.as_location(folder)
+    _check_replaceable(folder)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    fsio.write_bytes(fsio.join(folder, WEIGHTS),
-                     save_bytes(tensors,
-                                metadata={"format": "hsae", "levels": str(model.n_levels)}))
-    fsio.write_bytes(fsio.join(folder, CONFIG), json.dumps(model.cfg.to_dict(), indent=2).encode())
-    save_forest(model.forest, fsio.join(folder, FOREST))
-    if training is not None:
-        fsio.write_bytes(fsio.join(folder, TRAINING),
-                         json.dumps(training, indent=2, sort_keys=True).encode())
+    weights = fsio.safetensors_bytes(tensors, {"format": "hsae",
+                                               "levels": str(model.n_levels)})
+    with fsio.replacing_folder(folder) as tmp:
+        fsio.write_bytes(fsio.join(tmp, WEIGHTS), weights)
+        fsio.write_bytes(fsio.join(tmp, CONFIG),
+                         json.dumps(model.cfg.to_dict(), indent=2).encode())
+        save_forest(model.forest, fsio.join(tmp, FOREST))
+        if training is not None:
+            fsio.write_bytes(fsio.join(tmp, TRAINING),
+                             json.dumps(training, indent=2, sort_keys=True).encode())
     return folder
+
+
+def _check_replaceable(folder: str | Path) -> None:
+    """``folder`` is absent or holds a saved model only: it is replaced whole, so a folder with
+    anything else in it (``--out .`` by mistake) is refused."""
+    if not fsio.exists(folder):
+        return
+    if fsio.is_url(folder):
+        fs, p = fsio.filesystem(folder)
+        names = {str(e).rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(p, detail=False)}
+    elif Path(folder).is_dir():
+        names = {e.name for e in Path(folder).iterdir()}
+    else:
+        raise ValueError(f"{folder} is a file, not a model folder: choose another output")
+    other = sorted(names - {WEIGHTS, CONFIG, FOREST, TRAINING})
+    if other:
+        raise ValueError(f"{folder} holds files other than a saved model ({', '.join(other[:5])})"
+                         ": not replacing it; choose a folder of its own")
 
 
 def load_training(folder: str | Path) -> dict | None:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hsae_core.common import fsio
 from hsae_core.model.forest import Forest
 
 from .stats import ForestStats
@@ -173,19 +174,21 @@ def _depth_first(nodes: list[dict]) -> list[dict]:
 
 def write_site(out: str | Path, views: Sequence[ModelView], *, title: str = "HSAE feature forest",
                contexts_per_feature: int = 8, info: dict | None = None) -> Path:
-    """Write the browser for ``views`` into ``out`` (replaced). Returns ``out/index.html``."""
+    """Write the browser for ``views`` into ``out``, replaced whole (written under a temporary
+    name, then swapped in: no file of the old site is rewritten in place). Returns
+    ``out/index.html``."""
     out = Path(out)
-    if out.exists():
-        shutil.rmtree(out)
-    (out / "data").mkdir(parents=True)
-    for name in ("index.html", "app.js", "style.css"):
-        shutil.copy(ASSETS / name, out / name)
-    overview = {"title": title, "info": info or {}, "models": []}
-    for view in views:
-        folder = out / "data" / view.name
-        folder.mkdir()
-        overview["models"].append(_write_model(folder, view, contexts_per_feature))
-    (out / "data" / "overview.js").write_text(_script("overview", overview), encoding="utf-8")
+    with fsio.replacing_folder(out) as tmp:
+        (tmp / "data").mkdir()
+        for name in ("index.html", "app.js", "style.css"):
+            shutil.copy(ASSETS / name, tmp / name)
+        overview = {"title": title, "info": info or {}, "models": []}
+        for view in views:
+            folder = tmp / "data" / view.name
+            folder.mkdir()
+            overview["models"].append(_write_model(folder, view, contexts_per_feature))
+        (tmp / "data" / "overview.js").write_text(_script("overview", overview),
+                                                  encoding="utf-8")
     return out / "index.html"
 
 

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from hsae_core.common import fsio
+
 HSAE_C, BASE_C, RAND_C, MISSING_C = "#e07b00", "#4c72b0", "#999999", "#dddddd"
 
 
@@ -23,16 +25,21 @@ def _plt():
     import matplotlib
 
     matplotlib.use("Agg")
+    matplotlib.rcParams["svg.hashsalt"] = "hsae"  # fixed SVG element ids (random by default)
     import matplotlib.pyplot as plt
 
     return plt
 
 
 def _save(fig, out: Path, stem: str) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
+    """``<out>/<stem>.png`` and ``.svg``, each written to a temporary name and renamed into
+    place (never rewritten in place); the SVG without a date, so equal figures are equal
+    files."""
     paths = [out / f"{stem}.png", out / f"{stem}.svg"]
-    fig.savefig(paths[0], dpi=130, bbox_inches="tight")
-    fig.savefig(paths[1], bbox_inches="tight")
+    with fsio.atomic_path(paths[0]) as tmp:
+        fig.savefig(tmp, format="png", dpi=130, bbox_inches="tight")
+    with fsio.atomic_path(paths[1]) as tmp:
+        fig.savefig(tmp, format="svg", bbox_inches="tight", metadata={"Date": None})
     _plt().close(fig)
     return paths
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hsae_core.common import fsio
 from hsae_core.evaluation.evidence import PAD, Evidence
 from hsae_core.model.hsae import HSAE
 
@@ -197,7 +198,7 @@ def build_report(out: Path, models: dict[str, HSAE], batches: Batches, cfg: Repo
                                 "unrelated": p.unrelated} for p in panels],
                "trees": {v.name: len(TreeIndex.of(v.forest).tree_roots()) for v in views},
                "eval_tokens": {k: s.tokens for k, s in stats.items()}}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    fsio.write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     log(f"report: figures -> {fig_dir}")
     return summary
 
