@@ -58,13 +58,14 @@ class HSAEConfig:
     # --- sparsity (Appendix A.2) ---
     target_l0: float = 50.0
     """Target mean number of active features per token, shared by every level."""
-    l0_ema_momentum: float = 0.999
-    """EMA momentum of the tracked L0 in the sparsity controller."""
-    l0_decay_rate: float = 0.001
-    """eta: desired L0 velocity is -eta * (L0_ema - target)."""
+    l0_ema_momentum: float = 0.95
+    """EMA momentum of the tracked L0 in the sparsity controller (paper: 0.999; with eta =
+    1 - momentum the controller is bang-bang, see hsae_core.model.sparsity)."""
+    l0_decay_rate: float = 0.01
+    """eta: desired L0 velocity is -eta * (L0_ema - target) (paper: 0.001)."""
     lambda_init: float = 0.1
     """Initial sparsity weight lambda_l of every level."""
-    lambda_rate: float = 0.01
+    lambda_rate: float = 0.02
     """Multiplicative step of the controller: lambda *= exp(+-lambda_rate) each step."""
 
     # --- optimisation (Appendix A.1) ---
@@ -81,11 +82,6 @@ class HSAEConfig:
     dead_window_tokens: int = 1_000_000
     """A feature that has not fired for this many tokens is dead and gets ghost grads
     (Jermyn & Templeton 2024); 0 disables ghost grads."""
-    pre_act_loss: float = 0.0
-    """Coefficient c of the pre-activation loss on dead features (Anthropic 2025, SAELens's
-    ``pre_act_loss_coefficient``): ``c * mean_tokens sum_dead relu(theta_i - pre_i)``. Ghost
-    grads move a dead feature's direction, never its threshold; this term lowers the threshold
-    and raises the pre-activation until the feature fires again. 0 disables it."""
     resample_interval: int = 0
     """Every this many steps, resample each dead feature (Bricken et al. 2023, adapted to
     JumpReLU): its decoder row becomes the direction of a badly reconstructed token of the batch
@@ -139,7 +135,6 @@ class HSAEConfig:
                "two numbers in [0, 1)")
         check_field(self, "dead_window_tokens", self.dead_window_tokens >= 0,
                     ">= 0 (0 = no ghost grads)")
-        check_field(self, "pre_act_loss", self.pre_act_loss >= 0, ">= 0 (0 = off)")
         check_field(self, "resample_interval", self.resample_interval >= 0, ">= 0 (0 = never)")
         check_field(self, "device", isinstance(self.device, str)
                     and self.device.split(":")[0] in ("cpu", "cuda", "mps"),

@@ -108,8 +108,7 @@ class HSAE(nn.Module):
             level_mse = residual.pow(2).sum(1).mean()
             mse.append(level_mse)
             if any_dead is not None and any_dead[l]:
-                ghost = ghost + ghost_grad_loss(lv, x, residual, dead[l], level_mse,
-                                                self.cfg.pre_act_loss)
+                ghost = ghost + ghost_grad_loss(lv, x, residual, dead[l], level_mse)
         return HSAEOutput(torch.stack(mse), torch.stack([c.l0 for c in codes]), pc, ghost,
                           torch.stack(sq_err), codes)
 

@@ -144,16 +144,14 @@ class JumpReLULevel(nn.Module):
 
 
 def ghost_grad_loss(level: JumpReLULevel, x: torch.Tensor, residual: torch.Tensor,
-                    dead: torch.Tensor, mse: torch.Tensor, pre_act: float = 0.0) -> torch.Tensor:
-    """Ghost grads (Jermyn & Templeton 2024) for the dead features of one level, plus, with
-    ``pre_act > 0``, the pre-activation loss on them (Anthropic 2025; SAELens).
+                    dead: torch.Tensor, mse: torch.Tensor) -> torch.Tensor:
+    """Ghost grads (Jermyn & Templeton 2024) for the dead features of one level.
 
     The dead features' ``exp(pre)`` outputs, decoded and scaled to half the residual's norm,
     regress the (detached) residual; the loss is rescaled to the size of the main MSE so the
-    dead features get gradients of a useful magnitude. Ghost grads never reach a threshold: the
-    pre-activation loss ``pre_act * mean_tokens sum_dead relu(theta_i - pre_i)`` (decoder rows
-    have unit norm) lowers the thresholds and raises the pre-activations of dead features until
-    they fire again. Cost: one matmul over the dead columns.
+    dead features get gradients of a useful magnitude. Cost: one matmul over dead columns.
+    Ghost grads move a dead feature's direction, never its threshold, so on their own they
+    revive few JumpReLU features: see :func:`resample_dead_`.
     """
     idx = dead.nonzero(as_tuple=True)[0]
     if idx.numel() == 0:
@@ -164,10 +162,7 @@ def ghost_grad_loss(level: JumpReLULevel, x: torch.Tensor, residual: torch.Tenso
     scale = residual.norm(dim=1, keepdim=True) / (2 * ghost.norm(dim=1, keepdim=True) + 1e-6)
     ghost = ghost * scale.detach()
     ghost_mse = (ghost - residual).pow(2).sum(1).mean()
-    loss = ghost_mse * (mse.detach() / (ghost_mse.detach() + 1e-6))
-    if pre_act:
-        loss = loss + pre_act * (level.threshold[idx] - pre).relu().sum(1).mean()
-    return loss
+    return ghost_mse * (mse.detach() / (ghost_mse.detach() + 1e-6))
 
 
 @torch.no_grad()

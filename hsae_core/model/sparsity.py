@@ -1,9 +1,23 @@
 """Adaptive per-level sparsity weights (Appendix A.2): a velocity-based controller.
 
 The desired L0 trajectory is a first-order decay toward the target,
-``dL0* = -eta (L0_ema - target)``, with ``L0_ema`` an EMA (momentum 0.999) of the batch L0.
+``dL0* = -eta (L0_ema - target)``, with ``L0_ema`` an EMA (momentum m) of the batch L0.
 Each step the observed change of the EMA is compared with ``dL0*``: if L0 falls faster than
 desired, lambda_l is lowered, otherwise raised (multiplicatively, by ``exp(rate)``).
+
+With the paper's constants (m = 0.999, eta = 0.001 = 1 - m) the test degenerates: the observed
+change is ``(1 - m)(L0_batch - L0_ema)`` and the desired one ``(1 - m)(target - L0_ema)``, so
+"observed < desired" is exactly "L0_batch < target", a sign (bang-bang) controller on the batch
+L0 whose lambda moves by ``exp(+-rate)`` every step and multiplies by ``exp(rate n)`` over any
+run of n steps on one side of the target. With eta < 1 - m the velocity term survives: the test
+compares the batch L0 with ``L0_ema + eta / (1 - m) (target - L0_ema)``, so lambda stops rising
+once L0 already falls fast enough. The library's defaults (m = 0.95, eta = 0.01, rate = 0.02:
+a 20-step EMA, a 100-step desired decay) are that damped controller; configs/paper.yaml keeps
+the paper's constants. Measured on the embedded default's clean activations (1000 steps,
+levels 512 / 1024, dead features resampled): the paper's constants end L0 2.4% / 3.3% under
+target after a 16x lambda excursion (rate 0.01), or 11% / 2% over with lambda still rising
+(rate 0.02); the damped defaults 1.3% under / 2.7% over. With sink rows in the data the paper's
+constants had ended 20-30% under.
 """
 
 from __future__ import annotations

@@ -50,7 +50,7 @@ from hsae_core.model.sparsity import SparsityController
 LogFn = Callable[[int, dict], None]
 #: Dead features are resampled during the first 80% of the steps only: later the cosine-decayed
 #: learning rate is too small for a new feature to find its place, and it would only add to L0.
-RESAMPLE_UNTIL = 0.5
+RESAMPLE_UNTIL = 0.8
 CheckpointFn = Callable[["Trainer"], None]
 
 
