@@ -627,8 +627,9 @@ class _StopTraining(Exception):
 
 
 def train(args, run: Run, sz: dict, budget_s: float) -> dict:
-    """``--train-steps`` steps of the paper's recipe (hierarchy updates after each quarter of
-    the run, ghost grads) on the synthetic stream; L0 judged on the last tenth of the steps."""
+    """``--train-steps`` steps of the embedded default's short-run recipe (lr 3e-3, hierarchy
+    updates after each quarter of the run, ghost grads, dead features resampled) on the
+    synthetic stream; L0 judged on the last tenth of the steps."""
     device = args.device
     steps = args.train_steps
     src = stream(sz, device, seed=3)
@@ -641,7 +642,10 @@ def train(args, run: Run, sz: dict, budget_s: float) -> dict:
             raise _StopTraining()
 
     interval = -(-steps // 4)  # three updates, the last three quarters train with a forest
-    t = make_trainer(sz, device, independent=False, total_steps=steps, update_interval=interval)
+    # the short-run recipe of params.yaml: at the trainer's default lr (5e-4, for 100k-step runs)
+    # Adam moves a threshold at most ~lr per step, too little in 2,000 steps to reach the target
+    t = make_trainer(sz, device, independent=False, total_steps=steps, update_interval=interval,
+                     lr=3e-3, resample_interval=max(1, steps // 20))
     t.log_every, t.on_log = max(1, steps // 100), on_log
     out: dict = {"steps": steps, "target_l0": sz["l0"], "update_interval": interval}
     sync(device)
