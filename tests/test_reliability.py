@@ -323,3 +323,15 @@ def test_atomic_writes_replace_files_and_leave_them_on_failure(tmp_path):
         (tmp / "x").write_text("3")
     assert files_of(folder) == {"x": b"3"} and (tmp_path / "x-link").read_text() == "1"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "cache-copy", "f", "x-link"]
+
+
+def test_nonfinite_rows_in_every_storage_dtype():
+    from hsae_core.data.reader import nonfinite_rows
+    from hsae_core.data.store import to_storage
+
+    x = torch.ones(4, 3)
+    x[1, 2], x[3, 0] = float("nan"), float("-inf")
+    for dtype in ("float32", "float16", "bfloat16"):
+        assert nonfinite_rows(to_storage(x, dtype), dtype).tolist() == [1, 3], dtype
+    big = torch.full((2, 3), 3e38)  # finite float32 whose row sum would overflow
+    assert nonfinite_rows(to_storage(big, "float32"), "float32").tolist() == []
