@@ -10,6 +10,9 @@ carries its 95% document-bootstrap interval as ``m_lo`` / ``m_hi``::
                      p_parent_given_child_min<k>, p_child_given_parent_min<k>, links_min<k>,
                      pc_skipped, cp_skipped, parents_with_children, children_assigned, ...}
     <model>.mean.{the same, averaged over level pairs; l0, fve, dead_frac over levels}
+    <model>.pair<l> / .mean also: topic_coherence and doc_cooccurrence of the forest's links
+                   and of frequency-matched random pairs (``*_random``), links_scored
+                   (hsae_core.evaluation.semantic; topic coherence needs document labels)
     diff.<metric>: hsae minus posthoc of each mean, with a paired interval (both models are
                    resampled with the same documents)
     lm.{loss_clean, loss_zero, tokens}; eval_tokens; eval_documents
@@ -25,7 +28,7 @@ import torch
 from hsae_core.common.errors import check_field, is_int
 from hsae_core.data.reader import EvalActivations
 from hsae_core.data.store import StoreInfo
-from hsae_core.evaluation.bootstrap import interval
+from hsae_core.evaluation.bootstrap import doc_weights, interval
 from hsae_core.evaluation.evaluate import (
     Bootstrap,
     count_model,
@@ -33,6 +36,7 @@ from hsae_core.evaluation.evaluate import (
     summarize,
 )
 from hsae_core.evaluation.metrics import branching_stats
+from hsae_core.evaluation.semantic import SemanticConfig, document_labels, semantic_replicates
 from hsae_core.evaluation.splice import (
     SplicedLoss,
     batched_by_length,
@@ -59,8 +63,12 @@ class MetricsConfig:
     min_fires: int = 20
     """k of the restricted macro averages: links whose parent and child each fire at least k
     times on the eval tokens (``p_*_min<k>``)."""
+    link_min_docs: int = 5
+    """Eval documents each endpoint of a link must fire in for its semantic scores (topic
+    coherence, document co-occurrence; hsae_core.evaluation.semantic)."""
     seed: int = 0
-    """Seed of the bootstrap's document resamples (shared by both models: paired)."""
+    """Seed of the bootstrap's document resamples (shared by both models: paired) and of the
+    semantic scores' random control."""
     device: str = "cpu"
     """Torch device of the evaluation (SAEs and language model)."""
 
@@ -80,6 +88,8 @@ class MetricsConfig:
                     "an integer >= 0 (0 = no intervals)")
         check_field(self, "min_fires", is_int(self.min_fires) and self.min_fires >= 1,
                     "an integer >= 1")
+        check_field(self, "link_min_docs", is_int(self.link_min_docs) and self.link_min_docs >= 1,
+                    "an integer >= 1")
         check_field(self, "seed", is_int(self.seed) and self.seed >= 0, "an integer >= 0")
         check_field(self, "device", isinstance(self.device, str)
                     and self.device.split(":")[0] in ("cpu", "cuda", "mps"),
@@ -98,6 +108,16 @@ def eval_batches(store: StoreInfo, scale: float, cfg: MetricsConfig):
                                  max_tokens=cfg.eval_tokens):
         if batch.activations.shape[0] >= 2:
             yield batch
+
+
+def eval_labels(store: StoreInfo, docs: torch.Tensor) -> tuple[torch.Tensor | None, int]:
+    """The label of each eval document (the store's ``documents/label``; -1: none) and the
+    number of labels; ``(None, 0)`` when the corpus has no label column."""
+    arr = store.group["documents/label"]
+    names = list(arr.attrs.get("label_names", []))
+    if not names:
+        return None, 0
+    return document_labels(docs, arr[:]), len(names)
 
 
 def lm_metrics(models: dict[str, HSAE], store: StoreInfo, scale: float,
@@ -143,6 +163,12 @@ def compute_metrics(models: dict[str, HSAE], store: StoreInfo, scale: float,
     for name, model in models.items():
         counts = count_model(model.to(cfg.device), eval_batches(store, scale, cfg))
         reps[name] = replicate_metrics(counts, cfg.boot)
+        docs = counts.documents()
+        labels, n_labels = eval_labels(store, docs)
+        sem, _ = semantic_replicates(counts, doc_weights(docs.numel(), cfg.bootstrap, cfg.seed),
+                                     labels, n_labels, SemanticConfig(cfg.link_min_docs,
+                                                                      seed=cfg.seed))
+        reps[name].update(sem)
         out[name] = summarize(reps[name], cfg.bootstrap > 0)
         for l, branch in enumerate(branching_stats(counts.forest)):
             out[name][f"pair{l}"].update(branch)
@@ -173,6 +199,8 @@ def compute_metrics(models: dict[str, HSAE], store: StoreInfo, scale: float,
 
 #: Rows of the table: (label, key) per level, per pair and for the means.
 LEVEL_ROWS = ("l0", "fve", "dead_frac", "dead_frac_train", "lm_loss", "lm_loss_recovered")
+SEMANTIC_ROWS = ("topic_coherence", "topic_coherence_random", "doc_cooccurrence",
+                 "doc_cooccurrence_random", "links_scored")
 PAIR_ROWS = ("hamming", "hamming_per_parent", "p_parent_given_child", "p_child_given_parent",
              "p_parent_given_child_pooled", "p_child_given_parent_pooled",
              "parents_with_children", "children_assigned", "children_mean", "children_max")
@@ -204,7 +232,7 @@ def format_table(metrics: dict, models: tuple[str, ...] = ("hsae", "posthoc")) -
             row(f"pair {l}-{l + 1} {key}", f"pair{l}", key)
     for key in ("hamming", "hamming_per_parent", "p_parent_given_child", "p_child_given_parent",
                 "p_parent_given_child_pooled", "p_child_given_parent_pooled", *restricted,
-                "fve", "l0", "dead_frac", "dead_frac_train"):
+                *SEMANTIC_ROWS, "fve", "l0", "dead_frac", "dead_frac_train"):
         if key in metrics[names[0]].get("mean", {}):
             row(f"mean {key}", "mean", key)
     if "lm" in metrics:

@@ -95,7 +95,7 @@ def replicate_metrics(counts: EvalCounts, boot: Bootstrap) -> dict[str, torch.Te
 
 
 #: Metrics that are counts or fractions of the forest's own structure: no interval.
-NO_INTERVAL = ("pc_skipped", "cp_skipped", "links_min", "dead_frac")
+NO_INTERVAL = ("pc_skipped", "cp_skipped", "links_", "dead_frac")
 
 
 def summarize(reps: dict[str, torch.Tensor], with_intervals: bool) -> dict:
