@@ -145,6 +145,50 @@ def fig3_hierarchy(out: Path, metrics: dict | None, judge_pairs: Sequence[dict] 
 
 # ----- ablations (Figures 4, 7, 9) and the trade-off (Figure 8) --------------------------------
 
+def fig_semantic(out: Path, metrics: dict | None) -> list[Path]:
+    """Beside Figure 3: do links mean something? (a) topic coherence and (b) document
+    co-occurrence of the HSAE's and the post-hoc forest's links, each beside frequency-matched
+    random pairs of its own features, per level pair and on average, with 95% intervals
+    (metrics/metrics.json, hsae_core.evaluation.semantic)."""
+    title = "Semantic scores of links vs frequency-matched random pairs (95% intervals)"
+    if not metrics or "doc_cooccurrence" not in metrics.get("hsae", {}).get("mean", {}):
+        return missing_figure(out, "fig_semantic", title,
+                              "no semantic scores in metrics/metrics.json: run "
+                              "`dvc repro compute-metrics`")
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
+    pairs = sorted(int(k[4:]) for k in metrics["hsae"] if k.startswith("pair"))
+    labels = [f"{p}\u2192{p + 1}" for p in pairs] + ["mean"]
+    x = np.arange(len(labels))
+    series = (("hsae", "", HSAE_C, "HSAE links"), ("hsae", "_random", "#f3c27f", "HSAE random"),
+              ("posthoc", "", BASE_C, "post-hoc links"),
+              ("posthoc", "_random", "#a9bcdd", "post-hoc random"))
+    for ax, key, name in ((axes[0], "topic_coherence", "(a) topic coherence \u2191"),
+                          (axes[1], "doc_cooccurrence", "(b) P(parent in doc | child) \u2191")):
+        if key not in metrics["hsae"]["mean"]:
+            _note(ax, "the corpus has no label column (extract.label_column): no topics")
+            ax.set_title(name, fontsize=10)
+            continue
+        for k, (model, suffix, color, label) in enumerate(series):
+            groups = [metrics[model].get(f"pair{p}", {}) for p in pairs]
+            groups.append(metrics[model].get("mean", {}))
+            m = key + suffix
+            vals = np.array([g.get(m) if _ok(g.get(m)) else np.nan for g in groups])
+            lo = np.array([g.get(f"{m}_lo") if _ok(g.get(f"{m}_lo")) else np.nan for g in groups])
+            hi = np.array([g.get(f"{m}_hi") if _ok(g.get(f"{m}_hi")) else np.nan for g in groups])
+            err = np.nan_to_num(np.vstack([vals - lo, hi - vals]), nan=0.0).clip(min=0)
+            ax.bar(x + (k - 1.5) * 0.2, vals, 0.2, color=color, label=label, yerr=err,
+                   capsize=2, error_kw={"elinewidth": 0.8})
+        ax.axhline(0, color="black", lw=0.6)
+        ax.set_xticks(x, labels)
+        ax.set_xlabel("level pair")
+        ax.set_title(name, fontsize=10)
+        ax.legend(fontsize=7, ncol=2)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return _save(fig, out, "fig_semantic")
+
+
 def _norm(v) -> str:
     try:
         return f"{float(v):g}"

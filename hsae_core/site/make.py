@@ -154,6 +154,7 @@ def build_report(out: Path, models: dict[str, HSAE], batches: Batches, cfg: Repo
         written[name] = [str(p) for p in paths]
 
     keep("fig3", figures.fig3_hierarchy(fig_dir, metrics, judge_pairs, judge_note))
+    keep("fig_semantic", figures.fig_semantic(fig_dir, metrics))
     keep("fig4", figures.fig_ablation(
         fig_dir, "fig4_mechanisms", "Figure 4: ablation of training mechanisms", ablation_rows, [
             ("Baseline\n(post-hoc)", "post-hoc Hamming", {}),
