@@ -284,18 +284,22 @@ def test_saved_models_exports_and_evidence_are_byte_identical(stores, tmp_path):
     assert same(load_hsae(tmp_path / "m0"), model)
 
 
-def test_a_model_folder_is_replaced_whole_and_never_a_foreign_one(tmp_path):
+def test_a_model_folder_is_replaced_file_by_file_not_in_place(tmp_path):
     model = HSAE(HSAEConfig(d_model=8, level_sizes=(4, 8), target_l0=2))
     save_hsae(model, tmp_path / "m", training={"step": 1})
+    (tmp_path / "m" / "notes.txt").write_text("keep")  # not the model's: left alone
+    cached = {p.name: tmp_path / f"cache-{p.name}" for p in (tmp_path / "m").iterdir()}
+    for name, link in cached.items():
+        link.hardlink_to(tmp_path / "m" / name)  # what DVC's hardlink cache does
+    before = {name: link.read_bytes() for name, link in cached.items()}
+    with torch.no_grad():
+        model.levels[0].b_dec += 1
     save_hsae(model, tmp_path / "m")  # without training.json now: the old one must not survive
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [
-        "config.json", "forest.json", "model.safetensors"]
-    (tmp_path / "mine").mkdir()
-    (tmp_path / "mine" / "notes.txt").write_text("keep")
-    with pytest.raises(ValueError, match=r"holds files other than a saved model \(notes.txt\)"):
-        save_hsae(model, tmp_path / "mine")
-    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporaries left
+        "config.json", "forest.json", "model.safetensors", "notes.txt"]
+    assert {name: link.read_bytes() for name, link in cached.items()} == before
+    assert torch.equal(load_hsae(tmp_path / "m").levels[0].b_dec, model.levels[0].b_dec)
+    assert not [p for p in tmp_path.rglob(".*")]  # no temporaries left
 
 
 def test_atomic_writes_replace_files_and_leave_them_on_failure(tmp_path):

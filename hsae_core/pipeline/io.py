@@ -20,43 +20,25 @@ TRAINING = "training.json"
 
 
 def save_hsae(model: HSAE, folder: str | Path, training: dict | None = None) -> str | Path:
-    """Write the model to ``folder`` (a path or URL), replacing it whole
-    (:func:`~hsae_core.common.fsio.replacing_folder`: no file is rewritten in place, none of an
-    older model survives, a failed save leaves the old folder); tensors are saved contiguous on
+    """Write the model to ``folder`` (created; a path or URL); tensors are saved contiguous on
     the CPU, byte-identical for identical content. ``training``: where its training run ended
-    (``training.json``)."""
+    (``training.json``; an older one is removed when None). Every file is serialised before
+    the first is written, and each replaces the old one by a rename
+    (:func:`~hsae_core.common.fsio.write_bytes`: never rewritten in place); other files in
+    ``folder`` are left alone."""
     folder = fsio.as_location(folder)
-    _check_replaceable(folder)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    weights = fsio.safetensors_bytes(tensors, {"format": "hsae",
-                                               "levels": str(model.n_levels)})
-    with fsio.replacing_folder(folder) as tmp:
-        fsio.write_bytes(fsio.join(tmp, WEIGHTS), weights)
-        fsio.write_bytes(fsio.join(tmp, CONFIG),
-                         json.dumps(model.cfg.to_dict(), indent=2).encode())
-        save_forest(model.forest, fsio.join(tmp, FOREST))
-        if training is not None:
-            fsio.write_bytes(fsio.join(tmp, TRAINING),
-                             json.dumps(training, indent=2, sort_keys=True).encode())
+    files = {WEIGHTS: fsio.safetensors_bytes(tensors, {"format": "hsae",
+                                                       "levels": str(model.n_levels)}),
+             CONFIG: json.dumps(model.cfg.to_dict(), indent=2).encode(),
+             FOREST: forest_bytes(model.forest)}
+    if training is not None:
+        files[TRAINING] = json.dumps(training, indent=2, sort_keys=True).encode()
+    elif fsio.exists(fsio.join(folder, TRAINING)):
+        fsio.remove(fsio.join(folder, TRAINING))  # it described another run
+    for name, data in files.items():
+        fsio.write_bytes(fsio.join(folder, name), data)
     return folder
-
-
-def _check_replaceable(folder: str | Path) -> None:
-    """``folder`` is absent or holds a saved model only: it is replaced whole, so a folder with
-    anything else in it (``--out .`` by mistake) is refused."""
-    if not fsio.exists(folder):
-        return
-    if fsio.is_url(folder):
-        fs, p = fsio.filesystem(folder)
-        names = {str(e).rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(p, detail=False)}
-    elif Path(folder).is_dir():
-        names = {e.name for e in Path(folder).iterdir()}
-    else:
-        raise ValueError(f"{folder} is a file, not a model folder: choose another output")
-    other = sorted(names - {WEIGHTS, CONFIG, FOREST, TRAINING})
-    if other:
-        raise ValueError(f"{folder} holds files other than a saved model ({', '.join(other[:5])})"
-                         ": not replacing it; choose a folder of its own")
 
 
 def load_training(folder: str | Path) -> dict | None:
@@ -65,9 +47,14 @@ def load_training(folder: str | Path) -> dict | None:
     return fsio.read_json(path) if fsio.exists(path) else None
 
 
+def forest_bytes(forest: Forest) -> bytes:
+    """``{"level_sizes": [...], "parent_of": [[...], ...]}`` as JSON bytes."""
+    return json.dumps(forest.to_dict()).encode()
+
+
 def save_forest(forest: Forest, path: str | Path) -> None:
-    """``{"level_sizes": [...], "parent_of": [[...], ...]}`` at a path or URL."""
-    fsio.write_bytes(fsio.as_location(path), json.dumps(forest.to_dict()).encode())
+    """:func:`forest_bytes` at a path or URL (atomically)."""
+    fsio.write_bytes(fsio.as_location(path), forest_bytes(forest))
 
 
 def load_forest(path: str | Path) -> Forest:
