@@ -339,3 +339,25 @@ def test_nonfinite_rows_in_every_storage_dtype():
         assert nonfinite_rows(to_storage(x, dtype), dtype).tolist() == [1, 3], dtype
     big = torch.full((2, 3), 3e38)  # finite float32 whose row sum would overflow
     assert nonfinite_rows(to_storage(big, "float32"), "float32").tolist() == []
+
+
+def test_atomic_writes_at_urls():
+    fs = fsspec_memory()
+    url = "memory://reliability-urls/export"
+    with fsio.replacing_folder(url) as tmp:
+        fsio.write_text(fsio.join(tmp, "a/x.json"), "1")
+        fsio.write_text(fsio.join(tmp, "b.json"), "2")
+    with pytest.raises(RuntimeError):
+        with fsio.replacing_folder(url) as tmp:
+            fsio.write_text(fsio.join(tmp, "c.json"), "3")
+            raise RuntimeError("killed")
+    assert sorted(fs.find("/reliability-urls")) == ["/reliability-urls/export/a/x.json",
+                                                     "/reliability-urls/export/b.json"]
+    with fsio.replacing_folder(url) as tmp:
+        fsio.write_text(fsio.join(tmp, "c.json"), "3")
+    with fsio.atomic_path(fsio.join(url, "d.png")) as tmp:
+        tmp.write_bytes(b"png")
+    assert sorted(fs.find("/reliability-urls")) == ["/reliability-urls/export/c.json",
+                                                     "/reliability-urls/export/d.png"]
+    assert fsio.read_bytes(fsio.join(url, "d.png")) == b"png"
+    fs.rm("/reliability-urls", recursive=True)

@@ -33,6 +33,7 @@ def corrupted(root: Path) -> list[str]:
     return bad
 
 
+@pytest.mark.slow  # about 4.5 min on 2 busy CPU cores: a dvc repro and 20 stage runs
 def test_stages_run_by_hand_never_rewrite_the_dvc_cache(tmp_path, monkeypatch):
     params = micro_params(*micro_assets(tmp_path / "assets"))
     params["sae"] |= {"total_steps": 20}
