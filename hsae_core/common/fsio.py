@@ -65,9 +65,7 @@ def remove(path: PathLike) -> None:
         fs, p = filesystem(path)
         if fs.exists(p):
             fs.rm(p, recursive=True)
-    elif Path(path).is_dir():
-        import shutil
-
+    elif Path(path).is_dir() and not Path(path).is_symlink():
         shutil.rmtree(path)
     else:
         Path(path).unlink(missing_ok=True)
@@ -82,9 +80,9 @@ def _token() -> str:
     return f"{os.getpid()}-{secrets.token_hex(4)}"
 
 
-def _local_temp(path: Path, kind: str = "tmp") -> Path:
+def _local_temp(path: Path) -> Path:
     """A hidden name beside ``path`` (same folder, so a rename is atomic), same suffix."""
-    return path.with_name(f".{path.stem}.{kind}-{_token()}{path.suffix}")
+    return path.with_name(f".{path.stem}.tmp-{_token()}{path.suffix}")
 
 
 def write_bytes(path: PathLike, data: bytes) -> None:
