@@ -186,8 +186,8 @@ def train_on_store(cfg: HSAEConfig, store: str | Path | StoreInfo, scale: float 
     try:
         model = trainer.fit(reader)
     except FloatingPointError as err:
-        raise FloatingPointError(f"{name}: {err} (every input row read was finite: the store's "
-                                 "rows are checked as they are read, so the training itself "
+        raise FloatingPointError(f"{err} (every input row read was finite: the store's rows "
+                                 "are checked as they are read, so the training itself "
                                  "diverged)") from err
     if on_finish is not None:
         on_finish(trainer)
