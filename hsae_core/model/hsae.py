@@ -91,6 +91,9 @@ class HSAE(nn.Module):
         self._ensure_packed(x.shape[0])
         codes = [lv.encode(x) for lv in self.levels]
         zero = x.new_zeros(())
+        if swapped is not None:  # one host read for every level's "any swap?", not one per use
+            hits = torch.stack([s.any() for s in swapped]).tolist()
+            swapped = [s if hit else None for s, hit in zip(swapped, hits)]
         entries = self._pair_entries(codes, swapped, with_pc)
         recons, swap_in, pc = self._decode_all(codes, swapped, entries, with_pc)
         mse, sq_err, ghost = [], [], zero
@@ -117,7 +120,7 @@ class HSAE(nn.Module):
         """Per level pair, the child entries with a parent (shared by swap and PC), where used."""
         out: list[PairEntries | None] = []
         for l in range(self.n_levels - 1):
-            used = (swapped is not None and bool(swapped[l].any())) or (
+            used = (swapped is not None and swapped[l] is not None) or (
                 with_pc and self.forest.links(l).kids.numel() > 0)
             out.append(PairEntries.build(codes[l + 1].pattern, self.forest.parent_of[l],
                                          self.levels[l].n_features) if used else None)
@@ -132,7 +135,7 @@ class HSAE(nn.Module):
         keep: list[torch.Tensor | None] = [None] * n
         take: list[torch.Tensor | None] = [None] * n
         for l in range(n - 1):
-            if swapped is not None and bool(swapped[l].any()):
+            if swapped is not None and swapped[l] is not None:
                 keep[l], take[l + 1] = swap_masks(codes[l].pattern, entries[l], swapped[l])
         pairs = (pc_pairs(codes, self.forest, entries)
                  if with_pc and not self.forest.is_empty() else [])
