@@ -1,9 +1,11 @@
-"""Stage collect-evidence: per feature of every level, the top and activation-sampled contexts
-of the eval split (Appendix C; format in hsae_core.evaluation.evidence) for the HSAE and the
-independent baseline -> data/evidence/hsae/ and data/evidence/baseline/.
+"""Stages evidence-hsae and evidence-baseline: per feature of every level of one model, the
+top and activation-sampled contexts of the eval split (Appendix C; format in
+hsae_core.evaluation.evidence) -> data/evidence/<name>/. One stage per model, so an ablation
+of the HSAE leaves the baseline's evidence alone.
 
-    python -m stages.collect_evidence [--params params.yaml] [--hsae data/hsae]
-        [--baseline data/baseline] [--out data/evidence]
+    python -m stages.collect_evidence --name hsae --model data/hsae --out data/evidence/hsae
+    python -m stages.collect_evidence --name baseline --model data/baseline \
+        --out data/evidence/baseline   [--params params.yaml] [--store ...]
 
 Reads ``evidence:``. Token strings come from the store's model tokenizer (vocab.json).
 """
@@ -43,40 +45,38 @@ def load_tokenizer(model: str):
 @app.command()
 def main(
     params: Path = typer.Option(Path("params.yaml"), help="params file (section evidence)"),
-    hsae: Path = typer.Option(Path("data/hsae"), help="trained HSAE"),
-    baseline: Path = typer.Option(Path("data/baseline"),
-                                  help="independent SAEs (forest: data/posthoc)"),
+    name: str = typer.Option("hsae", help="hsae or baseline (recorded in the evidence)"),
+    model: Path = typer.Option(Path("data/hsae"),
+                               help="the model (the baseline: data/baseline; its forest is in "
+                                    "data/posthoc)"),
     store: Path = typer.Option(Path("data/activations.zarr"),
                                help="activation store (eval split)"),
     normalization: Path = typer.Option(Path("data/normalization.json"), help="normalisation JSON"),
-    out: Path = typer.Option(Path("data/evidence"),
-                             help="output folder (one subfolder per model)"),
+    out: Path = typer.Option(Path("data/evidence/hsae"), help="output folder"),
 ) -> None:
     try:
         cfg = section_config(load_params(params), "evidence", EvidenceConfig)
         info = open_store(store)
         scale = resolve_scale(normalization, info)
-        folders = {"hsae": hsae, "baseline": baseline}
-        models = load_for_store(folders, info.d_model, store, cfg.device)
+        sae = load_for_store({name: model}, info.d_model, store, cfg.device)[name]
         vocab = decode_vocab(load_tokenizer(info.attrs["model"]))
     except (ValueError, FileNotFoundError, OSError) as err:
-        rprint(f"[red]collect-evidence: {err}[/red]")
+        rprint(f"[red]evidence-{name}: {err}[/red]")
         raise typer.Exit(2) from err
 
     def batches():
         return EvalActivations(info, scale, batch_size=cfg.batch_size, max_tokens=cfg.eval_tokens)
 
-    for name, model in models.items():
-        t0 = time.perf_counter()
-        levels = collect_evidence(model, batches, cfg)
-        meta = {"source": name, "model_dir": str(folders[name]), "store": str(store),
-                "lm": info.attrs["model"], "layer": info.attrs["layer"],
-                "eval_tokens": min(info.n_rows("eval"), cfg.eval_tokens or 10**18)}
-        save_evidence(levels, out / name, vocab=vocab, meta=meta, cfg=cfg)
-        with_ex = [int((ev.rows[:, 0] >= 0).sum()) for ev in levels]
-        print(f"collect-evidence: {name}: {meta['eval_tokens']} eval tokens, features with "
-              f"examples per level {with_ex} of {[ev.n_features for ev in levels]} "
-              f"({time.perf_counter() - t0:.1f} s) -> {out / name}")
+    t0 = time.perf_counter()
+    levels = collect_evidence(sae, batches, cfg)
+    meta = {"source": name, "model_dir": str(model), "store": str(store),
+            "lm": info.attrs["model"], "layer": info.attrs["layer"],
+            "eval_tokens": min(info.n_rows("eval"), cfg.eval_tokens or 10**18)}
+    save_evidence(levels, out, vocab=vocab, meta=meta, cfg=cfg)
+    with_ex = [int((ev.rows[:, 0] >= 0).sum()) for ev in levels]
+    print(f"evidence-{name}: {meta['eval_tokens']} eval tokens, features with examples per "
+          f"level {with_ex} of {[ev.n_features for ev in levels]} "
+          f"({time.perf_counter() - t0:.1f} s) -> {out}")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,11 @@
 """Stage compute-metrics: the HSAE and the post-hoc baseline on the eval split (§4.2, App. D)
--> metrics/metrics.json (``dvc metrics show/diff``) and metrics/table.md (printed at the end).
+-> metrics/metrics.json (every metric), metrics/headline.json (the paper's headline numbers;
+both read by ``dvc metrics show/diff``) and metrics/table.md (printed at the end). Layout and
+names: hsae_core.evaluation.compute.
 
     python -m stages.compute_metrics [--params params.yaml] [--hsae data/hsae]
         [--posthoc data/posthoc] [--out metrics/metrics.json]
+        [--headline metrics/headline.json]
 
 Reads ``metrics:``. Streams the eval split (one batch in memory); the spliced next-token loss
 reloads the store's language model whole (hsae_core.evaluation.splice).
@@ -18,7 +21,13 @@ from rich import print as rprint
 from hsae_core.common import fsio
 from hsae_core.data.normalize import resolve_scale
 from hsae_core.data.store import open_store
-from hsae_core.evaluation.compute import MetricsConfig, compute_metrics, format_table, json_safe
+from hsae_core.evaluation.compute import (
+    MetricsConfig,
+    compute_metrics,
+    format_table,
+    headline,
+    json_safe,
+)
 from hsae_core.pipeline.io import load_for_store, load_training
 from hsae_core.pipeline.params import load_params, section_config
 
@@ -34,6 +43,8 @@ def main(
                               help="activation store (eval split) (path or fsspec URL)"),
     normalization: Path = typer.Option(Path("data/normalization.json"), help="normalisation JSON"),
     out: Path = typer.Option(Path("metrics/metrics.json"), help="metrics JSON"),
+    headline_out: Path = typer.Option(Path("metrics/headline.json"), "--headline",
+                                      help="the headline numbers' JSON"),
     table: Path = typer.Option(Path("metrics/table.md"), help="human-readable table"),
 ) -> None:
     try:
@@ -47,11 +58,12 @@ def main(
     except (ValueError, FileNotFoundError) as err:
         rprint(f"[red]compute-metrics: {err}[/red]")
         raise typer.Exit(2) from err
-    fsio.write_json(out, json_safe(metrics), sort_keys=True)  # atomic: a new file renamed
+    fsio.write_json(out, json_safe(metrics))  # atomic: a new file renamed; the order is kept
+    fsio.write_json(headline_out, json_safe(headline(metrics)))
     text = format_table(metrics)
     fsio.write_text(table, text + "\n")
     print(text)
-    print(f"compute-metrics: wrote {out} and {table}")
+    print(f"compute-metrics: wrote {out}, {headline_out} and {table}")
 
 
 if __name__ == "__main__":

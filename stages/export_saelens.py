@@ -1,13 +1,15 @@
-"""Stage export-saelens: every level of the HSAE and of the baseline (with its post-hoc forest) as
-SAELens-loadable JumpReLU SAE folders, forest JSON beside them -> data/export/ (issue 7).
+"""Stages export-hsae and export-baseline: every level of one model (the HSAE, or the baseline
+with its post-hoc forest) as SAELens-loadable JumpReLU SAE folders, forest JSON beside them
+-> data/export/<kind>/ (issue 7). One stage per model, so an ablation of the HSAE leaves the
+baseline's export alone.
 
-    python -m stages.export_saelens [--hsae data/hsae] [--baseline data/posthoc]
-        [--store data/activations.zarr] [--normalization data/normalization.json]
-        [--out data/export]
+    python -m stages.export_saelens --kind hsae --model data/hsae --out data/export/hsae
+    python -m stages.export_saelens --kind baseline --model data/posthoc \
+        --out data/export/baseline   [--store ...] [--normalization ...]
 
-Writes ``<out>/hsae/level<l>/{cfg.json, sae_weights.safetensors}``, ``<out>/hsae/forest.json``
-and the same under ``<out>/baseline/``. The normalisation scale is folded into the weights
-(inputs are raw residual-stream activations; hsae_core.interop.saelens). Load a level with
+Writes ``<out>/level<l>/{cfg.json, sae_weights.safetensors}``, ``<out>/forest.json`` and
+``<out>/export.json``. The normalisation scale is folded into the weights (inputs are raw
+residual-stream activations; hsae_core.interop.saelens). Load a level with
 ``sae_lens.SAE.load_from_disk("data/export/hsae/level0")``; run SAEBench with
 ``python -m stages.saebench_eval`` (hsae_core.interop.saebench). ``--out`` also takes an fsspec
 URL.
@@ -26,38 +28,39 @@ from hsae_core.data.store import open_store
 from hsae_core.interop.saelens import ExportMetadata, export_saelens
 from hsae_core.pipeline.io import load_hsae
 
+KINDS = ("hsae", "baseline")
+
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
 @app.command()
 def main(
-    hsae: str = typer.Option("data/hsae", help="trained HSAE (save_hsae folder)"),
-    baseline: str = typer.Option("data/posthoc", help="baseline with its post-hoc forest"),
+    kind: str = typer.Option("hsae", help="hsae or baseline (recorded in the metadata)"),
+    model: str = typer.Option("data/hsae", help="the model: a save_hsae folder (the baseline: "
+                                                "data/posthoc, which holds its forest)"),
     store: str = typer.Option("data/activations.zarr",
                               help="store (model, layer, context length)"),
     normalization: Path = typer.Option(Path("data/normalization.json"), help="normalisation JSON"),
-    out: str = typer.Option("data/export", help="export folder (path or fsspec URL)"),
+    out: str = typer.Option("data/export/hsae", help="export folder (path or fsspec URL)"),
 ) -> None:
     try:
+        if kind not in KINDS:
+            raise ValueError(f"--kind {kind!r}: expected one of {KINDS}")
         info = open_store(store)
         meta = ExportMetadata.from_store(info.attrs, resolve_scale(normalization, info))
-        models = {"hsae": load_hsae(hsae), "baseline": load_hsae(baseline)}
-        for kind, model in models.items():
-            if model.cfg.d_model != info.d_model:
-                raise ValueError(f"{kind} has d_model {model.cfg.d_model}, "
-                                 f"the store {info.d_model}")
+        sae = load_hsae(model)
+        if sae.cfg.d_model != info.d_model:
+            raise ValueError(f"{kind} has d_model {sae.cfg.d_model}, the store {info.d_model}")
     except (ValueError, FileNotFoundError) as err:
-        rprint(f"[red]export-saelens: {err}[/red]")
+        rprint(f"[red]export-{kind}: {err}[/red]")
         raise typer.Exit(2) from err
     # written whole under a temporary name, then swapped in: a stale level folder from a run
     # with more levels does not survive, and no file of the old export is rewritten in place
     with fsio.replacing_folder(out) as tmp:
-        for kind, model in models.items():
-            folders = export_saelens(model, fsio.join(tmp, kind), meta, kind=kind)
-            rprint(f"export-saelens: {kind}: {len(folders)} levels "
-                   f"{list(model.cfg.level_sizes)} -> {fsio.join(fsio.as_location(out), kind)}")
-    rprint(f"export-saelens: model {meta.model_name}, hook {meta.hook_name}, "
-           f"scale {meta.activation_scale:.6g} folded in")
+        folders = export_saelens(sae, tmp, meta, kind=kind)
+    rprint(f"export-{kind}: {len(folders)} levels {list(sae.cfg.level_sizes)} -> {out}; model "
+           f"{meta.model_name}, hook {meta.hook_name}, scale {meta.activation_scale:.6g} "
+           "folded in")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,20 @@
-"""Stage judge: an LLM judges sampled parent-child pairs of the HSAE forest, the post-hoc
-baseline forest and random non-linked pairs (§4.3, Appendix C) -> data/judge/pairs.jsonl
-(one record per pair) and metrics/judge.json (Yes rates with 95% intervals, ``dvc metrics``).
+"""Stages judge-hsae and judge-baseline: an LLM judges sampled parent-child pairs (§4.3,
+Appendix C) of the HSAE forest with random non-linked HSAE pairs as the base rate (side
+``hsae``), or of the post-hoc baseline forest (side ``baseline``) -> <out>/pairs.jsonl (one
+record per pair) and a metrics JSON (Yes rates with 95% intervals, ``dvc metrics``). One stage
+per side, so an ablation of the HSAE never asks about the baseline's pairs again.
 
-    python -m stages.judge [--params params.yaml] [--hsae data/hsae] [--posthoc data/posthoc]
-        [--evidence data/evidence] [--out data/judge] [--metrics metrics/judge.json]
+    python -m stages.judge --side hsae --out data/judge/hsae --metrics metrics/judge/hsae.json
+    python -m stages.judge --side baseline --out data/judge/baseline \
+        --metrics metrics/judge/baseline.json
+    python -m stages.judge          # --side both: every source in one run
+        [--params params.yaml] [--hsae data/hsae] [--posthoc data/posthoc]
+        [--evidence data/evidence]
 
-Reads ``judge:``. Answers are cached in <out>/cache (keyed by backend, model, settings and
-prompt), so a re-run or an interrupted run pays only for pairs not yet answered.
+Reads ``judge:``. Each side draws its pairs with a generator of its own (``judge.seed`` and the
+side), so one side's sample does not depend on the other's forest. Answers are cached in
+<out>/cache (keyed by backend, model, settings and prompt), so a re-run or an interrupted run
+pays only for pairs not yet answered.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import typer
 from rich import print as rprint
 
@@ -27,9 +36,21 @@ from hsae_core.judge.backends import (
     ResponseCache,
     RetryPolicy,
 )
-from hsae_core.judge.pairs import JudgeConfig, judge_pairs, sample_pairs, summarize
+from hsae_core.judge.pairs import (
+    JudgeConfig,
+    Pair,
+    judge_pairs,
+    sample_linked,
+    sample_random,
+    summarize,
+    with_orders,
+)
 from hsae_core.pipeline.io import load_forest
 from hsae_core.pipeline.params import load_params, section_config
+
+#: side -> (its linked source, its model's forest option, its evidence folder, other sources)
+SIDES = {"hsae": ("hsae", "hsae", "hsae", ("random",)),
+         "baseline": ("posthoc", "posthoc", "baseline", ())}
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -46,65 +67,96 @@ def make_backend(cfg: JudgeConfig):
                             answer_prefix=cfg.answer_prefix, device=cfg.device)
 
 
+def sample_side(side: str, forest, evidence, cfg: JudgeConfig) -> tuple[list[Pair], dict]:
+    """The pairs of one side: ``n_pairs`` links of its forest (hsae_core.judge.pairs.
+    sample_linked) and, for the HSAE, ``n_random`` random non-linked pairs in the links' level
+    mix; drawn with the generator (``cfg.seed``, side)."""
+    source, _, _, extra = SIDES[side]
+    rng = np.random.default_rng([cfg.seed, list(SIDES).index(side)])
+    links, skipped = sample_linked(forest, evidence, cfg.n_pairs, rng)
+    pairs = with_orders(source, links, rng)
+    if "random" in extra:
+        n_random = cfg.n_pairs if cfg.n_random is None else cfg.n_random
+        pairs += with_orders("random", sample_random(forest, evidence, [l for l, _, _ in links],
+                                                     rng, n_random), rng)
+    return pairs, {f"{source}_links_without_contexts": skipped}
+
+
 @app.command()
 def main(
     params: Path = typer.Option(Path("params.yaml"), help="params file (section judge)"),
+    side: str = typer.Option("both", help="hsae (HSAE links + random pairs), baseline "
+                                          "(post-hoc links) or both"),
     hsae: Path = typer.Option(Path("data/hsae"), help="trained HSAE (its forest.json)"),
     posthoc: Path = typer.Option(Path("data/posthoc"), help="baseline with its post-hoc forest"),
     evidence: Path = typer.Option(Path("data/evidence"),
-                                  help="collect-evidence output (hsae/, baseline/)"),
+                                  help="evidence folders (<evidence>/hsae, <evidence>/baseline)"),
     out: Path = typer.Option(Path("data/judge"), help="pairs.jsonl and the response cache"),
     metrics: Path = typer.Option(Path("metrics/judge.json"), help="metrics JSON"),
 ) -> None:
     t0 = time.perf_counter()
+    stage = "judge" if side == "both" else f"judge-{side}"
     try:
+        if side not in (*SIDES, "both"):
+            raise ValueError(f"--side {side!r}: expected hsae, baseline or both")
         cfg = section_config(load_params(params), "judge", JudgeConfig)
-        forests = {"hsae": load_forest(_need(hsae / "forest.json")),
-                   "posthoc": load_forest(_need(posthoc / "forest.json"))}
-        ev = {"hsae": load_evidence(evidence / "hsae"),
-              "posthoc": load_evidence(evidence / "baseline")}
-        ev["random"] = ev["hsae"]
-        for name, forest in forests.items():
-            got = tuple(ev[name].index["level_sizes"])
+        folders = {"hsae": hsae, "posthoc": posthoc}
+        pairs, info, ev = [], {}, {}
+        for name in (SIDES if side == "both" else (side,)):
+            source, model, folder, extra = SIDES[name]
+            forest = load_forest(_need(folders[model] / "forest.json"))
+            ev[source] = load_evidence(evidence / folder)
+            for other in extra:
+                ev[other] = ev[source]
+            got = tuple(ev[source].index["level_sizes"])
             if got != forest.level_sizes:
-                raise ValueError(f"evidence for {name} has level sizes {got}, its forest "
-                                 f"{forest.level_sizes}: "
-                                 "re-run collect-evidence on these models")
-        pairs, info = sample_pairs(forests, ev, cfg)
+                raise ValueError(f"evidence for {source} has level sizes {got}, its forest "
+                                 f"{forest.level_sizes}: re-run its evidence stage")
+            drawn, drawn_info = sample_side(name, forest, ev[source], cfg)
+            pairs += drawn
+            info |= drawn_info
         backend = make_backend(cfg)
     except (ValueError, FileNotFoundError, OSError, JudgeBackendError) as err:
-        rprint(f"[red]judge: {err}[/red]")
+        rprint(f"[red]{stage}: {err}[/red]")
         raise typer.Exit(2) from err
-    counts = {s: sum(p.source == s for p in pairs) for s in ("hsae", "posthoc", "random")}
-    print(f"judge: {counts} pairs, backend {backend.name} model {backend.model}")
+    sources = [s for s in ("hsae", "posthoc", "random") if s in ev]
+    counts = {s: sum(p.source == s for p in pairs) for s in sources}
+    print(f"{stage}: {counts} pairs, backend {backend.name} model {backend.model}")
     cache = ResponseCache(out / "cache")
     try:
         records = judge_pairs(pairs, ev, backend, cache, cfg.max_answer_chars)
     except JudgeBackendError as err:
-        rprint(f"[red]judge: {err}[/red]")
+        rprint(f"[red]{stage}: {err}[/red]")
         raise typer.Exit(2) from err
     finally:
         cache.close()
     # new files renamed into place: DVC links pairs.jsonl to its cache (never rewrite in place)
     fsio.write_text(out / "pairs.jsonl",
                     "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    summary = summarize(records) | {"sampling": info}
-    fsio.write_json(metrics, summary, sort_keys=True)
+    summary = {s: _rate_first(v) for s, v in summarize(records).items() if s in sources}
+    summary["sampling"] = info
+    fsio.write_json(metrics, summary)
     asked = sum(not r["cached"] for r in records)
-    print(f"judge: {len(records)} pairs, {asked} asked, {len(records) - asked} from cache, "
+    print(f"{stage}: {len(records)} pairs, {asked} asked, {len(records) - asked} from cache, "
           f"{sum(r['error'] is not None for r in records)} failed "
           f"({time.perf_counter() - t0:.0f} s)")
     cut = sum(r["raw_truncated"] for r in records)
     if cut:
-        print(f"judge: {cut} answers longer than judge.max_answer_chars = "
+        print(f"{stage}: {cut} answers longer than judge.max_answer_chars = "
               f"{cfg.max_answer_chars} were cut to it and recorded unparseable")
-    for source in ("hsae", "posthoc", "random"):
+    for source in sources:
         s = summary[source]
         shown = "n/a" if s["yes_rate"] is None else \
             f"{s['yes_rate']:.3f} [{s['yes_rate_lo']:.3f}, {s['yes_rate_hi']:.3f}]"
         print(f"  {source:8s} yes rate {shown} of {s['n_yes'] + s['n_no']} parsed, "
               f"{s['n_unparseable']} unparseable")
-    print(f"judge: wrote {out / 'pairs.jsonl'} and {metrics}")
+    print(f"{stage}: wrote {out / 'pairs.jsonl'} and {metrics}")
+
+
+def _rate_first(summary: dict) -> dict:
+    """The Yes rate and its interval first (the columns `dvc exp show` leads with)."""
+    first = ("yes_rate", "yes_rate_lo", "yes_rate_hi")
+    return {k: summary[k] for k in first} | {k: v for k, v in summary.items() if k not in first}
 
 
 def _need(path: Path) -> Path:

@@ -1,12 +1,16 @@
 """Stage report: the feature-forest browser and the paper's figures (issue 6) -> data/report/.
 
     python -m stages.report [--params params.yaml] [--hsae data/hsae] [--posthoc data/posthoc]
-        [--evidence data/evidence] [--judge data/judge/pairs.jsonl]
+        [--evidence data/evidence] [--judge data/judge/hsae/pairs.jsonl
+        --judge data/judge/baseline/pairs.jsonl] [--curves dvclive]
         [--metrics metrics/metrics.json] [--ablations metrics/ablations.json] [--out data/report]
 
-Reads ``report:``. Writes data/report/site/index.html (open it from disk: no server), the
-figures data/report/figures/fig*.{png,svg} and data/report/summary.json. The judge's pairs and
-the ablation results are optional: where one is missing, the site and the figures say so.
+Reads ``report:`` and ``rho``, ``r`` (Figure 8's reference point). Writes
+data/report/site/index.html (open it from disk: no server), the figures
+data/report/figures/fig*.{png,svg} (with fig_training: the training curves of
+dvclive/{hsae,baseline}, viewable offline) and data/report/summary.json. The judge's pairs, the
+curves and the ablation results are optional: where one is missing, the site and the figures
+say so.
 ``--ablations`` is either ``dvc exp show --json`` output (``dvc exp show --json >
 metrics/ablations.json`` once the queued ablations have run) or a JSON list of the rows of
 ``hsae_core.pipeline.ablations.experiment_rows``.
@@ -31,7 +35,7 @@ from hsae_core.pipeline.ablations import experiment_rows
 from hsae_core.pipeline.io import load_for_store
 from hsae_core.pipeline.params import load_params, section_config
 from hsae_core.site.config import ReportConfig
-from hsae_core.site.make import build_report, read_judge
+from hsae_core.site.make import build_report, read_curves, read_judge
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -54,15 +58,17 @@ def read_ablations(path: Path) -> tuple[list[dict] | None, str]:
 
 @app.command()
 def main(
-    params: Path = typer.Option(Path("params.yaml"),
-                                help="params file (sections report, hierarchy)"),
+    params: Path = typer.Option(Path("params.yaml"), help="params file (report, rho, r)"),
     hsae: Path = typer.Option(Path("data/hsae"), help="trained HSAE"),
     posthoc: Path = typer.Option(Path("data/posthoc"),
                                  help="baseline SAEs with their post-hoc forest"),
     evidence: Path = typer.Option(Path("data/evidence"),
                                   help="collected evidence (hsae/, baseline/)"),
-    judge: Path = typer.Option(Path("data/judge/pairs.jsonl"),
-                               help="the judge's verdicts (optional)"),
+    judge: list[Path] = typer.Option([Path("data/judge/hsae/pairs.jsonl"),
+                                      Path("data/judge/baseline/pairs.jsonl")],
+                                     help="the judge's verdicts, one file per side (optional)"),
+    curves: Path = typer.Option(Path("dvclive"),
+                                help="DVCLive folders <curves>/hsae, <curves>/baseline"),
     metrics: Path = typer.Option(Path("metrics/metrics.json"),
                                  help="compute-metrics output (Figure 3)"),
     ablations: Path = typer.Option(Path("metrics/ablations.json"),
@@ -88,19 +94,27 @@ def main(
                     and ev[name].index["level_sizes"] != list(models[name].cfg.level_sizes)):
                 raise ValueError(f"evidence {folder} has level sizes "
                                  f"{ev[name].index['level_sizes']}, the model "
-                                 f"{list(models[name].cfg.level_sizes)}: rerun collect-evidence")
+                                 f"{list(models[name].cfg.level_sizes)}: rerun evidence-{name}")
             if ev[name] is None:
                 rprint(f"[yellow]report: no evidence at {folder}: "
                        "the site shows no contexts[/yellow]")
-        judge_pairs, judge_note = read_judge(judge)
+        judge_pairs, notes = [], []
+        for path in judge:
+            pairs, note = read_judge(path)
+            judge_pairs += pairs or []
+            notes += [note] if note else []
+        judge_pairs, judge_note = judge_pairs or None, "; ".join(notes) or None
         metrics_data = json.loads(metrics.read_text()) if metrics.is_file() else None
         rows, how = read_ablations(ablations)
-        hier = all_params.get("hierarchy", {})
-        reference = {f"hierarchy.{k}": float(hier[k]) for k in ("rho", "swap_rate") if k in hier}
+        reference = {k: float(all_params[k]) for k in ("rho", "r") if k in all_params}
+        logged = {name: read_curves(curves / name, name) for name in ("hsae", "baseline")}
     except (ValueError, FileNotFoundError, ConfigError) as err:
         rprint(f"[red]report: {err}[/red]")
         raise typer.Exit(2) from err
-    print(f"report: judge: {judge_note or f'{len(judge_pairs)} pairs'}; ablations: {how}")
+    note = f" ({judge_note})" if judge_note else ""
+    print(f"report: judge: {len(judge_pairs or [])} pairs{note}"
+          f"; ablations: {how}; curves: "
+          + ", ".join(f"{k} {len(v)} series" for k, v in logged.items()))
     mcfg = MetricsConfig(eval_tokens=cfg.eval_tokens, batch_size=cfg.batch_size, lm_loss_tokens=0,
                          device=cfg.device)
 
@@ -111,7 +125,7 @@ def main(
 
     summary = build_report(out, models, batches, cfg, evidence=ev, judge_pairs=judge_pairs,
                            judge_note=judge_note, metrics=metrics_data, ablation_rows=rows,
-                           reference_params=reference)
+                           reference_params=reference, curves=logged)
     print(f"report: {summary['trees']} trees; open {summary['site']} in a browser "
           f"({time.perf_counter() - t0:.1f} s)")
 

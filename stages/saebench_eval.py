@@ -22,7 +22,7 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 @app.command()
 def main(
-    export: str = typer.Option("data/export", help="output of export-saelens"),
+    export: str = typer.Option("data/export", help="output of export-hsae and export-baseline"),
     evals: str = typer.Option("core,sparse_probing",
                               help=f"comma-separated, from {', '.join(EVALS)}"),
     model_name: str = typer.Option(..., help="TransformerLens name of the model, e.g. gemma-2-2b"),

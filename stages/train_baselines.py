@@ -3,8 +3,9 @@ no hierarchy updates; METHOD §4) -> data/baseline/.
 
     python -m stages.train_baselines [--params params.yaml] [--out data/baseline]
 
-Reads only ``sae:`` and ``train:``, so changing a ``hierarchy:`` key never re-runs it. Resumes
-from data/checkpoints/baseline.pt; curves in plots/train/baseline/level<l>.tsv.
+Reads only ``sae:`` and ``train:``, so changing ``rho``, ``r`` or a ``hierarchy:`` key never
+re-runs it. Resumes from data/checkpoints/baseline.pt; curves logged with DVCLive to
+dvclive/baseline/.
 """
 
 from __future__ import annotations
@@ -28,10 +29,11 @@ def main(
                             help="folder of the trained independent SAEs (path or URL)"),
     checkpoint: str = typer.Option("data/checkpoints/baseline.pt",
                                    help="resumable checkpoint (path or URL)"),
-    curves: Path = typer.Option(Path("plots/train/baseline"),
-                                help="folder of the per-level curves"),
+    curves: Path = typer.Option(Path("dvclive/baseline"),
+                                help="DVCLive folder of the per-level curves"),
 ) -> None:
-    train_stage("train-baselines", True, params, store, normalization, out, checkpoint, curves)
+    train_stage("train-baselines", "baseline", params, store, normalization, out, checkpoint,
+                curves)
 
 
 if __name__ == "__main__":

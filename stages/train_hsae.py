@@ -3,9 +3,10 @@
     python -m stages.train_hsae [--params params.yaml] [--store data/activations.zarr]
         [--normalization data/normalization.json] [--out data/hsae]
 
-Reads ``sae:`` + ``hierarchy:`` (HSAEConfig fields, d_model from the store) and ``train:``
-(checkpoints, curves). A killed run resumes from data/checkpoints/hsae.pt when rerun; live curves
-per level go to plots/train/hsae/level<l>.tsv (``dvc plots show``).
+Reads ``sae:`` + ``hierarchy:`` + ``rho`` + ``r`` (HSAEConfig fields, d_model from the store)
+and ``train:`` (checkpoints, curves). A killed run resumes from data/checkpoints/hsae.pt when
+rerun; the curves per level are logged with DVCLive to dvclive/hsae/ (``dvc exp show`` while it
+trains, ``dvc plots show``; layout in hsae_core.pipeline.train_run).
 
 Data-parallel on N processes (Gloo on CPU, NCCL on CUDA; rank 0 writes every output)::
 
@@ -30,7 +31,7 @@ from hsae_core.pipeline.train_run import TrainRunConfig, train_on_store
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
-def train_stage(stage: str, independent: bool, params: Path, store: str, normalization: Path,
+def train_stage(stage: str, name: str, params: Path, store: str, normalization: Path,
                 out: str, checkpoint: str, curves: Path) -> None:
     """Shared body of train-hsae and train-baselines: validate, train (resuming), save.
     Under torchrun every rank trains its slice of each batch and rank 0 writes the outputs."""
@@ -38,7 +39,7 @@ def train_stage(stage: str, independent: bool, params: Path, store: str, normali
         p = load_params(params)
         run = section_config(p, "train", TrainRunConfig)
         info = open_store(store)
-        cfg = hsae_config(p, info.d_model, independent=independent)
+        cfg = hsae_config(p, info.d_model, independent=name == "baseline")
         dist = init_from_env(cfg.device)
         if dist.is_main:
             ranks = f" on {dist.world_size} ranks ({dist.device})" if dist.active else ""
@@ -47,7 +48,7 @@ def train_stage(stage: str, independent: bool, params: Path, store: str, normali
                    f"tokens, rho {cfg.rho}, r {cfg.swap_rate}{ranks}")
         ended: dict = {}
         model = train_on_store(cfg, info, normalization, checkpoint=checkpoint, curves=curves,
-                               run=run, name=stage, dist=dist,
+                               run=run, name=name, dist=dist,
                                on_finish=lambda t: ended.update(t.summary()))
     except (ValueError, FloatingPointError) as err:
         # config, store (missing shards, NaN rows), device and normalisation errors and a
@@ -65,17 +66,17 @@ def train_stage(stage: str, independent: bool, params: Path, store: str, normali
 @app.command()
 def main(
     params: Path = typer.Option(Path("params.yaml"),
-                                help="params file (sections sae, hierarchy, train)"),
+                                help="params file (rho, r, sections sae, hierarchy, train)"),
     store: str = typer.Option("data/activations.zarr",
                               help="activation store (path or fsspec URL)"),
     normalization: Path = typer.Option(Path("data/normalization.json"), help="normalisation JSON"),
     out: str = typer.Option("data/hsae", help="folder of the trained HSAE (path or fsspec URL)"),
     checkpoint: str = typer.Option("data/checkpoints/hsae.pt",
                                    help="resumable checkpoint (path or URL)"),
-    curves: Path = typer.Option(Path("plots/train/hsae"),
-                                help="folder of the per-level training curves"),
+    curves: Path = typer.Option(Path("dvclive/hsae"),
+                                help="DVCLive folder of the per-level training curves"),
 ) -> None:
-    train_stage("train-hsae", False, params, store, normalization, out, checkpoint, curves)
+    train_stage("train-hsae", "hsae", params, store, normalization, out, checkpoint, curves)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,8 @@ def micro_params(model: str, corpus: str) -> dict:
         # tiny Llama as judge
         "judge": {"model": model, "n_pairs": 3, "n_random": 2, "max_tokens": 3},
     }
-    return {section: params[section] | small.get(section, {}) for section in params}
+    return {key: value | small.get(key, {}) if isinstance(value, dict) else value
+            for key, value in params.items()}
 
 
 def micro_assets(folder: Path) -> tuple[str, str]:

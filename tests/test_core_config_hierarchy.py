@@ -38,7 +38,8 @@ def test_bad_config_values_name_field_value_and_allowed(field, value, allowed):
     with pytest.raises(ConfigError) as err:
         HSAEConfig(**{**GOOD, field: value})
     msg = str(err.value)
-    assert f"HSAEConfig.{field} = {value!r}" in msg
+    shown = list(value) if isinstance(value, tuple) else value  # sequences are shown as lists
+    assert f"HSAEConfig.{field} = {shown!r}" in msg
     assert allowed in msg
 
 

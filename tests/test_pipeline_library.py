@@ -3,7 +3,7 @@ against a dense recomputation, and the spliced next-token loss."""
 
 from __future__ import annotations
 
-import csv
+import json
 
 import pytest
 import torch
@@ -24,7 +24,7 @@ from hsae_core.model.hsae import HSAE
 from hsae_core.model.posthoc import posthoc_forest
 from hsae_core.model.trainer import Trainer
 from hsae_core.pipeline.checkpoint import Checkpoint, usable_checkpoint
-from hsae_core.pipeline.train_run import TrainingCurves, TrainRunConfig, train_on_store
+from hsae_core.pipeline.train_run import LiveCurves, TrainRunConfig, curve_rows, train_on_store
 from tests.pipeline_helpers import micro_assets
 
 
@@ -43,11 +43,6 @@ def config(**kw) -> HSAEConfig:
                       total_steps=30, update_interval=10, dead_window_tokens=0, **kw)
 
 
-def rows(path):
-    with open(path) as f:
-        return list(csv.DictReader(f, delimiter="\t"))
-
-
 def test_resumed_training_equals_uninterrupted_with_the_same_curves(store, tmp_path):
     info, scale = store
     cfg, run = config(), TrainRunConfig(checkpoint_every=10, log_every=5)
@@ -58,7 +53,7 @@ def test_resumed_training_equals_uninterrupted_with_the_same_curves(store, tmp_p
     # step 15
     reader = TrainActivations(info, scale, batch_size=64, seed=cfg.seed, epochs=None,
                               max_tokens=30 * 64, drop_last=True)
-    killed = Trainer(cfg, log_every=5, on_log=TrainingCurves(tmp_path / "b", 3))
+    killed = Trainer(cfg, log_every=5, on_log=LiveCurves(tmp_path / "b", 3))
     for step, x in enumerate(reader):
         killed.train_step(x)
         if step + 1 == 10:
@@ -70,15 +65,24 @@ def test_resumed_training_equals_uninterrupted_with_the_same_curves(store, tmp_p
     for a, b in zip(full.state_dict().values(), resumed.state_dict().values()):
         assert torch.equal(a, b)
     assert resumed.forest.equals(full.forest)
-    for l in range(3):
-        assert rows(tmp_path / "b" / f"level{l}.tsv") == rows(tmp_path / "a" / f"level{l}.tsv")
-    assert [int(r["step"]) for r in rows(tmp_path / "b" / "level0.tsv")] == list(range(5, 31, 5))
+    curves = curve_rows(tmp_path / "b", "hsae")
+    assert curves == curve_rows(tmp_path / "a", "hsae")
+    assert [r["step"] for r in curves] == list(range(5, 31, 5))
+    assert set(curves[0]) == {"step", "loss", "lr"} | {
+        f"level{l}/{q}" for l in range(3)
+        for q in ("l0", "fve", "mse", "lambda", "dead", *(("pc", "with_parent") if l else ()))}
+    # the files DVCLive wrote: the latest values (`dvc exp show`) and one TSV per quantity
+    latest = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert latest["step"] == 30 and latest["train"]["hsae"]["level2"]["l0"] == curves[-1][
+        "level2/l0"]
+    tsv = tmp_path / "b" / "plots" / "metrics" / "train" / "hsae" / "level1" / "fve.tsv"
+    assert tsv.read_text().splitlines()[0].split("\t") == ["step", "fve"]
 
     # a checkpoint of another config is not resumed from: it is replaced by a fresh run
     other = train_on_store(config(lr=1e-3), info, scale, checkpoint=tmp_path / "b.pt",
                            curves=tmp_path / "b", run=run)
     assert not torch.equal(other.levels[0].W_enc, full.levels[0].W_enc)
-    assert [int(r["step"]) for r in rows(tmp_path / "b" / "level0.tsv")] == list(range(5, 31, 5))
+    assert [r["step"] for r in curve_rows(tmp_path / "b", "hsae")] == list(range(5, 31, 5))
 
     # nor is a finished checkpoint of the same config written by other code (a `dvc repro`
     # after a code change must retrain, not hand back the old run)

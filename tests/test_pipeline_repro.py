@@ -1,6 +1,8 @@
 """A real `dvc repro` of a micro configuration in a temporary git repo, then the behaviour a user
-relies on: nothing re-runs when nothing changed, an ablation (`dvc exp run -S hierarchy.rho=...`)
-re-runs only train-hsae and compute-metrics, and `dvc metrics diff` shows what it changed."""
+relies on: nothing re-runs when nothing changed, an ablation typed as the README shows it
+(`dvc exp run -S rho=...`, `-S r=...`) re-runs the HSAE's side alone, `dvc metrics diff` shows
+what it changed, the training curves are DVCLive's, and an unknown key stops the pipeline before
+any output is touched."""
 
 from __future__ import annotations
 
@@ -21,8 +23,12 @@ from tests.pipeline_helpers import (
     ran_stages,
 )
 
-ALL = {"extract-activations", "normalize", "train-hsae", "train-baselines", "build-posthoc-trees",
-       "compute-metrics", "export-saelens", "collect-evidence", "judge", "report"}
+ALL = {"check-params", "extract-activations", "normalize", "train-hsae", "train-baselines",
+       "build-posthoc-trees", "compute-metrics", "export-hsae", "export-baseline", "evidence-hsae",
+       "evidence-baseline", "judge-hsae", "judge-baseline", "report"}
+#: What an ablation of rho or r re-runs: the HSAE's side (check-params sees the new params.yaml).
+HSAE_SIDE = {"check-params", "train-hsae", "compute-metrics", "export-hsae", "evidence-hsae",
+             "judge-hsae", "report"}
 
 
 def test_repro_ablation_and_metrics_diff(tmp_path):
@@ -43,16 +49,29 @@ def test_repro_ablation_and_metrics_diff(tmp_path):
     assert metrics["eval_tokens"] > 0 and metrics["lm"]["tokens"] >= 120
     for name in ("hsae", "posthoc"):  # intervals, robust forms, the train-stream dead fraction
         mean = metrics[name]["mean"]
-        for key in ("hamming", "hamming_per_parent", "p_parent_given_child_pooled", "fve"):
+        assert list(mean)[:9] == ["hamming", "hamming_lo", "hamming_hi", "p_pc", "p_pc_lo",
+                                  "p_pc_hi", "p_cp", "p_cp_lo", "p_cp_hi"]
+        for key in ("hamming", "hamming_per_parent", "p_pc_pooled", "fve"):
             assert mean[f"{key}_lo"] <= mean[f"{key}_hi"], key
         assert 0 <= metrics[name]["level0"]["dead_frac_train"] <= 1
     assert {"hamming", "hamming_lo", "hamming_hi"} <= set(metrics["diff"])
-    shown = json.loads(dvc(root, "metrics", "show", "--json").stdout)
-    assert "hsae" in json.dumps(shown) and "p_parent_given_child" in json.dumps(shown)
+    headline = json.loads((root / "metrics" / "headline.json").read_text())
+    assert list(headline["hsae"]) == ["hamming", "p_pc", "p_cp", "fve", "l0"]
+    assert headline["delta"]["hamming"] == metrics["diff"]["hamming"]
+    shown = dvc(root, "metrics", "show").stdout
+    assert shown.index("metrics/headline.json") < shown.index("metrics/metrics.json")
+    # DVCLive's curves: latest values for `dvc exp show`, one TSV per quantity for `dvc plots`
+    for name in ("hsae", "baseline"):
+        latest = json.loads((root / "dvclive" / name / "metrics.json").read_text())
+        assert latest["step"] == 40 and 0 < latest["train"][name]["level3"]["l0"] < 64
+        curve = (root / "dvclive" / name / "plots" / "metrics" / "train" / name / "level3"
+                 / "l0.tsv").read_text().splitlines()
+        assert curve[0].split("\t") == ["step", "l0"] and len(curve) == 1 + 40 // 5
     plots = json.loads(dvc(root, "plots", "show", "--json").stdout)
-    assert not plots.get("errors") and len(plots["data"]) == 6
-    curve = (root / "plots" / "train" / "hsae" / "level3.tsv").read_text().splitlines()
-    assert curve[0].split("\t")[:2] == ["step", "loss"] and len(curve) == 1 + 40 // 5
+    assert not plots.get("errors"), plots.get("errors")
+    drawn = json.dumps(plots["data"])
+    assert all(f"{m}/plots/metrics/train/{m}/level3/l0.tsv" in drawn for m in ("hsae", "baseline"))
+    assert (root / "data" / "report" / "figures" / "fig_training.png").stat().st_size > 1000
 
     assert ran_stages(dvc(root, "repro").stdout) == set()
 
@@ -64,14 +83,29 @@ def test_repro_ablation_and_metrics_diff(tmp_path):
             == {"train-hsae", "train-baselines"})
     git(root, "checkout", "params.yaml")
 
-    git(root, "add", "dvc.lock", "metrics", "plots")
+    # an unknown or misspelt key stops the pipeline in check-params, naming it, and no output
+    # of any stage is removed
+    def outs():  # check-params' own marker aside (DVC removes it before the check runs)
+        return sorted(p for p in (root / "data").rglob("*")
+                      if p.is_file() and p.name != "params.checked")
+
+    before = outs()
+    for override, named in (("+foo=1", "'foo'"), ("+hierarchy.rhoo=0.1", "hierarchy.rhoo")):
+        failed = dvc(root, "exp", "run", "-S", override, check=False)
+        assert failed.returncode != 0 and named in failed.stdout + failed.stderr, failed
+        git(root, "checkout", "params.yaml")
+    assert outs() == before
+
+    git(root, "add", "dvc.lock", "metrics", "dvclive")
     git(root, "commit", "-q", "-m", "reference run")
-    assert ran_stages(dvc(root, "exp", "run", "-S", "hierarchy.rho=0.5").stdout) == {
-        "train-hsae", "compute-metrics", "export-saelens", "collect-evidence", "judge", "report"}
-    diff = json.loads(dvc(root, "metrics", "diff", "--json").stdout)["metrics/metrics.json"]
-    assert any(k.startswith("hsae.pair") for k in diff)
-    assert not [k for k in diff if k.startswith("posthoc.")]  # the baseline was not retrained
+    for override in ("rho=0.5", "r=0.2"):  # typed as the README shows them
+        assert ran_stages(dvc(root, "exp", "run", "-S", override).stdout) == HSAE_SIDE, override
+        diff = json.loads(dvc(root, "metrics", "diff", "--json").stdout)
+        changed = [f"{path}:{key}" for path, keys in diff.items() for key in keys]
+        assert any(":hsae.pair" in k for k in changed)
+        # the baseline was neither retrained nor re-evaluated
+        assert not [k for k in changed if ":posthoc." in k or "baseline" in k], changed
 
     table = subprocess.run([sys.executable, "-m", "stages.ablations", "table"], cwd=root,
                            env=env(), capture_output=True, text=True, check=True).stdout
-    assert "(reference)" in table and "hierarchy.rho=0.5" in table
+    assert "(reference)" in table and "rho=0.5" in table and "r=0.2" in table

@@ -223,8 +223,9 @@ def test_a_failing_stage_keeps_the_finished_checkpoint_and_curves(trained):
     root, params, args = trained
     kept = files_of(root / "ckpt") | {f"curves/{k}": v
                                       for k, v in files_of(root / "curves").items()}
-    assert len(kept) == 4 and all(len(v) > 200 for v in kept.values())
-    failing = [params | {"hierarchy": params["hierarchy"] | {"rho": float("inf")}}]
+    curves = [k for k in kept if k.startswith("curves/")]  # DVCLive: metrics.json + TSVs
+    assert len(kept["hsae.pt"]) > 200 and "curves/metrics.json" in curves and len(curves) > 10
+    failing = [params | {"rho": float("inf")}]
     if not torch.cuda.is_available():
         failing.append(params | {"sae": params["sae"] | {"device": "cuda"}})
     for bad in failing:

@@ -25,7 +25,7 @@ from hsae_core.data.store import Layout, StoreWriter, open_store, to_storage
 from hsae_core.model.config import HSAEConfig
 from hsae_core.model.trainer import Trainer
 from hsae_core.pipeline.io import load_hsae, save_hsae
-from hsae_core.pipeline.train_run import TrainRunConfig, train_on_store
+from hsae_core.pipeline.train_run import TrainRunConfig, curve_rows, train_on_store
 from tests.synthetic import SyntheticForest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,11 +97,11 @@ def test_two_rank_training_matches_one_process(tmp_path, store, similarity):
     assert not single.forest.is_empty()
     assert_same_model(ddp, single)
     # rank 0 wrote the curves; their global L0 / FVE match the 1-process run's
-    a = (tmp_path / "ddp" / "curves" / "level1.tsv").read_text().splitlines()
-    b = (tmp_path / "curves" / "level1.tsv").read_text().splitlines()
-    assert len(a) == len(b) == 7
-    l0 = [[float(r.split("\t")[5]) for r in rows[1:]] for rows in (a, b)]
-    assert np.allclose(*l0, atol=1e-3)
+    a = curve_rows(tmp_path / "ddp" / "curves", "hsae")
+    b = curve_rows(tmp_path / "curves", "hsae")
+    assert len(a) == len(b) == 6
+    for key in ("level1/l0", "level1/fve"):
+        assert np.allclose([r[key] for r in a], [r[key] for r in b], atol=1e-3)
 
 
 def test_checkpoint_of_two_ranks_resumes_in_one_process(tmp_path, store):

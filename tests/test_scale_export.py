@@ -107,11 +107,12 @@ def test_export_stage_writes_loadable_levels_and_names_bad_inputs(tmp_path, mode
     norm.save(tmp_path / "norm.json")
     save_hsae(models["hsae"], tmp_path / "hsae")
     save_hsae(models["baseline"], tmp_path / "posthoc")
-    args = ["--hsae", str(tmp_path / "hsae"), "--baseline", str(tmp_path / "posthoc"),
-            "--store", str(store.path),
-            "--normalization", str(tmp_path / "norm.json"), "--out", str(tmp_path / "export")]
-    res = CliRunner().invoke(app, args)
-    assert res.exit_code == 0, res.output
+    common = ["--store", str(store.path), "--normalization", str(tmp_path / "norm.json")]
+    for kind, folder in (("hsae", "hsae"), ("baseline", "posthoc")):  # export-hsae/-baseline
+        args = ["--model", str(tmp_path / folder), "--kind", kind, *common,
+                "--out", str(tmp_path / "export" / kind)]
+        res = CliRunner().invoke(app, args)
+        assert res.exit_code == 0, res.output
     for kind, model in models.items():
         cfg = json.loads((tmp_path / "export" / kind / "level2" / "cfg.json").read_text())
         assert (cfg["d_sae"] == model.cfg.level_sizes[2]

@@ -3,8 +3,9 @@ params.yaml.
 
 Every field is documented once here; ``stages/extract_activations.py`` and ``stages/normalize.py``
 read them from params.yaml (or Typer options) and the store records the extraction config in its
-attributes. A bad value raises :class:`~hsae_core.common.errors.ConfigError` naming the field,
-the value and what is allowed. Checks that need the model (layer range, context length) happen in
+attributes. A value of the wrong type or out of range raises
+:class:`~hsae_core.common.errors.ConfigError` naming the field, the value and what is
+allowed. Checks that need the model (layer range, context length) happen in
 :func:`hsae_core.data.lm.inspect_model`, before any weights are loaded.
 """
 
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hsae_core.common.errors import ConfigError, check_field
+from hsae_core.common.errors import ConfigError, check_field, coerce_fields, is_device
 
 DTYPES = ("float32", "float16", "bfloat16")
 PACKINGS = ("pack", "cut")
@@ -87,7 +88,9 @@ class ExtractConfig:
     extraction is about this many shards."""
 
     def __post_init__(self) -> None:
+        coerce_fields(self)  # every field of its annotated type, or a ConfigError naming it
         check_field(self, "model", bool(self.model), "a non-empty model name or path")
+        check_field(self, "device", is_device(self.device), "cpu, cuda, cuda:N or mps")
         check_field(self, "layer", isinstance(self.layer, int) and self.layer >= 0,
                     "an integer >= 0")
         check_field(self, "compute_dtype", self.compute_dtype in DTYPES, f"one of {DTYPES}")
@@ -140,6 +143,7 @@ class NormalizeConfig:
     """Seed of the sampled blocks."""
 
     def __post_init__(self) -> None:
+        coerce_fields(self)
         check_field(self, "n_tokens", isinstance(self.n_tokens, int) and self.n_tokens >= 1,
                     "an integer >= 1")
 

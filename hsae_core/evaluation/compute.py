@@ -1,31 +1,39 @@
 """compute-metrics: evaluate the HSAE and the post-hoc baseline on the eval split and write one
-metrics JSON (read by ``dvc metrics show/diff``) plus a human table (§4.2, Appendix D).
+metrics JSON (read by ``dvc metrics show/diff``), a headline JSON and a human table (§4.2,
+Appendix D).
 
-JSON layout, per model name (``hsae``, ``posthoc``); every metric ``m`` that is not a count
-carries its 95% document-bootstrap interval as ``m_lo`` / ``m_hi``::
+JSON layout (short, stable names: ``p_pc`` = P(parent|child), ``p_cp`` = P(child|parent); the
+restricted forms are ``*_min`` whatever k, which ``min_fires`` records), per model name
+(``hsae``, ``posthoc``); every metric ``m`` that is not a count carries its 95%
+document-bootstrap interval as ``m_lo`` / ``m_hi``, right after it::
 
+    <model>.mean.{hamming, p_pc, p_cp, fve, l0, then the rest below, averaged over level pairs;
+                  l0, fve, dead_frac over levels}
     <model>.level<l>.{l0, fve, fve_pooled, dead_frac, lm_loss, lm_loss_recovered}
-    <model>.pair<l>.{hamming, hamming_per_parent, p_parent_given_child, p_child_given_parent,
-                     p_parent_given_child_pooled, p_child_given_parent_pooled,
-                     p_parent_given_child_min<k>, p_child_given_parent_min<k>, links_min<k>,
-                     pc_skipped, cp_skipped, parents_with_children, children_assigned, ...}
-    <model>.mean.{the same, averaged over level pairs; l0, fve, dead_frac over levels}
+    <model>.pair<l>.{hamming, p_pc, p_cp, hamming_per_parent, p_pc_pooled, p_cp_pooled,
+                     p_pc_min, p_cp_min, links_min, pc_skipped, cp_skipped,
+                     parents_with_children, children_assigned, ...}
     <model>.pair<l> / .mean also: topic_coherence and doc_cooccurrence of the forest's links
                    and of frequency-matched random pairs (``*_random``), links_scored
                    (hsae_core.evaluation.semantic; topic coherence needs document labels)
     diff.<metric>: hsae minus posthoc of each mean, with a paired interval (both models are
                    resampled with the same documents)
-    lm.{loss_clean, loss_zero, tokens}; eval_tokens; eval_documents
+    lm.{loss_clean, loss_zero, tokens}; eval_tokens; eval_documents; min_fires
+
+The headline JSON (:func:`headline`) holds the paper's headline numbers alone, listed first by
+``dvc exp show`` and ``dvc metrics diff``: per model the mean Hamming, P(p|c), P(c|p), FVE and
+L0, and ``delta`` (hsae minus posthoc) of the first four with its interval.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import torch
 
-from hsae_core.common.errors import check_field, is_int
+from hsae_core.common.errors import check_field, coerce_fields, is_device, is_int
 from hsae_core.data.reader import EvalActivations
 from hsae_core.data.store import StoreInfo
 from hsae_core.evaluation.bootstrap import doc_weights, interval
@@ -62,7 +70,7 @@ class MetricsConfig:
     """Document-bootstrap replicates behind every interval (0: point estimates only)."""
     min_fires: int = 20
     """k of the restricted macro averages: links whose parent and child each fire at least k
-    times on the eval tokens (``p_*_min<k>``)."""
+    times on the eval tokens (``p_pc_min``, ``p_cp_min``, ``links_min`` in metrics.json)."""
     link_min_docs: int = 5
     """Eval documents each endpoint of a link must fire in for its semantic scores (topic
     coherence, document co-occurrence; hsae_core.evaluation.semantic)."""
@@ -73,6 +81,7 @@ class MetricsConfig:
     """Torch device of the evaluation (SAEs and language model)."""
 
     def __post_init__(self) -> None:
+        coerce_fields(self)
         check_field(self, "eval_tokens", self.eval_tokens is None
                     or (is_int(self.eval_tokens) and self.eval_tokens >= 1),
                     "None or an integer >= 1")
@@ -91,9 +100,7 @@ class MetricsConfig:
         check_field(self, "link_min_docs", is_int(self.link_min_docs) and self.link_min_docs >= 1,
                     "an integer >= 1")
         check_field(self, "seed", is_int(self.seed) and self.seed >= 0, "an integer >= 0")
-        check_field(self, "device", isinstance(self.device, str)
-                    and self.device.split(":")[0] in ("cpu", "cuda", "mps"),
-                    "cpu, cuda, cuda:N or mps")
+        check_field(self, "device", is_device(self.device), "cpu, cuda, cuda:N or mps")
 
     @property
     def boot(self) -> Bootstrap:
@@ -194,6 +201,69 @@ def compute_metrics(models: dict[str, HSAE], store: StoreInfo, scale: float,
         for name, levels in lm.items():
             for level, vals in levels.items():
                 out[name][level].update(vals)
+    out["min_fires"] = cfg.min_fires
+    return short_names(out, cfg.min_fires)
+
+
+#: metrics.json's short names of the evaluation's (hsae_core.evaluation.evaluate) long ones.
+SHORT = {"p_parent_given_child": "p_pc", "p_child_given_parent": "p_cp"}
+#: The paper's headline numbers, first in every group.
+HEADLINE = ("hamming", "p_pc", "p_cp", "fve", "l0")
+#: Top-level order of metrics.json.
+TOP = ("hsae", "posthoc", "diff", "lm", "eval_tokens", "eval_documents", "min_fires")
+
+
+def short_name(name: str, min_fires: int) -> str:
+    """``p_parent_given_child_min20_lo`` -> ``p_pc_min_lo`` (k is recorded once)."""
+    name = re.sub(rf"_min{min_fires}(?=_|$)", "_min", name)
+    for long, short in SHORT.items():
+        name = name.replace(long, short)
+    return name
+
+
+def short_names(metrics: dict, min_fires: int) -> dict:
+    """``metrics`` with short names (:func:`short_name`) in a stable order: models first, in
+    each model the mean first, in each group the :data:`HEADLINE` metrics first, each interval
+    right after its metric."""
+    def group(d: dict) -> dict:
+        named = {short_name(k, min_fires): v for k, v in d.items()}
+        base = [k for k in named if not k.endswith(("_lo", "_hi"))]
+        base.sort(key=lambda k: HEADLINE.index(k) if k in HEADLINE else len(HEADLINE))
+        out = {}
+        for k in base:
+            out[k] = named[k]
+            out |= {f"{k}{e}": named[f"{k}{e}"] for e in ("_lo", "_hi") if f"{k}{e}" in named}
+        return out | {k: v for k, v in named.items() if k not in out}
+
+    def rank(key: str) -> tuple[int, int]:  # mean, level0.., pair0.., anything else
+        for i, prefix in enumerate(("mean", "level", "pair")):
+            if key.startswith(prefix) and key[len(prefix):].isdigit() | (key == "mean"):
+                return i, int(key[len(prefix):] or 0)
+        return 3, 0
+
+    def model(d: dict) -> dict:
+        return {k: group(d[k]) if isinstance(d[k], dict) else d[k] for k in sorted(d, key=rank)}
+
+    out = {}
+    for key in sorted(metrics, key=lambda k: TOP.index(k) if k in TOP else len(TOP)):
+        value = metrics[key]
+        if key in ("hsae", "posthoc"):
+            value = model(value)
+        elif key == "diff":
+            value = group(value)
+        out[key] = value
+    return out
+
+
+def headline(metrics: dict) -> dict:
+    """The paper's headline numbers from :func:`compute_metrics`' output: per model the mean
+    of each :data:`HEADLINE` metric, and ``delta`` (hsae minus posthoc, from ``diff``) of the
+    hierarchy metrics and FVE with their 95% intervals."""
+    out = {m: {k: metrics[m]["mean"].get(k) for k in HEADLINE}
+           for m in ("hsae", "posthoc") if m in metrics}
+    if "diff" in metrics:
+        out["delta"] = {f"{k}{e}": metrics["diff"][f"{k}{e}"] for k in HEADLINE[:4]
+                        for e in ("", "_lo", "_hi") if f"{k}{e}" in metrics["diff"]}
     return out
 
 
@@ -201,15 +271,15 @@ def compute_metrics(models: dict[str, HSAE], store: StoreInfo, scale: float,
 LEVEL_ROWS = ("l0", "fve", "dead_frac", "dead_frac_train", "lm_loss", "lm_loss_recovered")
 SEMANTIC_ROWS = ("topic_coherence", "topic_coherence_random", "doc_cooccurrence",
                  "doc_cooccurrence_random", "links_scored")
-PAIR_ROWS = ("hamming", "hamming_per_parent", "p_parent_given_child", "p_child_given_parent",
-             "p_parent_given_child_pooled", "p_child_given_parent_pooled",
+PAIR_ROWS = ("hamming", "p_pc", "p_cp", "hamming_per_parent", "p_pc_pooled", "p_cp_pooled",
              "parents_with_children", "children_assigned", "children_mean", "children_max")
 
 
 def format_table(metrics: dict, models: tuple[str, ...] = ("hsae", "posthoc")) -> str:
-    """A markdown table: per level L0 / FVE / dead / spliced loss, per pair and on average the
-    hierarchy metrics (the paper's forms and the robust ones), each with its 95% interval; and
-    the paired difference hsae - posthoc."""
+    """A markdown table of :func:`compute_metrics`' output: the means first (the headline
+    metrics leading), then per level L0 / FVE / dead / spliced loss and per pair the hierarchy
+    metrics (the paper's forms and the robust ones), each with its 95% interval; and the paired
+    difference hsae - posthoc."""
     names = [m for m in models if m in metrics]
     n_levels = sum(1 for k in metrics[names[0]] if k.startswith("level"))
     head = names + (["hsae - posthoc"] if "diff" in metrics else [])
@@ -221,20 +291,20 @@ def format_table(metrics: dict, models: tuple[str, ...] = ("hsae", "posthoc")) -
             cells.append(_cell(metrics["diff"], key) if group == "mean" else "")
         rows.append(f"| {label} | " + " | ".join(cells) + " |")
 
+    restricted = [k for k in metrics[names[0]].get("mean", {})
+                  if k.startswith("p_") and "_min" in k and not k.endswith(("_lo", "_hi"))]
+    k = f" (k = {metrics['min_fires']})" if "min_fires" in metrics else ""
+    for key in ("hamming", "p_pc", "p_cp", "fve", "l0", "hamming_per_parent", "p_pc_pooled",
+                "p_cp_pooled", *restricted, *SEMANTIC_ROWS, "dead_frac", "dead_frac_train"):
+        if key in metrics[names[0]].get("mean", {}):
+            row(f"mean {key}{k if key in restricted else ''}", "mean", key)
     for l in range(n_levels):
         for key in LEVEL_ROWS:
             if key in metrics[names[0]][f"level{l}"]:
                 row(f"level {l} {key}", f"level{l}", key)
-    restricted = [k for k in metrics[names[0]].get("mean", {})
-                  if k.startswith("p_") and "_min" in k and not k.endswith(("_lo", "_hi"))]
     for l in range(n_levels - 1):
         for key in (*PAIR_ROWS, *restricted):
             row(f"pair {l}-{l + 1} {key}", f"pair{l}", key)
-    for key in ("hamming", "hamming_per_parent", "p_parent_given_child", "p_child_given_parent",
-                "p_parent_given_child_pooled", "p_child_given_parent_pooled", *restricted,
-                *SEMANTIC_ROWS, "fve", "l0", "dead_frac", "dead_frac_train"):
-        if key in metrics[names[0]].get("mean", {}):
-            row(f"mean {key}", "mean", key)
     if "lm" in metrics:
         rows.append(f"\nclean next-token loss {metrics['lm']['loss_clean']:.4f}, zero-ablated "
                     f"{metrics['lm']['loss_zero']:.4f}, over {metrics['lm']['tokens']} "
@@ -283,4 +353,5 @@ def _fmt(v) -> str:
     return f"{v:.4g}" if abs(v) >= 10 else f"{v:.4f}"
 
 
-__all__ = ["compute_metrics", "eval_batches", "format_table", "json_safe", "lm_metrics"]
+__all__ = ["HEADLINE", "MetricsConfig", "compute_metrics", "eval_batches", "format_table",
+           "headline", "json_safe", "lm_metrics", "short_name", "short_names"]

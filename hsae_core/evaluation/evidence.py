@@ -69,7 +69,7 @@ import torch
 from safetensors.numpy import load_file
 
 from hsae_core.common import fsio
-from hsae_core.common.errors import ConfigError
+from hsae_core.common.errors import check_field, coerce_fields, is_device
 from hsae_core.model.hsae import HSAE
 
 FORMAT, FORMAT_VERSION = "hsae-evidence", 1
@@ -96,21 +96,13 @@ class EvidenceConfig:
     """Torch device of the encoders."""
 
     def __post_init__(self) -> None:
-        def check(name: str, ok: bool, allowed: str) -> None:
-            if not ok:
-                raise ConfigError(f"EvidenceConfig.{name} = {getattr(self, name)!r} is invalid: "
-                                  f"expected {allowed}")
+        coerce_fields(self)
         for name, low in (("n_top", 1), ("n_sampled", 0), ("buffer", 0), ("batch_size", 1),
                           ("seed", 0)):
-            value = getattr(self, name)
-            check(name, isinstance(value, int) and not isinstance(value, bool) and value >= low,
-                  f"an integer >= {low}")
-        check("eval_tokens", self.eval_tokens is None or (isinstance(self.eval_tokens, int)
-                                                          and self.eval_tokens >= 1),
-              "None or an integer >= 1")
-        check("device",
-              isinstance(self.device, str) and self.device.split(":")[0] in ("cpu", "cuda", "mps"),
-              "cpu, cuda, cuda:N or mps")
+            check_field(self, name, getattr(self, name) >= low, f"an integer >= {low}")
+        check_field(self, "eval_tokens", self.eval_tokens is None or self.eval_tokens >= 1,
+                    "null or an integer >= 1")
+        check_field(self, "device", is_device(self.device), "cpu, cuda, cuda:N or mps")
 
     @property
     def window(self) -> int:

@@ -30,7 +30,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from hsae_core.common.errors import ConfigError
+from hsae_core.common.errors import check_field, coerce_fields, is_device
 from hsae_core.evaluation.evidence import Evidence
 from hsae_core.judge.backends import Backend, Completion, Messages, ResponseCache, complete_cached
 from hsae_core.model.forest import Forest
@@ -116,48 +116,33 @@ class JudgeConfig:
     """Seed of pair sampling and presentation order."""
 
     def __post_init__(self) -> None:
-        def check(name: str, ok: bool, allowed: str) -> None:
-            if not ok:
-                raise ConfigError(f"JudgeConfig.{name} = {getattr(self, name)!r} is invalid: "
-                                  f"expected {allowed}")
+        coerce_fields(self)  # every field of its annotated type, or a ConfigError naming it
 
-        def is_int(v) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
+        def check(name: str, ok: bool, allowed: str) -> None:
+            check_field(self, name, ok, allowed)
 
         for name, low in (("n_pairs", 1), ("concurrency", 1), ("max_retries", 0),
                           ("max_tokens", 1), ("batch_size", 1), ("seed", 0),
                           ("max_answer_chars", 1)):
-            check(name, is_int(getattr(self, name)) and getattr(self, name) >= low,
-                  f"an integer >= {low}")
-        check("n_random", self.n_random is None or (is_int(self.n_random) and self.n_random >= 0),
-              "None or an integer >= 0")
+            check(name, getattr(self, name) >= low, f"an integer >= {low}")
+        check("n_random", self.n_random is None or self.n_random >= 0, "null or an integer >= 0")
         check("backend", self.backend in BACKENDS, f"one of {BACKENDS}")
-        check("model", isinstance(self.model, str) and self.model != "", "a model name")
+        check("model", self.model != "", "a model name")
         check("base_url", self.backend != "openai" or (
-                  isinstance(self.base_url, str)
-                  and self.base_url.startswith(("http://", "https://"))),
+                  self.base_url is not None and self.base_url.startswith(("http://", "https://"))),
               "an http(s) URL when backend is openai (e.g. http://localhost:8000/v1)")
-        check("api_key_env", self.api_key_env is None or (
-                  isinstance(self.api_key_env, str)
-                  and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.api_key_env)),
-              "None or an environment variable name (the key itself never goes in params)")
+        check("api_key_env", self.api_key_env is None
+              or re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.api_key_env) is not None,
+              "null or an environment variable name (the key itself never goes in params)")
         for name in ("backoff_base_s", "backoff_max_s", "timeout_s", "max_wait_s",
                      "max_request_s"):
-            v = getattr(self, name)
-            check(name, isinstance(v, (int, float)) and not isinstance(v, bool)
-                  and 0 < v < math.inf, "a finite number > 0")
+            check(name, getattr(self, name) > 0, "a finite number > 0")
         check("max_wait_s", self.max_wait_s >= self.backoff_max_s,
               f"a number >= backoff_max_s ({self.backoff_max_s})")
         check("max_request_s", self.max_request_s >= self.timeout_s,
               f"a number >= timeout_s ({self.timeout_s})")
-        check("temperature",
-              isinstance(self.temperature, (int, float)) and 0 <= self.temperature <= 2,
-              "a number in [0, 2]")
-        check("answer_prefix", self.answer_prefix is None or isinstance(self.answer_prefix, str),
-              "None or a string")
-        check("device",
-              isinstance(self.device, str) and self.device.split(":")[0] in ("cpu", "cuda", "mps"),
-              "cpu, cuda, cuda:N or mps")
+        check("temperature", 0 <= self.temperature <= 2, "a number in [0, 2]")
+        check("device", is_device(self.device), "cpu, cuda, cuda:N or mps")
 
 
 class Pair(NamedTuple):

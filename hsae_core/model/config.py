@@ -1,8 +1,9 @@
 """One typed, validated configuration for an HSAE run (model, hierarchy, optimisation).
 
 Every field is documented once here; stages read it from ``params.yaml``, the trainer and
-``save_hsae`` write it back as JSON. A bad value raises :class:`ConfigError` naming the field,
-the value and what is allowed, at construction time.
+``save_hsae`` write it back as JSON. A value of the wrong type (:func:`~hsae_core.common.errors.
+coerce_fields`: ``rho: true``, ``level_sizes: [8.9, 16]``) or out of range raises
+:class:`ConfigError` naming the field, the value and what is allowed, at construction time.
 
 Defaults follow the paper (Luo et al. 2026, §3 and Appendix A) except where METHOD.md fixes a
 reading; the learning rate, JumpReLU bandwidth and controller gain are not given by the paper
@@ -15,7 +16,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from hsae_core.common.errors import ConfigError, check_field
+from hsae_core.common.errors import ConfigError, check_field, coerce_fields, is_device
 
 SIMILARITIES = ("encoder", "decoder", "coactivation")
 TREES = ("partial", "full", "binary", "fixed")
@@ -37,10 +38,11 @@ class HSAEConfig:
 
     # --- hierarchy (§3.1-3.3, METHOD §1-2) ---
     rho: float = 0.01
-    """Weight of the parent-child constraint loss (§3.1)."""
+    """Weight of the parent-child constraint loss (§3.1); params.yaml: the top-level ``rho``."""
     swap_rate: float = 0.05
     """Perturbation rate r: the fraction of parents (with children) whose contribution is
-    replaced by their children's each step (§3.2 as read by METHOD §1)."""
+    replaced by their children's each step (§3.2 as read by METHOD §1); params.yaml: the
+    top-level ``r``."""
     update_interval: int = 5000
     """Gradient steps between hierarchy updates (§3.3); 0 disables updates."""
     similarity: str = "encoder"
@@ -100,8 +102,7 @@ class HSAEConfig:
     """bfloat16 or float16 runs the encoder matmuls under autocast; thresholds stay fp32."""
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "level_sizes", tuple(int(n) for n in self.level_sizes))
-        object.__setattr__(self, "adam_betas", tuple(float(b) for b in self.adam_betas))
+        coerce_fields(self)  # every field of its annotated type (8.9 is no level size)
         check_field(self, "d_model", self.d_model > 0, "a positive integer")
         sizes = self.level_sizes
         check_field(self, "level_sizes", len(sizes) >= 1 and all(n > 0 for n in sizes),
@@ -136,9 +137,7 @@ class HSAEConfig:
         check_field(self, "dead_window_tokens", self.dead_window_tokens >= 0,
                     ">= 0 (0 = no ghost grads)")
         check_field(self, "resample_interval", self.resample_interval >= 0, ">= 0 (0 = never)")
-        check_field(self, "device", isinstance(self.device, str)
-                    and self.device.split(":")[0] in ("cpu", "cuda", "mps"),
-               "cpu, cuda, cuda:N or mps")
+        check_field(self, "device", is_device(self.device), "cpu, cuda, cuda:N or mps")
         check_field(self, "autocast_dtype", self.autocast_dtype in AUTOCAST_DTYPES,
                     f"one of {AUTOCAST_DTYPES}")
 

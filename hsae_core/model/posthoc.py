@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hsae_core.common.errors import check_field, is_int
+from hsae_core.common.errors import check_field, coerce_fields, is_int
 from hsae_core.model.forest import Forest
 from hsae_core.model.hierarchy import CoactivationEMA, assign_forest
 from hsae_core.model.hsae import HSAE
@@ -27,6 +27,7 @@ class PosthocConfig:
     ``hierarchy.similarity`` is ``coactivation`` (unused for encoder/decoder cosine)."""
 
     def __post_init__(self) -> None:
+        coerce_fields(self)
         check_field(self, "coactivation_tokens",
                     is_int(self.coactivation_tokens) and self.coactivation_tokens >= 1,
                     "an integer >= 1")

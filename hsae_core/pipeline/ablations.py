@@ -1,9 +1,11 @@
 """The paper's ablation family (Appendix F; METHOD §2) as DVC experiments, and their summary.
 
 Each ablation is a set of ``params.yaml`` overrides, queued as ``dvc exp run --queue -n <name>
--S key=value ...``; a ``hierarchy:`` change re-runs train-hsae onward (and, for tree or
-similarity changes, build-posthoc-trees), never extraction or the baseline's training. The
-summary reads ``dvc exp show --json`` and tabulates the reference run and every experiment.
+-S key=value ...``. ``rho`` and ``r`` (top-level keys) re-run the HSAE's side alone: train-hsae,
+compute-metrics, export-hsae, evidence-hsae, judge-hsae and report. A ``hierarchy:`` change
+(tree, similarity) also rebuilds the baseline's post-hoc forest and what follows from it; never
+extraction or the baseline's training. The summary reads ``dvc exp show --json`` and tabulates
+the reference run and every experiment.
 """
 
 from __future__ import annotations
@@ -13,27 +15,27 @@ import math
 #: name -> overrides (paper Appendix F: constraint, perturbation, tree variants, similarity
 #: metrics; plus sweeps of rho and r around the paper's 0.01 and 0.05).
 ABLATIONS: dict[str, dict[str, object]] = {
-    "no-constraint": {"hierarchy.rho": 0.0},
-    "no-perturbation": {"hierarchy.swap_rate": 0.0},
+    "no-constraint": {"rho": 0.0},
+    "no-perturbation": {"r": 0.0},
     "fixed-tree": {"hierarchy.tree": "fixed"},
     "full-tree": {"hierarchy.tree": "full"},
     "binary-tree": {"hierarchy.tree": "binary"},
     "sim-decoder": {"hierarchy.similarity": "decoder"},
     "sim-coactivation": {"hierarchy.similarity": "coactivation"},
-    **{f"rho-{v:g}": {"hierarchy.rho": v} for v in (0.001, 0.03, 0.1, 0.3)},
-    **{f"r-{v:g}": {"hierarchy.swap_rate": v} for v in (0.01, 0.1, 0.2)},
+    **{f"rho-{v:g}": {"rho": v} for v in (0.001, 0.03, 0.1, 0.3)},
+    **{f"r-{v:g}": {"r": v} for v in (0.01, 0.1, 0.2)},
 }
 
 #: (column, metric path in metrics/metrics.json) of the summary table.
 COLUMNS = (
     ("Hamming", "hsae.mean.hamming"),
-    ("P(p|c)", "hsae.mean.p_parent_given_child"),
-    ("P(c|p)", "hsae.mean.p_child_given_parent"),
+    ("P(p|c)", "hsae.mean.p_pc"),
+    ("P(c|p)", "hsae.mean.p_cp"),
     ("FVE", "hsae.mean.fve"),
     ("L0", "hsae.mean.l0"),
     ("post-hoc Hamming", "posthoc.mean.hamming"),
-    ("post-hoc P(p|c)", "posthoc.mean.p_parent_given_child"),
-    ("post-hoc P(c|p)", "posthoc.mean.p_child_given_parent"),
+    ("post-hoc P(p|c)", "posthoc.mean.p_pc"),
+    ("post-hoc P(c|p)", "posthoc.mean.p_cp"),
 )
 
 

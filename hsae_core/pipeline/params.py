@@ -1,58 +1,76 @@
-"""The pipeline's params.yaml: its sections, and the checks every stage runs on what it reads.
+"""The pipeline's params.yaml: its keys, and the checks every stage runs on what it reads.
 
-Sections, the class that documents each key, and the stages that read them::
+Top-level keys, the class that documents each, and the stages that read them::
 
+    rho:        HSAEConfig.rho, the parent-child constraint's     train-hsae
+                weight (§3.1)
+    r:          HSAEConfig.swap_rate, the perturbation rate       train-hsae
+                (§3.2)
     extract:    ExtractConfig (hsae_core.data.config)            extract-activations, normalize
     normalize:  NormalizeConfig (hsae_core.data.config)          normalize
     sae:        HSAEConfig fields shared by the HSAE and the     train-hsae, train-baselines
                 independent baseline (sizes, L0 target,
                 optimisation, seed, device; hsae_core.model.config)
-    hierarchy:  HSAEConfig fields of the HSAE only (rho,         train-hsae, build-posthoc-trees
-                swap_rate, update_interval, similarity, ...)
+    hierarchy:  HSAEConfig fields that shape the forest          train-hsae, build-posthoc-trees
+                (update_interval, similarity,
+                exclude_quantile, tree, coactivation_*)
     train:      TrainRunConfig (hsae_core.pipeline.train_run)    train-hsae, train-baselines
     posthoc:    PosthocConfig (hsae_core.model.posthoc)          build-posthoc-trees
-    metrics:    MetricsConfig (hsae_core.evaluation.compute)     compute-metrics, report
-    evidence:   EvidenceConfig (hsae_core.evaluation.evidence)   collect-evidence
-    judge:      JudgeConfig (hsae_core.judge.pairs)              judge
+    metrics:    MetricsConfig (hsae_core.evaluation.compute)     compute-metrics
+    evidence:   EvidenceConfig (hsae_core.evaluation.evidence)   evidence-hsae, evidence-baseline
+    judge:      JudgeConfig (hsae_core.judge.pairs)              judge-hsae, judge-baseline
     report:     ReportConfig (hsae_core.site.config)             report
 
-Splitting the HSAE's fields into ``sae`` and ``hierarchy`` is what lets DVC re-run only what
-a change touches: ``hierarchy.rho`` is a dependency of train-hsae, not of train-baselines.
-``d_model`` is not a parameter: it is read from the activation store.
+``rho`` and ``r`` sit at the top under the paper's names, so ``dvc exp run -S rho=0.1`` works
+as typed; they reach only the HSAE's training. The ``hierarchy:`` knobs also build the
+baseline's post-hoc forest. Splitting the HSAE's fields this way is what lets DVC re-run only
+what a change touches: ``rho`` is a dependency of train-hsae alone. ``d_model`` is not a
+parameter: it is read from the activation store.
 
-A stage checks the section names of the whole file and every key and value of the sections it
-reads: an unknown section or key, or a bad value, raises :class:`~hsae_core.common.errors.
-ConfigError` naming ``section.key``, the value and what is allowed. This module imports no
-section's class but HSAEConfig, so a stage's code dependencies stay what it reaches.
+Every value is checked by its class: of its annotated type (:func:`~hsae_core.common.errors.
+coerce_fields`: ``3e-3`` is the number, ``true``, ``"8,16"``, ``[8.9, 16]`` and ``40.5`` steps are
+refused) and in range; a device this machine lacks is refused too (:func:`check_device`). An
+unknown top-level key or section key, or a bad value, raises :class:`~hsae_core.common.errors.
+ConfigError` naming the key (``sae.lr``), the value and what is allowed. The stage
+``check-params`` (:func:`validate_params`) checks the whole file before any other stage runs;
+each stage checks again what it reads. This module imports no section's class but HSAEConfig, so
+a stage's code dependencies stay what it reaches.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from hsae_core.common.errors import ConfigError
+from hsae_core.common.errors import ConfigError, show
 from hsae_core.model.config import HSAEConfig
 
-#: HSAEConfig fields that only the HSAE uses (the baseline forces rho = swap_rate = 0).
-HIERARCHY_FIELDS = ("rho", "swap_rate", "update_interval", "similarity", "exclude_quantile",
-                    "tree", "coactivation_momentum", "coactivation_tokens")
-#: HSAEConfig fields shared by the HSAE and the baseline (d_model comes from the store).
+#: Top-level keys of params.yaml under the paper's names -> the HSAEConfig field each sets
+#: (HSAE only: the baseline has rho = r = 0).
+PAPER_KEYS = {"rho": "rho", "r": "swap_rate"}
+#: HSAEConfig fields of the ``hierarchy:`` section (the HSAE's updates and the post-hoc forest).
+HIERARCHY_FIELDS = ("update_interval", "similarity", "exclude_quantile", "tree",
+                    "coactivation_momentum", "coactivation_tokens")
+#: HSAEConfig fields of the ``sae:`` section, shared by the HSAE and the baseline (d_model comes
+#: from the store).
 SAE_FIELDS = tuple(f.name for f in dataclasses.fields(HSAEConfig)
-                   if f.name not in HIERARCHY_FIELDS and f.name != "d_model")
-
+                   if f.name not in (*HIERARCHY_FIELDS, *PAPER_KEYS.values(), "d_model"))
 
 #: The sections of params.yaml (the table above).
 SECTIONS = ("extract", "normalize", "sae", "hierarchy", "train", "posthoc", "metrics", "evidence",
             "judge", "report")
+#: Where a key of an older params.yaml went.
+MOVED = {"hierarchy.rho": "rho", "hierarchy.swap_rate": "r", "swap_rate": "r"}
 
 
-def load_params(path: str | Path) -> dict[str, dict[str, Any]]:
-    """Read params.yaml and check its section names (keys and values are checked by
-    :func:`section_config` / :func:`hsae_config` for the sections a stage reads)."""
+def load_params(path: str | Path) -> dict[str, Any]:
+    """Read params.yaml and check its top-level keys: the sections (mappings) and the paper's
+    knobs (:data:`PAPER_KEYS`, scalars). Keys and values inside are checked by
+    :func:`section_config` / :func:`hsae_config`."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"no params file at {path}: run from the repository root or pass "
@@ -60,57 +78,130 @@ def load_params(path: str | Path) -> dict[str, dict[str, Any]]:
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
-    for section, value in data.items():
-        if section not in SECTIONS:
-            raise ConfigError(f"{path}: unknown section {section!r}; "
-                              f"known sections: {sorted(SECTIONS)}")
-        if value is None:
-            data[section] = {}
+    known = (*PAPER_KEYS, *SECTIONS)
+    unknown = [k for k in data if k not in known]
+    if unknown:
+        raise ConfigError(f"{path}: unknown top-level key(s) "
+                          + ", ".join(f"{k!r}{_hint(str(k), known)}" for k in unknown)
+                          + f"; the top-level keys are {', '.join(PAPER_KEYS)} (the paper's "
+                          f"hierarchy knobs) and the sections {', '.join(SECTIONS)}")
+    for key, value in data.items():
+        if key in PAPER_KEYS:
+            if isinstance(value, (dict, list)):
+                raise ConfigError(f"{key} = {show(value)} is invalid: expected a number "
+                                  f"(a top-level key: `{key}: 0.1`)")
+        elif value is None:
+            data[key] = {}
         elif not isinstance(value, dict):
-            raise ConfigError(f"{path}: section {section!r} must be a mapping, got {value!r}")
+            raise ConfigError(f"{path}: section {key!r} must be a mapping of keys, got "
+                              f"{show(value)}")
     return data
+
+
+def _hint(key: str, known: tuple[str, ...]) -> str:
+    if key in MOVED:
+        return f" (moved: it is now {MOVED[key]!r})"
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def check_keys(params: dict, section: str, known: tuple[str, ...]) -> None:
     """Raise naming ``section.key`` for every key of ``params[section]`` not in ``known``."""
     unknown = sorted(set(params.get(section, {})) - set(known))
     if unknown:
-        raise ConfigError(f"unknown key(s) {', '.join(f'{section}.{k}' for k in unknown)}; "
-                          f"known keys of {section!r}: {sorted(known)}")
+        names = ", ".join(f"{section}.{k}{_hint(f'{section}.{k}', ())}" for k in unknown)
+        raise ConfigError(f"unknown key(s) {names}; known keys of {section!r}: {sorted(known)}")
+
+
+def check_device(device: str, key: str) -> None:
+    """Refuse a device this machine does not have (``cuda`` without a CUDA build or GPU,
+    ``cuda:N`` past the last GPU, ``mps`` off Apple silicon), naming ``key``."""
+    import torch
+
+    kind, _, index = device.partition(":")
+    if kind == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"{key} = {device!r}: this machine has no CUDA device "
+                              f"(torch {torch.__version__}: torch.cuda.is_available() is "
+                              f"False); set {key}: cpu, or install a CUDA build of torch")
+        if index and int(index) >= count:
+            raise ConfigError(f"{key} = {device!r}: this machine has {count} CUDA device(s), "
+                              f"cuda:0..cuda:{count - 1}")
+    elif kind == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"{key} = 'mps': this machine has no MPS device; set {key}: cpu")
 
 
 def section_config(params: dict, section: str, cls: type) -> Any:
-    """Build ``cls`` (a dataclass) from ``params[section]``, prefixing any error with the section
-    name."""
+    """Build ``cls`` (a config dataclass) from ``params[section]``; an error names
+    ``section.key``. A ``device`` field must name a device this machine has (for the judge,
+    only with the local backend)."""
     check_keys(params, section, tuple(f.name for f in dataclasses.fields(cls)))
     try:
-        return cls(**params.get(section, {}))
+        cfg = cls(**params.get(section, {}))
     except ConfigError as err:
-        raise ConfigError(f"{section}: {err}") from err
-    except TypeError as err:  # a wrong value type that the class's own checks did not catch
-        raise ConfigError(f"{section}: {err}") from err
+        raise _at(err, lambda field: f"{section}.{field}", section) from None
+    device = getattr(cfg, "device", None)
+    if isinstance(device, str) and getattr(cfg, "backend", "local") == "local":
+        check_device(device, f"{section}.device")
+    return cfg
+
+
+def param_key(field: str) -> str:
+    """The params.yaml key of an HSAEConfig field: ``rho``, ``r``, ``hierarchy.tree``,
+    ``sae.lr``."""
+    inverse = {v: k for k, v in PAPER_KEYS.items()}
+    if field in inverse:
+        return inverse[field]
+    return f"hierarchy.{field}" if field in HIERARCHY_FIELDS else f"sae.{field}"
 
 
 def hsae_config(params: dict, d_model: int, *, independent: bool = False) -> HSAEConfig:
-    """The HSAEConfig of train-hsae (``sae`` + ``hierarchy``) or, with ``independent``, of the
-    baseline (``sae`` only, rho = swap_rate = 0, no hierarchy updates)."""
+    """The HSAEConfig of train-hsae (``sae`` + ``hierarchy`` + ``rho`` + ``r``) or, with
+    ``independent``, of the baseline (``sae`` only, rho = r = 0, no hierarchy updates)."""
     check_keys(params, "sae", SAE_FIELDS)
     check_keys(params, "hierarchy", HIERARCHY_FIELDS)
-    sae = dict(params.get("sae", {}))
+    fields = dict(params.get("sae", {}))
     if independent:
-        fields = sae | {"rho": 0.0, "swap_rate": 0.0, "update_interval": 0}
+        fields |= {"rho": 0.0, "swap_rate": 0.0, "update_interval": 0}
     else:
-        fields = sae | dict(params.get("hierarchy", {}))
+        fields |= {field: params[key] for key, field in PAPER_KEYS.items() if key in params}
+        fields |= params.get("hierarchy", {})
     try:
-        return HSAEConfig(d_model=d_model, **fields)
+        cfg = HSAEConfig(d_model=d_model, **fields)
     except ConfigError as err:
-        name = (str(err).split(".", 1)[1].split(" ", 1)[0] if str(err).startswith("HSAEConfig.")
-                else "")
-        where = "hierarchy" if name in HIERARCHY_FIELDS else "sae"
-        raise ConfigError(f"{where}: {err}") from err
-    except TypeError as err:
-        raise ConfigError(f"sae/hierarchy: {err}") from err
+        raise _at(err, param_key, "sae/hierarchy") from None
+    check_device(cfg.device, "sae.device")
+    return cfg
 
 
-__all__ = ["HIERARCHY_FIELDS", "SAE_FIELDS", "SECTIONS", "check_keys", "hsae_config",
-           "load_params", "section_config"]
+def _at(err: ConfigError, key_of, where: str) -> ConfigError:
+    """``err`` named by its params.yaml key (else prefixed with ``where``)."""
+    if err.field is not None:
+        return err.at(key_of(err.field))
+    return ConfigError(f"{where}: {err}")
+
+
+def validate_params(params: dict, classes: dict[str, type]) -> list[str]:
+    """Every problem of a loaded params.yaml (:func:`load_params`), one message each: the
+    HSAE's and the baseline's HSAEConfig and each section of ``classes`` (section -> config
+    class). The store is not read: a placeholder width stands for ``d_model``."""
+    problems = []
+    for build in (lambda: hsae_config(params, 1),
+                  lambda: hsae_config(params, 1, independent=True)):
+        try:
+            build()
+        except ConfigError as err:
+            if str(err) not in problems:
+                problems.append(str(err))
+    for section, cls in classes.items():
+        try:
+            section_config(params, section, cls)
+        except ConfigError as err:
+            problems.append(str(err))
+    return problems
+
+
+__all__ = ["HIERARCHY_FIELDS", "MOVED", "PAPER_KEYS", "SAE_FIELDS", "SECTIONS", "check_device",
+           "check_keys", "hsae_config", "load_params", "param_key", "section_config",
+           "validate_params"]

@@ -2,16 +2,25 @@
 call. Adds to :class:`~hsae_core.model.trainer.Trainer` the store reader, a checkpoint that is
 reused only when it was written for the same config, and live training curves per level.
 
-Curves (§4 / Appendix A quantities, one TSV per level, read by ``dvc plots``)::
+Curves (§4 / Appendix A quantities) are logged with DVCLive (``dvclive.Live``) under the
+``curves`` folder of a run named ``<name>`` (``hsae`` or ``baseline``)::
 
-    <curves>/level<l>.tsv: step loss lr mse fve l0 lambda dead with_parent
+    <curves>/metrics.json        the latest values, {"train": {"<name>": {"loss", "lr",
+                                 "level<l>": {...}}}, "step"}: `dvc exp show` reads it while
+                                 the run trains
+    <curves>/plots/metrics/train/<name>/{loss,lr}.tsv
+    <curves>/plots/metrics/train/<name>/level<l>/<q>.tsv   columns step, <q>: `dvc plots show`
 
-``with_parent`` counts the level's features assigned to a parent (the forest's size at that
-level; 0 for level 0 and for the baseline, whose forest is built post hoc). The checkpoint holds
-the rows up to its step: a resumed run starts from them and appends after them, so the curves
-are those of an uninterrupted run. A fresh run writes its curves from its first checkpoint on,
-together with the checkpoint it replaces: a run that fails before that leaves the previous run's
-checkpoint and curves as they were. Every write replaces the file (never rewrites it in place).
+with ``<q>`` the training batch's ``l0``, ``fve``, ``mse``, the sparsity weight ``lambda``,
+``dead`` (features past the dead window) and, from level 1 on, the parent-child loss ``pc`` of
+the pair above and ``with_parent``, the features of the level assigned a parent (the forest's
+size there; 0 for the baseline, whose forest is built post hoc).
+
+The checkpoint holds the rows logged up to its step: a resumed run rewrites the folder from them
+and logs after them, so the curves are those of an uninterrupted run. A fresh run keeps its rows
+in memory until its first checkpoint, then rewrites the folder with them and logs live from
+there on: a run that fails before that leaves the previous run's checkpoint and curves as they
+were.
 
 A checkpoint is resumed only if it was written for the same config, by the same code and on the
 same data (:func:`~hsae_core.pipeline.checkpoint.data_identity`: the store and the normalisation
@@ -19,14 +28,13 @@ scale); the store's rows are checked for NaN and Inf as they are read
 (:class:`~hsae_core.data.reader.TrainActivations`).
 
 Under ``torchrun`` (``dist`` from :func:`hsae_core.common.distributed.init_from_env`) every rank
-trains its slice of each global batch; rank 0 alone writes the curves and the checkpoint (a local
-path or an fsspec URL), which resumes on any number of ranks.
+trains its slice of each global batch; rank 0 alone logs the curves and writes the checkpoint (a
+local path or an fsspec URL), which resumes on any number of ranks.
 """
 
 from __future__ import annotations
 
 import csv
-import io
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,7 +42,7 @@ from pathlib import Path
 
 from hsae_core.common import fsio
 from hsae_core.common.distributed import SINGLE, DistContext
-from hsae_core.common.errors import check_field, is_int
+from hsae_core.common.errors import check_field, coerce_fields
 from hsae_core.data.reader import TrainActivations
 from hsae_core.data.store import StoreInfo, open_store
 from hsae_core.model.config import HSAEConfig
@@ -53,7 +61,7 @@ class TrainRunConfig:
     checkpoint_every: int = 100
     """Steps between checkpoints; a killed training stage resumes from the last one (0 = never)."""
     log_every: int = 10
-    """Steps between rows of the live training curves (plots/<model>/level<l>.tsv)."""
+    """Steps between rows of the live training curves (DVCLive, dvclive/<model>/)."""
     buffer_blocks: int = 32
     """Store blocks (about 8 MB each) shuffled together in memory by the train reader."""
     compile: bool = False
@@ -61,72 +69,88 @@ class TrainRunConfig:
     for CUDA, also runs on the CPU given a C++ compiler, results equal eager). Off by default."""
 
     def __post_init__(self) -> None:
-        check_field(self, "checkpoint_every",
-                    is_int(self.checkpoint_every) and self.checkpoint_every >= 0,
-               "an integer >= 0 (0 = no checkpoints)")
-        check_field(self, "log_every", is_int(self.log_every) and self.log_every >= 1,
-                    "an integer >= 1")
-        check_field(self, "buffer_blocks", is_int(self.buffer_blocks) and self.buffer_blocks >= 1,
-               "an integer >= 1")
-        check_field(self, "compile", isinstance(self.compile, bool), "true or false")
+        coerce_fields(self)
+        check_field(self, "checkpoint_every", self.checkpoint_every >= 0,
+                    "an integer >= 0 (0 = no checkpoints)")
+        check_field(self, "log_every", self.log_every >= 1, "an integer >= 1")
+        check_field(self, "buffer_blocks", self.buffer_blocks >= 1, "an integer >= 1")
 
-CURVE_COLUMNS = ("step", "loss", "lr", "mse", "fve", "l0", "lambda", "dead", "with_parent")
+#: Per-level quantities of the curves (``pc`` and ``with_parent`` from level 1 on).
+LEVEL_CURVES = ("l0", "fve", "mse", "lambda", "dead", "pc", "with_parent")
 
 
-class TrainingCurves:
-    """Per-level TSV curves under ``folder`` (the trainer's ``on_log``).
+class LiveCurves:
+    """The trainer's ``on_log``: per-level curves of run ``name`` logged with DVCLive under
+    ``folder`` (the layout in the module docstring).
 
-    ``rows``: the rows to start from (a checkpoint's), else, when ``resume_step``, the files'
-    rows up to that step, else none. ``live``: write the files at once and after every row
-    (each file replaced whole); else only from :meth:`commit` on."""
+    ``rows``: the rows to start from (a checkpoint's), else, when ``resume_step``, the rows the
+    folder holds, else none; only those up to ``resume_step`` are kept. ``live``: rewrite the
+    folder from them now and log every later row at once; else keep rows in memory until
+    :meth:`commit`."""
 
-    def __init__(self, folder: str | Path, n_levels: int, resume_step: int = 0, *,
-                 rows: list[list[dict]] | None = None, live: bool = True):
-        self.folder = Path(folder)
-        self.paths = [self.folder / f"level{l}.tsv" for l in range(n_levels)]
-        if rows is not None:
-            self.rows = [[r for r in level if int(r["step"]) <= resume_step] for level in rows]
-        else:
-            self.rows = [self._read(path, resume_step) if resume_step else []
-                         for path in self.paths]
-        self.live = live
+    def __init__(self, folder: str | Path, n_levels: int, name: str = "hsae",
+                 resume_step: int = 0, *, rows: list[dict] | None = None, live: bool = True):
+        self.folder, self.name, self.n_levels = Path(folder), name, n_levels
+        if rows is None:
+            rows = curve_rows(self.folder, name) if resume_step else []
+        self.rows = [dict(r) for r in rows if r["step"] <= resume_step]
+        self.live = None
         if live:
-            self.flush()
-
-    @staticmethod
-    def _read(path: Path, resume_step: int) -> list[dict]:
-        if not path.exists():
-            return []
-        with path.open() as f:
-            return [r for r in csv.DictReader(f, delimiter="\t") if int(r["step"]) <= resume_step]
+            self.commit()
 
     def __call__(self, step: int, rec: dict) -> None:
-        for l, rows in enumerate(self.rows):
-            row = {"step": step, "loss": rec["loss"], "lr": rec["lr"],
-                   **{k: rec[f"level{l}/{k}"] for k in ("mse", "fve", "l0", "lambda", "dead")},
-                   "with_parent": rec.get(f"pair{l - 1}/assigned", 0) if l else 0}
-            rows.append({k: (f"{v:.6g}" if isinstance(v, float) else str(v))
-                         for k, v in row.items()})
-        if self.live:
-            self.flush()
+        row = {"step": step}
+        for l in range(self.n_levels):
+            for q in LEVEL_CURVES[:5]:
+                row[f"level{l}/{q}"] = rec[f"level{l}/{q}"]
+            if l:
+                row[f"level{l}/pc"] = rec[f"pair{l - 1}/pc"]
+                row[f"level{l}/with_parent"] = rec[f"pair{l - 1}/assigned"]
+        row |= {"loss": rec["loss"], "lr": rec["lr"]}
+        self.rows.append(row)
+        if self.live is not None:
+            self._log(row)
+            self.live.make_summary()
 
     def commit(self) -> None:
-        """Write the files now and after every later row."""
-        self.live = True
-        self.flush()
+        """From now on, log every row at once: start DVCLive on the folder (which clears its
+        curves) and log the rows so far."""
+        if self.live is not None:
+            return
+        from dvclive import Live  # imports DVC: only where curves are written
 
-    def flush(self) -> None:
-        """Replace every level's file with its rows; remove level files of other level counts."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        for stale in self.folder.glob("level*.tsv"):
-            if stale not in self.paths:
-                stale.unlink()
-        for path, rows in zip(self.paths, self.rows):
-            text = io.StringIO()
-            w = csv.DictWriter(text, CURVE_COLUMNS, delimiter="\t")
-            w.writeheader()
-            w.writerows(rows)
-            fsio.write_text(path, text.getvalue())
+        self.live = Live(str(self.folder), dvcyaml=False, save_dvc_exp=False)
+        for row in self.rows:
+            self._log(row)
+        if self.rows:
+            self.live.make_summary()
+
+    def _log(self, row: dict) -> None:
+        self.live.step = row["step"]
+        for key, value in row.items():
+            if key != "step":
+                self.live.log_metric(f"train/{self.name}/{key}", value)
+
+    def end(self) -> None:
+        """The run is over (DVCLive's ``end``: final summary, experiment bookkeeping)."""
+        if self.live is not None:
+            self.live.end()
+
+
+def curve_rows(folder: str | Path, name: str) -> list[dict]:
+    """The rows logged under ``folder`` for run ``name`` (:class:`LiveCurves`), by step:
+    ``[{"step": s, "loss": ..., "level0/l0": ..., ...}, ...]``; [] when there are none."""
+    root = Path(folder) / "plots" / "metrics" / "train" / name
+    by_step: dict[int, dict] = {}
+    for path in sorted(root.rglob("*.tsv")):
+        key = path.relative_to(root).with_suffix("").as_posix()
+        with path.open(newline="") as f:
+            for rec in csv.DictReader(f, delimiter="\t"):
+                step = int(rec["step"])
+                value = float(rec[path.stem])
+                by_step.setdefault(step, {"step": step})[key] = (
+                    int(value) if key.endswith(("dead", "with_parent")) else value)
+    return [by_step[s] for s in sorted(by_step)]
 
 
 def train_on_store(cfg: HSAEConfig, store: str | Path | StoreInfo, scale: float | str | Path, *,
@@ -135,9 +159,10 @@ def train_on_store(cfg: HSAEConfig, store: str | Path | StoreInfo, scale: float 
                    dist: DistContext = SINGLE,
                    on_finish: Callable[[Trainer], None] | None = None) -> HSAE:
     """Train ``cfg.total_steps`` steps of ``cfg.batch_size`` shuffled train rows (epochs repeat as
-    needed), resuming from ``checkpoint`` when it holds a run of the same config. Under
-    ``dist`` each rank reads its slice of every global batch; rank 0 writes curves and
-    checkpoints. ``on_finish(trainer)`` sees the finished trainer (e.g. its ``summary()``)."""
+    needed), resuming from ``checkpoint`` when it holds a run of the same config. ``name``
+    (``hsae``, ``baseline``) names the run in messages and in the curves. Under ``dist`` each
+    rank reads its slice of every global batch; rank 0 writes curves and checkpoints.
+    ``on_finish(trainer)`` sees the finished trainer (e.g. its ``summary()``)."""
     info = store if isinstance(store, StoreInfo) else open_store(store)
     if info.d_model != cfg.d_model:
         raise ValueError(f"store {info.path} holds d = {info.d_model}, the config asks for "
@@ -156,8 +181,8 @@ def train_on_store(cfg: HSAEConfig, store: str | Path | StoreInfo, scale: float 
     start = int(state["step"]) if state is not None else 0
     if start and dist.is_main:
         print(f"{name}: resuming from {checkpoint} at step {start} of {cfg.total_steps}")
-    log = (TrainingCurves(curves, cfg.n_levels, start, rows=(state or {}).get("curves"),
-                          live=bool(start)) if dist.is_main else None)
+    log = (LiveCurves(curves, cfg.n_levels, name, start, rows=(state or {}).get("curves"),
+                      live=bool(start)) if dist.is_main else None)
     del state
     t0, every = time.perf_counter(), run.log_every * max(1, cfg.total_steps // 20 // run.log_every)
 
@@ -189,9 +214,11 @@ def train_on_store(cfg: HSAEConfig, store: str | Path | StoreInfo, scale: float 
         raise FloatingPointError(f"{err} (every input row read was finite: the store's rows "
                                  "are checked as they are read, so the training itself "
                                  "diverged)") from err
+    if log is not None:
+        log.end()
     if on_finish is not None:
         on_finish(trainer)
     return model
 
 
-__all__ = ["CURVE_COLUMNS", "TrainingCurves", "train_on_store", "usable_checkpoint"]
+__all__ = ["LEVEL_CURVES", "LiveCurves", "curve_rows", "train_on_store", "usable_checkpoint"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hsae_core.common.errors import ConfigError
+from hsae_core.common.errors import check_field, coerce_fields, is_device
 
 
 @dataclass(frozen=True)
@@ -29,25 +29,10 @@ class ReportConfig:
     """Torch device of the encoding pass."""
 
     def __post_init__(self) -> None:
-        def check(name: str, ok: bool, allowed: str) -> None:
-            if not ok:
-                raise ConfigError(f"report.{name} = {getattr(self, name)!r}: expected {allowed}")
-
-        def is_int(v) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        check("contexts_per_feature",
-              is_int(self.contexts_per_feature) and self.contexts_per_feature >= 1,
-              "an integer >= 1")
-        check("eval_tokens",
-              self.eval_tokens is None or (is_int(self.eval_tokens) and self.eval_tokens >= 2),
-              "None or an integer >= 2")
-        check("batch_size", is_int(self.batch_size) and self.batch_size >= 2, "an integer >= 2")
-        check("umap_points", is_int(self.umap_points) and self.umap_points >= 5, "an integer >= 5")
-        check("umap_panels", is_int(self.umap_panels) and self.umap_panels >= 1, "an integer >= 1")
-        check("umap_min_fires", is_int(self.umap_min_fires) and self.umap_min_fires >= 1,
-              "an integer >= 1")
-        check("seed", is_int(self.seed), "an integer")
-        check("device",
-              isinstance(self.device, str) and self.device.split(":")[0] in ("cpu", "cuda", "mps"),
-              "cpu, cuda, cuda:N or mps")
+        coerce_fields(self)
+        for name, low in (("contexts_per_feature", 1), ("batch_size", 2), ("umap_points", 5),
+                          ("umap_panels", 1), ("umap_min_fires", 1)):
+            check_field(self, name, getattr(self, name) >= low, f"an integer >= {low}")
+        check_field(self, "eval_tokens", self.eval_tokens is None or self.eval_tokens >= 2,
+                    "null or an integer >= 2")
+        check_field(self, "device", is_device(self.device), "cpu, cuda, cuda:N or mps")

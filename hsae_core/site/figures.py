@@ -1,6 +1,7 @@
 """The paper's figures as PNG + SVG (matplotlib, Agg): hierarchy metrics HSAE vs post-hoc
 baseline (Figure 3), ablations (Figures 4, 7, 9), the rho / r trade-off (Figure 8), UMAP of
-sibling features against an unrelated one (Figures 5, 10) and AutoInterp by branching (Figure 11).
+sibling features against an unrelated one (Figures 5, 10), AutoInterp by branching (Figure 11)
+and the training curves per level (HSAE beside the baseline).
 
 Every function takes plain data (metrics dicts, ablation rows, judge pairs, arrays) and writes
 ``<out>/<stem>.png`` and ``.svg``. Where an input is missing, the figure is still written and
@@ -96,11 +97,11 @@ def fig3_hierarchy(out: Path, metrics: dict | None, judge_pairs: Sequence[dict] 
     labels = [f"{p}\u2192{p + 1}" for p in pairs] + ["mean"]
     x = np.arange(len(labels))
     panels = ((grid[0, 0], "hamming", "(a) Hamming distance \u2193"),
-              (grid[0, 1], "p_parent_given_child", "(b) P(parent | child) \u2191"),
-              (grid[0, 2], "p_child_given_parent", "(c) P(child | parent) \u2191"),
+              (grid[0, 1], "p_pc", "(b) P(parent | child) \u2191"),
+              (grid[0, 2], "p_cp", "(c) P(child | parent) \u2191"),
               (grid[1, 0], "hamming_per_parent", "Hamming per parent with children \u2193"),
-              (grid[1, 1], "p_parent_given_child_pooled", "P(parent | child), pooled \u2191"),
-              (grid[1, 2], "p_child_given_parent_pooled", "P(child | parent), pooled \u2191"))
+              (grid[1, 1], "p_pc_pooled", "P(parent | child), pooled \u2191"),
+              (grid[1, 2], "p_cp_pooled", "P(child | parent), pooled \u2191"))
     for ax, key, name in panels:
         for k, (model, color, label) in enumerate((("hsae", HSAE_C, "HSAE"),
                                                     ("posthoc", BASE_C, "post-hoc baseline"))):
@@ -245,15 +246,15 @@ def fig_ablation(out: Path, stem: str, title: str, rows: Sequence[dict] | None,
 def fig8_tradeoff(out: Path, rows: Sequence[dict] | None,
                   reference: dict[str, float]) -> list[Path]:
     """Figure 8: FVE vs Hamming for the rho sweep and the r sweep (reference point included);
-    ``reference`` = the reference run's {"hierarchy.rho": ..., "hierarchy.swap_rate": ...}."""
+    ``reference`` = the reference run's {"rho": ..., "r": ...} (params.yaml's top-level keys)."""
     title = "Figure 8: consistency / fidelity trade-off"
     if not rows:
         return missing_figure(out, "fig8_tradeoff", title,
                               "no ablation results found:\n" + HOW_TO_ABLATE)
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, key, name in ((axes[0], "hierarchy.rho", "(a) constraint weight \u03c1"),
-                          (axes[1], "hierarchy.swap_rate", "(b) perturbation rate r")):
+    for ax, key, name in ((axes[0], "rho", "(a) constraint weight \u03c1"),
+                          (axes[1], "r", "(b) perturbation rate r")):
         pts = []
         ref = find_row(rows, {})
         if ref and _ok(ref.get("FVE")) and _ok(ref.get("Hamming")):
@@ -274,12 +275,69 @@ def fig8_tradeoff(out: Path, rows: Sequence[dict] | None,
         for v, fve, ham in pts:
             ax.annotate(f"{v:g}" if v is not None else "ref", (fve, ham),
                         textcoords="offset points", xytext=(5, 4), fontsize=8)
-        fig.colorbar(sc, ax=ax, label=f"log10 {key.split('.')[1]}")
+        fig.colorbar(sc, ax=ax, label=f"log10 {key}")
         ax.set_xlabel("fraction of variance explained (mean over levels) \u2192")
         ax.set_ylabel("Hamming distance \u2193")
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     return _save(fig, out, "fig8_tradeoff")
+
+
+# ----- training curves ------------------------------------------------------------------------
+
+#: (quantity, row title, models drawn) of the training-curves figure.
+TRAINING_ROWS = (("l0", "L0 (training batch)", ("hsae", "baseline")),
+                 ("fve", "FVE (training batch)", ("hsae", "baseline")),
+                 ("mse", "MSE", ("hsae", "baseline")),
+                 ("lambda", "sparsity weight \u03bb", ("hsae", "baseline")),
+                 ("pc", "parent-child loss", ("hsae",)),
+                 ("with_parent", "features with a parent", ("hsae",)))
+
+
+def fig_training(out: Path, curves: dict[str, dict[str, tuple[list, list]]] | None) -> list[Path]:
+    """The training curves, viewable offline (``dvc plots show`` needs a network for its
+    charts): one row per quantity, one column per level, the HSAE beside the baseline.
+    ``curves[model]["level<l>/<q>"] = (steps, values)`` (DVCLive's logs, hsae_core.pipeline.
+    train_run); the parent-child loss and forest size exist from level 1 on, and only for the
+    HSAE (the baseline's forest is built after training)."""
+    stem, title = "fig_training", "Training curves per level: HSAE vs independent baseline"
+    if not curves or not any(curves.values()):
+        return missing_figure(out, stem, title, "no training curves found (dvclive/<model>/): "
+                                                "run the training stages")
+    levels = sorted({int(k.split("/")[0][5:]) for c in curves.values() for k in c
+                     if k.startswith("level")})
+    plt = _plt()
+    fig, axes = plt.subplots(len(TRAINING_ROWS), len(levels), squeeze=False,
+                             figsize=(3.3 * len(levels), 2.1 * len(TRAINING_ROWS)))
+    colors = {"hsae": HSAE_C, "baseline": BASE_C}
+    for r, (q, label, models) in enumerate(TRAINING_ROWS):
+        for c, l in enumerate(levels):
+            ax = axes[r, c]
+            drawn = False
+            for model in models:
+                steps, values = (curves.get(model) or {}).get(f"level{l}/{q}", ([], []))
+                if len(steps):
+                    ax.plot(steps, values, color=colors[model], lw=1.1,
+                            label="HSAE" if model == "hsae" else "baseline")
+                    drawn = True
+            if not drawn:
+                ax.axis("off")
+                ax.text(0.5, 0.5, "no level above" if l == 0 else "not logged", fontsize=8,
+                        ha="center", va="center", color="#8a4b00", transform=ax.transAxes)
+                continue
+            ax.tick_params(labelsize=7)
+            if r == 0:
+                ax.set_title(f"level {l}", fontsize=9)
+            if c == 0 or not axes[r, c - 1].axison:
+                ax.set_ylabel(label, fontsize=8)
+    for c in range(len(levels)):  # "step" under the lowest panel of each column
+        drawn = [r for r in range(len(TRAINING_ROWS)) if axes[r, c].axison]
+        if drawn:
+            axes[drawn[-1], c].set_xlabel("step", fontsize=7)
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return _save(fig, out, stem)
 
 
 # ----- UMAP (Figures 5, 10) ---------------------------------------------------------------------
@@ -373,5 +431,5 @@ def fig11_branching(out: Path, pairs: Sequence[dict] | None, n_children_root: np
     return _save(fig, out, "fig11_branching")
 
 
-__all__ = ["fig11_branching", "fig3_hierarchy", "fig8_tradeoff", "fig_ablation", "fig_umap",
-           "find_row", "judge_rates", "missing_figure", "root_scores"]
+__all__ = ["TRAINING_ROWS", "fig11_branching", "fig3_hierarchy", "fig8_tradeoff", "fig_ablation",
+           "fig_training", "fig_umap", "find_row", "judge_rates", "missing_figure", "root_scores"]

@@ -78,6 +78,23 @@ def read_judge(path: Path) -> tuple[list[dict] | None, str | None]:
     return pairs, None
 
 
+def read_curves(folder: Path, name: str) -> dict[str, tuple[list[int], list[float]]]:
+    """The training curves DVCLive logged for run ``name`` under ``folder``
+    (``plots/metrics/train/<name>/<metric>.tsv``, hsae_core.pipeline.train_run):
+    ``{"level0/l0": (steps, values), "loss": ..., ...}``; {} when there are none."""
+    root = Path(folder) / "plots" / "metrics" / "train" / name
+    out = {}
+    for path in sorted(root.rglob("*.tsv")):
+        steps, values = [], []
+        for line in path.read_text().splitlines()[1:]:
+            cells = line.split("\t")
+            if len(cells) >= 2:
+                steps.append(int(cells[-2]))
+                values.append(float(cells[-1]))
+        out[path.relative_to(root).with_suffix("").as_posix()] = (steps, values)
+    return out
+
+
 @dataclass
 class UmapPanel:
     parent: tuple[int, int]
@@ -121,11 +138,12 @@ def build_report(out: Path, models: dict[str, HSAE], batches: Batches, cfg: Repo
                  evidence: dict[str, Evidence | None], judge_pairs: list[dict] | None,
                  judge_note: str | None, metrics: dict | None, ablation_rows: list[dict] | None,
                  reference_params: dict[str, float], labels: dict[str, str] | None = None,
+                 curves: dict[str, dict] | None = None,
                  log: Callable[[str], None] = print) -> dict:
     """Write ``out/site`` (the browser) and ``out/figures``; return a summary (also written to
     ``out/summary.json``). ``models`` maps "hsae" and "baseline" (the post-hoc forest) to models;
     ``evidence`` the same names to collected evidence (None: contexts are absent, the site says
-    so)."""
+    so); ``curves`` the same names to their training curves (:func:`read_curves`)."""
     out = Path(out)
     labels = labels or {"hsae": "HSAE",
                         "baseline": "Baseline (independent SAEs + post-hoc forest)"}
@@ -137,7 +155,7 @@ def build_report(out: Path, models: dict[str, HSAE], batches: Batches, cfg: Repo
         notes = []
         if evidence.get(name) is None:
             notes.append(f"No collected evidence for {name}: contexts are absent "
-                         "(run `dvc repro collect-evidence`).")
+                         f"(run `dvc repro evidence-{name}`).")
         views.append(ModelView(name, labels.get(name, name), model.forest.to("cpu"), stats[name],
                                evidence_contexts(evidence.get(name)),
                                judge_verdicts(judge_pairs, sources.get(name, name)),
@@ -158,8 +176,8 @@ def build_report(out: Path, models: dict[str, HSAE], batches: Batches, cfg: Repo
     keep("fig4", figures.fig_ablation(
         fig_dir, "fig4_mechanisms", "Figure 4: ablation of training mechanisms", ablation_rows, [
             ("Baseline\n(post-hoc)", "post-hoc Hamming", {}),
-            ("w/o constraint\n(\u03c1 = 0)", "Hamming", {"hierarchy.rho": 0.0}),
-            ("w/o perturbation\n(r = 0)", "Hamming", {"hierarchy.swap_rate": 0.0}),
+            ("w/o constraint\n(\u03c1 = 0)", "Hamming", {"rho": 0.0}),
+            ("w/o perturbation\n(r = 0)", "Hamming", {"r": 0.0}),
             ("HSAE", "Hamming", {})]))
     keep("fig7", figures.fig_ablation(
         fig_dir, "fig7_similarity", "Figure 7: similarity metric of hierarchy updates",
@@ -174,6 +192,7 @@ def build_report(out: Path, models: dict[str, HSAE], batches: Batches, cfg: Repo
             ("Binary tree", "Hamming", {"hierarchy.tree": "binary"}),
             ("HSAE\n(partial)", "Hamming", {})]))
     keep("fig8", figures.fig8_tradeoff(fig_dir, ablation_rows, reference_params))
+    keep("fig_training", figures.fig_training(fig_dir, curves))
 
     hsae = models["hsae"]
     panels = choose_umap_panels(stats["hsae"], cfg)
@@ -205,4 +224,4 @@ def build_report(out: Path, models: dict[str, HSAE], batches: Batches, cfg: Repo
 
 
 __all__ = ["UmapPanel", "build_report", "choose_umap_panels", "evidence_contexts",
-           "judge_verdicts", "read_judge"]
+           "judge_verdicts", "read_curves", "read_judge"]
