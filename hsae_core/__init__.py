@@ -12,10 +12,11 @@ it reaches)::
                  normalisation
     evaluation/  hierarchy metrics, streaming evaluation, spliced LM loss,  model, data, common
                  evidence contexts, the compute-metrics driver
-    judge/       the LLM judge of parent-child pairs (Appendix C)           evaluation, model, data,
-                                                                            common
+    judge/       the LLM judge of parent-child pairs (Appendix C)           evaluation, model,
+                                                                            data, common
     interop/     SAELens export, SAEBench adapter                           model, common
-    site/        the static forest browser and the paper's figures          evaluation, model, common
+    site/        the static forest browser and the paper's figures          evaluation, model,
+                                                                            common
     pipeline/    glue the stages call: params.yaml schema, model folders,   every package above
                  training on a store with checkpoints, ablations
 

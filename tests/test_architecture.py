@@ -165,3 +165,12 @@ def test_stage_deps_cover_every_reached_module_and_nothing_more(capsys):
     with capsys.disabled():
         print("\nstage                  hsae_core packages reached (all covered by its deps)")
         print("\n".join(rows))
+
+
+def test_python_lines_fit_in_99_columns():
+    """The project's style: no line of the library, stages, tests or benchmarks over 99."""
+    long = [f"{path.relative_to(REPO)}:{n}" for folder in ("hsae_core", "stages", "tests",
+                                                           "benchmarks")
+            for path in sorted((REPO / folder).rglob("*.py"))
+            for n, line in enumerate(path.read_text().splitlines(), 1) if len(line) > 99]
+    assert not long, f"lines over 99 characters: {long}"

@@ -30,7 +30,8 @@ def random_data(seed: int, n_tokens: int = 400, n_docs: int = 23):
     act = [torch.rand(n_tokens, SIZES[0], generator=g) < 0.3]
     for l, p in enumerate(parent_of):
         base = torch.rand(n_tokens, SIZES[l + 1], generator=g) < 0.15
-        follow = act[l][:, p.clamp(min=0)] & (torch.rand(n_tokens, SIZES[l + 1], generator=g) < 0.5)
+        coin = torch.rand(n_tokens, SIZES[l + 1], generator=g) < 0.5
+        follow = act[l][:, p.clamp(min=0)] & coin
         act.append(base | (follow & (p >= 0)))
     act[2][:, 3] = False  # a silent child
     docs = torch.sort(torch.randint(0, n_docs, (n_tokens,), generator=g)).values * 7 + 3
@@ -89,8 +90,8 @@ def test_pair_metrics_match_brute_force(seed):
         got = pair_metrics(t, l, 12)
         for key, value in want[l].items():
             assert float(got[key][0]) == pytest.approx(value, rel=1e-12, abs=1e-12), (l, key)
-        assert got["pc_skipped"][0] == sum(int(act[l + 1][:, j].sum() == 0)
-                                           for j in range(SIZES[l + 1]) if forest.parent_of[l][j] >= 0)
+        linked = [j for j in range(SIZES[l + 1]) if forest.parent_of[l][j] >= 0]
+        assert got["pc_skipped"][0] == sum(int(act[l + 1][:, j].sum() == 0) for j in linked)
 
 
 def test_level_metrics_match_brute_force():

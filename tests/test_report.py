@@ -180,6 +180,7 @@ def _png_ok(path: Path) -> None:
 
 
 def test_figures_from_a_small_run(run, tmp_path):
+    from hsae_core.evaluation.compute import short_names
     from hsae_core.pipeline.ablations import COLUMNS
 
     # ablation rows as hsae_core.pipeline.ablations.experiment_rows gives them: the reference and a
@@ -189,8 +190,9 @@ def test_figures_from_a_small_run(run, tmp_path):
                   tmp_path, "free")
     batches = lambda: (b.activations  # noqa: E731
                        for b in EvalActivations(run["store"], run["scale"], batch_size=512))
-    ref = json.loads((root / "metrics.json").read_text())
-    free_m = {"hsae": evaluate_hsae(free, batches()), "posthoc": ref["posthoc"]}
+    ref = short_names(json.loads((root / "metrics.json").read_text()), 20)
+    free_m = short_names({"hsae": evaluate_hsae(free, batches()), "posthoc": ref["posthoc"]},
+                         20)  # metrics.json's short names, as compute-metrics writes them
 
     def row(name, changed, m):
         out = {"name": name, "changed": changed}
@@ -205,7 +207,8 @@ def test_figures_from_a_small_run(run, tmp_path):
 
     summary, _ = stage(run, tmp_path / "report", "--ablations", str(tmp_path / "ablations.json"))
     figs = summary["figures"]
-    assert set(figs) == {"fig3", "fig4", "fig5", "fig7", "fig8", "fig9", "fig10", "fig11"}
+    assert set(figs) == {"fig3", "fig4", "fig5", "fig7", "fig8", "fig9", "fig10", "fig11",
+                         "fig_semantic", "fig_training"}
     for paths in figs.values():
         png, svg = map(Path, paths)
         _png_ok(png)

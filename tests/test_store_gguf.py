@@ -36,5 +36,9 @@ def test_smollm2_gguf_on_wiki(tmp_path):
                      store.group["documents/label"][:])
     docs = list(islice(iter_documents("embedded:wiki"), store.attrs["n_documents"]))
     assert [names[code] for code in labels] == [d.label for d in docs]
+    # the reader skips the rows flagged as attention sinks (METHOD §6; store attrs "outliers")
+    sinks = store.attrs["outliers"]["rows"]["eval"]
+    assert sinks == int(store.array("eval", "outlier")[:].sum())
     batch = next(iter(EvalActivations(store, 1.0, batch_size=40)))
-    assert batch.activations.shape == (40, 576) and (np.diff(batch.positions.numpy()) == 1).any()
+    assert batch.activations.shape == (40 - sinks, 576)
+    assert (np.diff(batch.positions.numpy()) == 1).any()

@@ -6,8 +6,8 @@ A CUDA host waits for the device at every value read back (``item``, ``bool``, `
 upload. ``SyncCounter`` (benchmarks/gpu_check.py) patches those calls, so the CPU counts them
 per source line. On the configuration below, before issue 17's changes, an HSAE step made 89
 (69 in the kernels: sparse_ops, coupling, coupled_decode) and an independent step 34 (25); now
-22 (14) and 6 (4): the bounds are what the code meets. Without CUDA the last test skips; on CUDA it checks
-``torch.cuda.set_sync_debug_mode``'s own view of the kernels.
+22 (14) and 6 (4): the bounds are what the code meets. Without CUDA the last test skips; on
+CUDA it checks ``torch.cuda.set_sync_debug_mode``'s own view of the kernels.
 """
 
 import importlib.util
