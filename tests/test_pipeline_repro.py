@@ -75,12 +75,12 @@ def test_repro_ablation_and_metrics_diff(tmp_path):
 
     assert ran_stages(dvc(root, "repro").stdout) == set()
 
-    # a sae: change invalidates both trainings (and, through their outputs, what follows),
-    # never the data stages
+    # a sae: change invalidates both trainings (and, through their outputs, what follows) and
+    # check-params (which reads every key), never the data stages
     changed = dict(params, sae=params["sae"] | {"lr": 1e-3})
     (root / "params.yaml").write_text(yaml.safe_dump(changed, sort_keys=False))
     assert (set(json.loads(dvc(root, "status", "--json").stdout))
-            == {"train-hsae", "train-baselines"})
+            == {"check-params", "train-hsae", "train-baselines"})
     git(root, "checkout", "params.yaml")
 
     # an unknown or misspelt key stops the pipeline in check-params, naming it, and no output
