@@ -232,10 +232,13 @@ def test_save_load_round_trip(tmp_path):
         for (n, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
             assert b.device.type == torch.device(device).type
             assert torch.equal(a.cpu(), b.cpu()), n
-        x = batches(1, seed=9)[0]
-        for l in range(3):
-            assert torch.equal(model.reconstruct(x, l).cpu(), loaded.reconstruct(x.to(device),
-                                                                                 l).cpu())
+        x = batches(1, seed=9)[0].to(DEVICE)
+        for l in range(3):  # bit-equal on the same device; the CPU's float kernels differ
+            want, got = model.reconstruct(x, l).cpu(), loaded.reconstruct(x.to(device), l).cpu()
+            if torch.device(device).type == torch.device(DEVICE).type:
+                assert torch.equal(want, got)
+            else:
+                assert torch.allclose(want, got, rtol=1e-4, atol=1e-4)
 
 
 @pytest.fixture

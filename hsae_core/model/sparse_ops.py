@@ -22,9 +22,13 @@ import torch
 
 #: Above this fraction of nonzeros a dense matmul beats the sparse kernels. CPU: measured with
 #: benchmarks/dense_cutoff.py (a training step of one level, d = 576, 1024 latents, 2 threads:
-#: the sparse path is 2.4x faster at 5%, 1.15x at 20%, 1.09x slower at 30%). Other devices
-#: (CUDA): 0.08, not yet measured there. A float here applies to every device (the tests force
-#: either path).
+#: the sparse path is 2.4x faster at 5%, 1.15x at 20%, 1.09x slower at 30%). CUDA: measured by
+#: benchmarks/gpu_check.py on one H200 (a training step of one level, d = 2304, 16384 latents,
+#: batch 1024, fp32): sparse 1.19x faster at 0.6%, 1.13x at 1.1%, 1.15x slower at 2.0%, 2.5x
+#: slower at 8%; crossover 1.4%. Yet with 0.014 the whole HSAE step at the paper's sizes was
+#: no faster (32.5 ms fp32, against 29.8 and 33.2 ms in two runs with 0.08) and made 34 host
+#: syncs per step instead of 22, so CUDA keeps 0.08 until the dense path is as sync-free as the
+#: sparse one. A float here applies to every device (the tests force either path).
 DENSE_CUTOFF: float | dict[str, float] = {"cpu": 0.25, "default": 0.08}
 
 

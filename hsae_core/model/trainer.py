@@ -380,8 +380,10 @@ class Trainer:
         self.firing.load_state(state["since_fired"], self.device)
         if self.coactivation is not None:
             self.coactivation.load_state_dict(state["coactivation"])
-        self.swap_gen.set_state(state["swap_gen"])
-        self.resample_gen.set_state(state["resample_gen"])
+        # generator states are CPU byte tensors even for a CUDA generator; a checkpoint loaded
+        # with map_location="cuda" (pipeline.checkpoint) has moved them to the GPU
+        self.swap_gen.set_state(state["swap_gen"].cpu())
+        self.resample_gen.set_state(state["resample_gen"].cpu())
         self.resampled = int(state["resampled"])
 
 def _fast_adam_kwargs(device: torch.device) -> dict:
