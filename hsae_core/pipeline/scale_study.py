@@ -1,0 +1,168 @@
+"""The scale study (issue 14): does the HSAE's consistency lead over the post-hoc forest grow
+with training tokens, toward the paper's 41% lower Hamming at 100M tokens (Table 1)?
+
+Each run is a DVC experiment on the embedded model that changes only the training length
+(``sae.total_steps``) and the paper's ``rho`` (0.01, and 0.1), on one larger extraction shared by
+every run (``STUDY_PARAMS``: 1.14M tokens, of which 9% of the documents and tokens form a ~103k
+eval split as large as the reference run's), so the longest run still sees the train tokens at
+most ~4 times. Everything else stays at ``params.yaml``'s values: warm-up, resampling and the
+sparsity controller's schedule scale with the run; the hierarchy update interval and the dead
+window stay fixed in steps and tokens. The study's compute-metrics draws 200 bootstrap replicates
+(the reference: 1000) and skips the spliced next-token loss, which the study does not read.
+
+Runs are executed one after another in the workspace, ordered by length, so DVC re-uses the
+extraction for every run and each length's baseline for both values of rho (its ``dvc.lock``
+entry is unchanged); DVC's queue would start each run from the committed reference in its own
+folder and re-train the baseline every time (persisted checkpoint outputs have no run cache).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+#: Overrides shared by every run of the study (on top of params.yaml).
+STUDY_PARAMS: dict[str, object] = {
+    "extract.max_tokens": 1_140_000,
+    "extract.eval_fraction": 0.09,
+    "metrics.bootstrap": 200,
+    "metrics.lm_loss_tokens": 0,
+}
+#: Training lengths in steps of sae.batch_size (1024) tokens: 0.51M, 1.02M, 4.10M tokens (8x).
+STEPS = (500, 1000, 4000)
+#: The paper's rho, and the ablation that moved the metrics most in the reference run.
+RHOS = (0.01, 0.1)
+#: The paper's training length (§4: 100M tokens), where the trend is extrapolated to.
+PAPER_TOKENS = 100_000_000
+#: (key in metrics.json's model groups, label) read by the table, the figure and the fit.
+METRICS = (
+    ("hamming", "Hamming"),
+    ("p_pc_pooled", "P(p|c) pooled"),
+    ("p_pc", "P(p|c) macro"),
+    ("topic_coherence", "topic coherence"),
+    ("doc_cooccurrence", "doc co-occurrence"),
+    ("fve", "FVE"),
+    ("l0", "L0"),
+)
+
+
+def run_name(steps: int, rho: float) -> str:
+    return f"scale-{steps}-rho{rho:g}"
+
+
+def runs(steps=STEPS, rhos=RHOS) -> list[tuple[str, dict[str, object]]]:
+    """``(experiment name, -S overrides)`` in run order (length-major: both rho values of a
+    length run back to back, sharing that length's baseline)."""
+    out = []
+    for n in steps:
+        for rho in rhos:
+            out.append((run_name(n, rho), {**STUDY_PARAMS, "sae.total_steps": n, "rho": rho}))
+    return out
+
+
+def run_command(name: str, overrides: dict[str, object], queue: bool = False) -> list[str]:
+    """``dvc exp run`` of one run, stopping after compute-metrics (no export, evidence, judge or
+    report: the study reads metrics/metrics.json only)."""
+    cmd = ["dvc", "exp", "run", "-n", name] + (["--queue"] if queue else [])
+    for key, value in overrides.items():
+        cmd += ["-S", f"{key}={value}"]
+    return cmd + ["compute-metrics"]
+
+
+def budget(extract_tok_s: float = 1400.0, step_s: float = 0.265, metrics_s: float = 240.0,
+           posthoc_s: float = 60.0, steps=STEPS, rhos=RHOS) -> dict[str, float]:
+    """Estimated CPU wall time (seconds) of the study on the 2-core reference machine, from the
+    reference run's rates: extraction ~1,400 tokens/s, ~0.265 s per step for either model,
+    compute-metrics and the post-hoc forest per run / per length."""
+    extract = STUDY_PARAMS["extract.max_tokens"] / extract_tok_s
+    hsae = sum(steps) * len(rhos) * step_s
+    baseline = sum(steps) * step_s
+    out = {"extract": extract, "train_hsae": hsae, "train_baseline": baseline,
+           "posthoc": posthoc_s * len(steps), "metrics": metrics_s * len(steps) * len(rhos)}
+    out["total"] = sum(out.values())
+    return out
+
+
+def study_rows(exp_show: list[dict], metrics_file: str = "metrics/metrics.json",
+               params_file: str = "params.yaml") -> list[dict]:
+    """One row per study experiment found in ``dvc exp show --json``: name, steps, tokens, rho,
+    epochs, and for each of ``METRICS`` the HSAE's and the post-hoc forest's value with interval
+    and the paired difference (``{"hsae": {...}, "posthoc": {...}, "diff": {...}}``), sorted by
+    rho then steps."""
+    names = {name for name, _ in runs()}
+    rows = []
+    for commit in exp_show:
+        for exp in commit.get("experiments") or []:
+            for rev in exp.get("revs") or []:
+                data, name = rev.get("data") or {}, rev.get("name")
+                if name not in names or not data:
+                    continue
+                params = (data.get("params", {}).get(params_file) or {}).get("data") or {}
+                metrics = (data.get("metrics", {}).get(metrics_file) or {}).get("data") or {}
+                if not metrics:
+                    continue
+                rows.append(_row(name, params, metrics))
+    return sorted(rows, key=lambda r: (r["rho"], r["steps"]))
+
+
+def _row(name: str, params: dict, metrics: dict) -> dict:
+    sae, extract = params["sae"], params["extract"]
+    tokens = int(sae["total_steps"]) * int(sae["batch_size"])
+    train_tokens = metrics.get("train_tokens")  # filled in from the run log when absent
+    row = {"name": name, "steps": int(sae["total_steps"]), "tokens": tokens,
+           "rho": float(params["rho"]), "max_tokens": int(extract["max_tokens"]),
+           "eval_tokens": metrics.get("eval_tokens"), "train_tokens": train_tokens}
+    for group in ("hsae", "posthoc", "diff"):
+        source = metrics[group] if group == "diff" else metrics[group]["mean"]
+        row[group] = {k: v for k, v in source.items() if _base(k) in dict(METRICS)}
+    return row
+
+
+def _base(key: str) -> str:
+    return key[:-3] if key.endswith(("_lo", "_hi")) else key
+
+
+def relative_gap(row: dict, key: str = "hamming") -> float:
+    """(HSAE - post-hoc) / post-hoc of one metric: the paper's Table 1 gives -41% for Hamming
+    (21.3 vs 36.1) at 100M tokens."""
+    return row["diff"][key] / row["posthoc"][key]
+
+
+def trend(rows: list[dict], key: str = "hamming", at: int = PAPER_TOKENS) -> dict[str, float]:
+    """Least-squares line of the relative gap against log10(training tokens) over ``rows`` (one
+    rho), and its value at ``at`` tokens: a log-linear extrapolation, the simplest curve three
+    lengths can pin down; its error grows with the distance (two decades here)."""
+    x = np.log10([r["tokens"] for r in rows])
+    y = np.array([relative_gap(r, key) for r in rows])
+    slope, intercept = np.polyfit(x, y, 1)
+    return {"slope_per_decade": float(slope), "intercept": float(intercept),
+            "at_tokens": at, "predicted": float(intercept + slope * math.log10(at))}
+
+
+def format_table(rows: list[dict]) -> str:
+    """Markdown: one row per run, HSAE / post-hoc [interval] per metric and the Hamming gap."""
+    head = ["rho", "train tokens", "epochs"] + [label for _, label in METRICS[:5]] + \
+        ["Hamming gap"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        epochs = r["tokens"] / r["train_tokens"] if r.get("train_tokens") else float("nan")
+        cells = [f"{r['rho']:g}", f"{r['tokens'] / 1e6:.2f}M", f"{epochs:.2f}"]
+        for key, _ in METRICS[:5]:
+            cells.append(f"{_cell(r['hsae'], key)} / {_cell(r['posthoc'], key)}")
+        cells.append(f"{100 * relative_gap(r):+.1f}%")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _cell(group: dict, key: str) -> str:
+    v = group.get(key)
+    if v is None:
+        return "-"
+    lo, hi = group.get(f"{key}_lo"), group.get(f"{key}_hi")
+    fmt = (lambda x: f"{x:.2f}") if abs(v) >= 1 else (lambda x: f"{x:.3f}")
+    return fmt(v) + (f" [{fmt(lo)}, {fmt(hi)}]" if lo is not None and hi is not None else "")
+
+
+__all__ = ["METRICS", "PAPER_TOKENS", "RHOS", "STEPS", "STUDY_PARAMS", "budget", "format_table",
+           "relative_gap", "run_command", "runs", "study_rows", "trend"]
