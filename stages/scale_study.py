@@ -20,6 +20,7 @@ import json
 import subprocess
 import time
 from pathlib import Path
+from typing import List, Optional
 
 import typer
 from rich import print as rprint
@@ -30,6 +31,21 @@ from hsae_core.pipeline import scale_study as study
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 RESULTS = Path("results")
+STEPS_OPT = typer.Option(list(study.STEPS), "--steps", help="training lengths (sae.total_steps)")
+RHO_OPT = typer.Option(list(study.RHOS), "--rho", help="values of rho")
+SET_OPT = typer.Option(None, "--set", help="KEY=VALUE replacing the study's shared overrides "
+                                           "(all of them, when given): a smaller project, a test")
+
+
+def _runs(steps: list[int], rho: list[float], sets: list[str] | None):
+    params = None
+    if sets:
+        bad = [s for s in sets if "=" not in s]
+        if bad:
+            rprint(f"[red]scale-study: --set wants KEY=VALUE, got {bad}[/red]")
+            raise typer.Exit(2)
+        params = dict(s.split("=", 1) for s in sets)
+    return study.runs(steps, rho, params)
 
 
 def _exp_show() -> list[dict]:
@@ -46,10 +62,11 @@ def _existing(exp_show: list[dict]) -> set[str]:
 
 
 @app.command()
-def plan() -> None:
-    for name, overrides in study.runs():
+def plan(steps: List[int] = STEPS_OPT, rho: List[float] = RHO_OPT,
+         sets: Optional[List[str]] = SET_OPT) -> None:
+    for name, overrides in _runs(steps, rho, sets):
         print(" ".join(study.run_command(name, overrides)))
-    est = study.budget()
+    est = study.budget(steps=steps, rhos=rho)
     print("estimated CPU wall time (2 cores): " +
           ", ".join(f"{k} {v / 60:.0f} min" for k, v in est.items()))
 
@@ -59,9 +76,12 @@ def run(
     queue: bool = typer.Option(False, help="put the runs in DVC's queue instead (`dvc queue "
                                            "start -j 1`): each re-trains its baseline"),
     log: Path = typer.Option(RESULTS / "scale_study_runs.jsonl", help="wall times"),
+    steps: List[int] = STEPS_OPT, rho: List[float] = RHO_OPT,
+    sets: Optional[List[str]] = SET_OPT,
 ) -> None:
+    todo = _runs(steps, rho, sets)
     done = _existing(_exp_show())
-    for name, overrides in study.runs():
+    for name, overrides in todo:
         if name in done:
             print(f"{name}: already an experiment, skipped")
             continue

@@ -29,6 +29,8 @@ STUDY_PARAMS: dict[str, object] = {
     "metrics.bootstrap": 200,
     "metrics.lm_loss_tokens": 0,
 }
+#: Experiment names: scale-<steps>-rho<rho>.
+PREFIX = "scale-"
 #: Training lengths in steps of sae.batch_size (1024) tokens: 0.51M, 1.02M, 4.10M tokens (8x).
 STEPS = (500, 1000, 4000)
 #: The paper's rho, and the ablation that moved the metrics most in the reference run.
@@ -48,17 +50,17 @@ METRICS = (
 
 
 def run_name(steps: int, rho: float) -> str:
-    return f"scale-{steps}-rho{rho:g}"
+    return f"{PREFIX}{steps}-rho{rho:g}"
 
 
-def runs(steps=STEPS, rhos=RHOS) -> list[tuple[str, dict[str, object]]]:
+def runs(steps=STEPS, rhos=RHOS, params: dict | None = None
+         ) -> list[tuple[str, dict[str, object]]]:
     """``(experiment name, -S overrides)`` in run order (length-major: both rho values of a
-    length run back to back, sharing that length's baseline)."""
-    out = []
-    for n in steps:
-        for rho in rhos:
-            out.append((run_name(n, rho), {**STUDY_PARAMS, "sae.total_steps": n, "rho": rho}))
-    return out
+    length run back to back, sharing that length's baseline). ``params`` replaces
+    :data:`STUDY_PARAMS` (a smaller project, a test)."""
+    shared = STUDY_PARAMS if params is None else params
+    return [(run_name(n, rho), {**shared, "sae.total_steps": n, "rho": rho})
+            for n in steps for rho in rhos]
 
 
 def run_command(name: str, overrides: dict[str, object], queue: bool = False) -> list[str]:
@@ -86,17 +88,17 @@ def budget(extract_tok_s: float = 760.0, step_s: float = 0.265, metrics_s: float
 
 def study_rows(exp_show: list[dict], metrics_file: str = "metrics/metrics.json",
                params_file: str = "params.yaml") -> list[dict]:
-    """One row per study experiment found in ``dvc exp show --json``: name, steps, tokens, rho,
+    """One row per study experiment (named ``scale-...``) with metrics in ``dvc exp show
+    --json``: name, steps, tokens, rho,
     epochs, and for each of ``METRICS`` the HSAE's and the post-hoc forest's value with interval
     and the paired difference (``{"hsae": {...}, "posthoc": {...}, "diff": {...}}``), sorted by
     rho then steps."""
-    names = {name for name, _ in runs()}
     rows = []
     for commit in exp_show:
         for exp in commit.get("experiments") or []:
             for rev in exp.get("revs") or []:
                 data, name = rev.get("data") or {}, rev.get("name")
-                if name not in names or not data:
+                if not str(name).startswith(PREFIX) or not data:
                     continue
                 params = (data.get("params", {}).get(params_file) or {}).get("data") or {}
                 metrics = (data.get("metrics", {}).get(metrics_file) or {}).get("data") or {}

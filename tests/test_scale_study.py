@@ -1,0 +1,119 @@
+"""The scale study (issue 14): its runs as real `dvc exp run`s in a micro project (extraction
+once, each length's baseline once for both rho), resumable, collected from `dvc exp show
+--json`; the trend against a brute-force fit; the figure with and without results."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+
+import numpy as np
+import pytest
+
+from hsae_core.pipeline import scale_study as study
+from hsae_core.site.scale_figure import fig_scale
+from tests.pipeline_helpers import env, micro_assets, micro_params, micro_project, ran_stages
+
+
+def test_runs_are_length_major_and_stop_after_compute_metrics():
+    names = [n for n, _ in study.runs()]
+    assert names == ["scale-500-rho0.01", "scale-500-rho0.1", "scale-1000-rho0.01",
+                     "scale-1000-rho0.1", "scale-4000-rho0.01", "scale-4000-rho0.1"]
+    name, overrides = study.runs()[-1]
+    cmd = study.run_command(name, overrides)
+    assert cmd[:5] == ["dvc", "exp", "run", "-n", name] and cmd[-1] == "compute-metrics"
+    assert "-S" in cmd and "sae.total_steps=4000" in cmd and "rho=0.1" in cmd
+    assert "--queue" in study.run_command(name, overrides, queue=True)
+    # the longest run sees the extracted train tokens at most ~4 times (the issue's bound)
+    train = study.STUDY_PARAMS["extract.max_tokens"] * (1 - study.STUDY_PARAMS[
+        "extract.eval_fraction"])
+    assert max(study.STEPS) * 1024 / train <= 4.0
+    assert max(study.STEPS) / min(study.STEPS) >= 8 and max(study.STEPS) * 1024 >= 4e6
+
+
+def synthetic_row(steps: int, rho: float, gap: float) -> dict:
+    post = 12.0
+    return {"name": study.run_name(steps, rho), "steps": steps, "tokens": steps * 1024,
+            "rho": rho, "train_tokens": 1_000_000,
+            "hsae": {"hamming": post * (1 + gap), "hamming_lo": post * (1 + gap) - 0.1,
+                     "hamming_hi": post * (1 + gap) + 0.1, "p_pc_pooled": 0.5,
+                     "topic_coherence": 0.6},
+            "posthoc": {"hamming": post, "p_pc_pooled": 0.45, "topic_coherence": 0.58,
+                        "topic_coherence_random": 0.05},
+            "diff": {"hamming": post * gap, "hamming_lo": post * gap - 0.1,
+                     "hamming_hi": post * gap + 0.1, "p_pc_pooled": 0.05}}
+
+
+def test_trend_matches_a_brute_force_least_squares_fit():
+    gaps = {500: -0.05, 1000: -0.07, 4000: -0.12}
+    rows = [synthetic_row(n, 0.01, g) for n, g in gaps.items()]
+    t = study.trend(rows)
+    x = [math.log10(n * 1024) for n in gaps]
+    y = list(gaps.values())
+    best = min(((a, b) for a in np.linspace(-0.2, 0.0, 401) for b in np.linspace(0, 0.6, 601)),
+               key=lambda ab: sum((ab[1] + ab[0] * xi - yi) ** 2 for xi, yi in zip(x, y)))
+    assert t["slope_per_decade"] == pytest.approx(best[0], abs=1e-3)
+    assert t["intercept"] == pytest.approx(best[1], abs=2e-3)
+    assert t["predicted"] == pytest.approx(t["intercept"] + 8 * t["slope_per_decade"])
+    assert study.relative_gap(rows[0]) == pytest.approx(-0.05)
+    table = study.format_table(rows)
+    assert table.count("\n") == 4 and "-12.0%" in table and "4.10M" in table
+
+
+def test_figure_with_and_without_results(tmp_path):
+    rows = [synthetic_row(n, rho, g * (2 if rho == 0.1 else 1)) for n, g in
+            {500: -0.05, 1000: -0.07, 4000: -0.12}.items() for rho in (0.01, 0.1)]
+    trends = {f"{rho:g}": {"hamming": study.trend([r for r in rows if r["rho"] == rho])}
+              for rho in (0.01, 0.1)}
+    paths = fig_scale(tmp_path / "a", {"rows": rows, "trends": trends, "paper_tokens": 1e8})
+    assert [p.suffix for p in paths] == [".png", ".svg"] and paths[0].stat().st_size > 10_000
+    svg = paths[1].read_text()
+    assert "paper, 100M tokens" in svg and "log-linear trend" in svg
+    missing = fig_scale(tmp_path / "b", None)
+    assert "stages.scale_study run" in missing[1].read_text()
+
+
+@pytest.mark.slow  # about 3 min on 2 cores: four dvc exp runs of the micro pipeline
+def test_micro_study_runs_collects_and_resumes(tmp_path):
+    model, corpus = micro_assets(tmp_path / "assets")
+    params = micro_params(model, corpus)
+    root = micro_project(tmp_path / "project", params)
+    cmd = ["python", "-m", "stages.scale_study", "run", "--steps", "20", "--steps", "40",
+           "--rho", "0.01", "--rho", "0.1", "--set", "extract.max_tokens=2500",
+           "--set", "metrics.bootstrap=20", "--set", "metrics.lm_loss_tokens=0"]
+    out = subprocess.run(cmd, cwd=root, env=env(), capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    log = out.stdout + out.stderr
+    # extraction once; each length's baseline once, shared by both values of rho
+    assert log.count("Running stage 'extract-activations'") == 1
+    assert log.count("Running stage 'train-baselines'") == 2
+    assert log.count("Running stage 'train-hsae'") == 4
+    assert not {"report", "judge-hsae", "evidence-hsae"} & ran_stages(log)
+    runs = [json.loads(x) for x in (root / "results" / "scale_study_runs.jsonl").read_text()
+            .splitlines()]
+    assert [r["name"] for r in runs] == ["scale-20-rho0.01", "scale-20-rho0.1",
+                                         "scale-40-rho0.01", "scale-40-rho0.1"]
+    assert all(r["seconds"] > 0 and r["train_tokens"] > 0 for r in runs)
+
+    again = subprocess.run(cmd, cwd=root, env=env(), capture_output=True, text=True)
+    assert again.returncode == 0 and again.stdout.count("already an experiment, skipped") == 4
+    assert "Running stage" not in again.stdout + again.stderr
+
+    col = subprocess.run(["python", "-m", "stages.scale_study", "collect"], cwd=root, env=env(),
+                         capture_output=True, text=True)
+    assert col.returncode == 0, col.stdout + col.stderr
+    result = json.loads((root / "results" / "scale_study.json").read_text())
+    rows = result["rows"]
+    assert [(r["rho"], r["steps"], r["tokens"]) for r in rows] == [
+        (0.01, 20, 1280), (0.01, 40, 2560), (0.1, 20, 1280), (0.1, 40, 2560)]
+    for r in rows:
+        assert r["max_tokens"] == 2500 and r["train_tokens"] == runs[0]["train_tokens"]
+        assert r["hsae"]["hamming_lo"] <= r["hsae"]["hamming"] <= r["hsae"]["hamming_hi"]
+        assert r["diff"]["hamming"] == pytest.approx(r["hsae"]["hamming"]
+                                                     - r["posthoc"]["hamming"])
+        assert r["seconds"] > 0
+    # both rho share each length's baseline: identical post-hoc numbers
+    assert rows[0]["posthoc"] == rows[2]["posthoc"] and rows[1]["posthoc"] == rows[3]["posthoc"]
+    assert set(result["trends"]) == {"0.01", "0.1"}
+    assert (root / "results" / "scale_study.md").read_text().count("\n") == 6
