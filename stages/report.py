@@ -5,7 +5,10 @@
         --judge data/judge/baseline/pairs.jsonl] [--curves dvclive]
         [--metrics metrics/metrics.json] [--ablations metrics/ablations.json] [--out data/report]
 
-Reads ``report:`` and ``rho``, ``r`` (Figure 8's reference point). Writes
+Reads ``report:``, ``rho``, ``r`` (Figure 8's reference point) and ``metrics.link_min_docs``
+(which links the site scores, as compute-metrics does). The store's document labels give each
+feature's top labels and each link's topic coherence (a corpus without labels: the site says
+topic coherence is unavailable). Writes
 data/report/site/index.html (open it from disk: no server), the figures
 data/report/figures/fig*.{png,svg} (with fig_training: the training curves of
 dvclive/{hsae,baseline}, viewable offline) and data/report/summary.json. The judge's pairs, the
@@ -31,6 +34,7 @@ from hsae_core.data.reader import EvalActivations
 from hsae_core.data.store import open_store
 from hsae_core.evaluation.compute import MetricsConfig
 from hsae_core.evaluation.evidence import load_evidence
+from hsae_core.evaluation.semantic import SemanticConfig
 from hsae_core.pipeline.ablations import experiment_rows
 from hsae_core.pipeline.io import load_for_store
 from hsae_core.pipeline.params import load_params, section_config
@@ -82,7 +86,10 @@ def main(
     try:
         all_params = load_params(params)
         cfg = section_config(all_params, "report", ReportConfig)
+        link_min_docs = section_config(all_params, "metrics", MetricsConfig).link_min_docs
         info = open_store(store)
+        label_arr = info.group["documents/label"]  # names: [] when the corpus has no labels
+        names = [str(n) for n in label_arr.attrs.get("label_names", [])]
         scale = resolve_scale(normalization, info)
         models = load_for_store({"hsae": hsae, "baseline": posthoc}, info.d_model, store,
                                 cfg.device)
@@ -121,11 +128,13 @@ def main(
     def batches():
         for batch in EvalActivations(info, scale, batch_size=mcfg.batch_size,
                                      max_tokens=mcfg.eval_tokens):
-            yield batch.activations
+            yield batch
 
     summary = build_report(out, models, batches, cfg, evidence=ev, judge_pairs=judge_pairs,
                            judge_note=judge_note, metrics=metrics_data, ablation_rows=rows,
-                           reference_params=reference, curves=logged)
+                           reference_params=reference, curves=logged,
+                           doc_labels=(label_arr[:], names) if names else None,
+                           semantic=SemanticConfig(link_min_docs))
     print(f"report: {summary['trees']} trees; open {summary['site']} in a browser "
           f"({time.perf_counter() - t0:.1f} s)")
 

@@ -1,10 +1,17 @@
-"""The report stage (issue 6) on a small real run: a tiny Llama's activations, a trained HSAE, an
-independent baseline with its post-hoc forest, collected evidence. Checks the browser's data
-against a dense recount, the figures, and the site itself in headless Chromium."""
+"""The report stage (issue 6) on a small real run: a tiny Llama's activations of a corpus whose
+documents carry topic labels (words drawn per topic), a trained HSAE, an independent baseline
+with its post-hoc forest, collected evidence. Checks the browser's data, its semantic scores
+(issue 14: top labels, link scores, tree means) included, against a dense recount, the figures,
+and the site itself in headless Chromium; and a store without labels, for which the site says
+topic coherence is unavailable."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import decimal
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -25,7 +32,7 @@ from hsae_core.model.config import HSAEConfig
 from hsae_core.model.posthoc import posthoc_forest
 from hsae_core.pipeline.io import save_hsae
 from hsae_core.pipeline.train_run import TrainRunConfig, train_on_store
-from tests.store_helpers import WORDS, jsonl_corpus, tiny_llama
+from tests.store_helpers import LABELS, WORDS, tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
@@ -34,6 +41,24 @@ COMMON = dict(d_model=32, level_sizes=LEVELS, target_l0=3.0, batch_size=128, tot
               dead_window_tokens=0, update_interval=10)
 REPORT = {"contexts_per_feature": 4, "umap_points": 40, "umap_panels": 2, "umap_min_fires": 5,
           "batch_size": 256}
+MIN_DOCS = 12  # metrics.link_min_docs (default 5; eval documents: 64): the site must follow it
+
+
+def topical_corpus(path: Path, n_docs: int = 300, max_words: int = 30, seed: int = 0) -> str:
+    """A .jsonl corpus whose documents have a ``topic`` (one of LABELS, in turn) and draw 70% of
+    their words from that topic's own 8 words, the rest from 10 shared ones: features that fire
+    on a topic's words fire in that topic's documents."""
+    rng = np.random.default_rng(seed)
+    own = [WORDS[8 * t:8 * (t + 1)] for t in range(len(LABELS))]
+    rows = []
+    for d in range(n_docs):
+        t = d % len(LABELS)
+        n = int(rng.integers(5, max_words))
+        words = [str(rng.choice(own[t])) if rng.random() < 0.7 else str(rng.choice(WORDS[240:]))
+                 for _ in range(n)]
+        rows.append(json.dumps({"text": " ".join(words), "topic": LABELS[t]}) + "\n")
+    path.write_text("".join(rows))
+    return str(path)
 
 
 def _train(cfg, store, scale, root, name):
@@ -47,7 +72,7 @@ def run(tmp_path_factory):
     """A small real run laid out like data/: store, normalisation, hsae/, posthoc/, evidence/."""
     root = tmp_path_factory.mktemp("report")
     ext = ExtractConfig(model=tiny_llama(root / "lm", d_model=32, n_layers=2), layer=1,
-                        corpus=jsonl_corpus(root / "corpus.jsonl", n_docs=200, max_words=60),
+                        corpus=topical_corpus(root / "corpus.jsonl"), label_column="topic",
                         context_len=24, batch_size=16, max_tokens=None, eval_fraction=0.2,
                         chunk_bytes=4096, shard_bytes=65536)
     store = extract_activations(ext, root / "store.zarr", progress=False)
@@ -71,19 +96,22 @@ def run(tmp_path_factory):
                        for b in EvalActivations(store, norm.scale, batch_size=512))
     metrics = {"hsae": evaluate_hsae(hsae, batches()), "posthoc": evaluate_hsae(base, batches())}
     (root / "metrics.json").write_text(json.dumps(metrics))
-    params = {"hierarchy": {"rho": 0.05, "swap_rate": 0.05}, "report": REPORT}
+    params = {"hierarchy": {"rho": 0.05, "swap_rate": 0.05}, "report": REPORT,
+              "metrics": {"link_min_docs": MIN_DOCS}}
     (root / "params.yaml").write_text(yaml.safe_dump(params))
-    return {"root": root, "hsae": hsae, "posthoc": base, "scale": norm.scale, "store": store}
+    return {"root": root, "hsae": hsae, "posthoc": base, "scale": norm.scale, "store": store,
+            "extract": ext}
 
 
-def stage(run, out: Path, *extra: str):
+def stage(run, out: Path, *extra: str, store: str = "store.zarr",
+          normalization: str = "normalization.json"):
     from stages.report import app
 
     root = run["root"]
     args = ["--params", root / "params.yaml", "--hsae", root / "hsae",
             "--posthoc", root / "posthoc",
             "--evidence", root / "evidence", "--metrics", root / "metrics.json",
-            "--store", root / "store.zarr", "--normalization", root / "normalization.json",
+            "--store", root / store, "--normalization", root / normalization,
             "--out", out,
             "--judge", root / "no-judge.jsonl", "--ablations", root / "no-ablations.json", *extra]
     res = CliRunner().invoke(app, [str(a) for a in args])
@@ -113,6 +141,63 @@ def dense_counts(model, store, scale):
         joint.append(np.array([(acts[l + 1][:, j] & acts[l][:, p[j]]).sum() if p[j] >= 0 else 0
                                for j in range(len(p))]))
     return acts[0].shape[0], [a.sum(0) for a in acts], joint
+
+
+def dense_documents(model, store, scale) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The eval documents (sorted ids) and, per level, ``[n_l, n_docs]``: feature i fires
+    somewhere in document k, from each level's dense activations."""
+    docs, acts = [], [[] for _ in model.levels]
+    for b in EvalActivations(store, scale, batch_size=512):
+        docs.append(b.doc_ids.numpy())
+        with torch.no_grad():
+            for l, lv in enumerate(model.levels):
+                acts[l].append((lv.encode(b.activations).dense() > 0).numpy())
+    docs = np.concatenate(docs)
+    ids = np.unique(docs)
+    col = np.searchsorted(ids, docs)
+    out = []
+    for a in acts:
+        rows, feats = np.nonzero(np.concatenate(a))
+        ind = np.zeros((a[0].shape[1], ids.size), bool)
+        ind[feats, col[rows]] = True
+        out.append(ind)
+    return ids, out
+
+
+def brute_semantics(model, ind: list[np.ndarray], labels: np.ndarray | None, n_labels: int,
+                    min_docs: int, alpha: float = 1.0):
+    """By explicit loops: per level, each feature's top 3 labels (label, share, lift) if it fires
+    in >= min_docs documents; per pair, each link's (topic coherence, doc co-occurrence) if both
+    ends do (coherence: Pearson correlation of the smoothed label lifts; None without labels)."""
+    base = (np.array([(labels == t).mean() for t in range(n_labels)])
+            if labels is not None else None)
+
+    def per_label(f):
+        return np.array([(f & (labels == t)).sum() for t in range(n_labels)], float)
+
+    tops = []
+    for a in ind:
+        top = {}
+        for i, f in enumerate(a):
+            if labels is not None and f.sum() >= min_docs:
+                n = per_label(f)
+                order = sorted(range(n_labels), key=lambda t: (-n[t], t))[:3]
+                top[i] = [(t, n[t] / n.sum(), n[t] / n.sum() / base[t]) for t in order if n[t]]
+        tops.append(top)
+    links = []
+    for pair, parent_of in enumerate(model.forest.parent_of):
+        scores = {}
+        for c, p in enumerate(parent_of.tolist()):
+            fp, fc = ind[pair][max(p, 0)], ind[pair + 1][c]
+            if p < 0 or fp.sum() < min_docs or fc.sum() < min_docs:
+                continue
+            coh = None
+            if labels is not None:
+                a, b = ((per_label(f) + alpha * base) / (f.sum() + alpha) / base for f in (fp, fc))
+                coh = float(np.corrcoef(a, b)[0, 1]) if min(a.std(), b.std()) > 1e-9 else None
+            scores[c] = (coh, float((fp & fc).sum() / fc.sum()))
+        links.append(scores)
+    return tops, links
 
 
 def write_judge(run, path: Path) -> list[dict]:
@@ -170,6 +255,63 @@ def test_site_data_match_a_dense_recount(run, tmp_path):
         assert ctx and all(max(max(q) for _, q in n["ctx"]) == 100 for n in ctx)
         _, search = read_js(site / "data" / m["name"] / "search.js")
         assert [len(v) for v in search["toks"]] == list(LEVELS)
+
+
+def _close(got, want, tol: float) -> bool:
+    return (got is None) if want is None else (got is not None and abs(got - want) <= tol)
+
+
+def check_semantics(run, site: Path, store, scale, labelled: bool) -> dict:
+    """The site's semantic data of both models against :func:`brute_semantics`; returns per
+    model the brute-force link scores."""
+    _, ov = read_js(site / "data" / "overview.js")
+    names = list(store.group["documents/label"].attrs["label_names"])
+    out = {}
+    for m, model in zip(ov["models"], (run["hsae"], run["posthoc"])):
+        ids, ind = dense_documents(model, store, scale)
+        # the corpus gives document d the topic LABELS[d % 3]; the store numbers documents in order
+        labels = np.array([names.index(LABELS[d % 3]) for d in ids]) if labelled else None
+        tops, links = brute_semantics(model, ind, labels, len(names), MIN_DOCS)
+        assert m["semantic"] == {"labels": names, "min_docs": MIN_DOCS, "documents": ids.size,
+                                 "scored": sum(map(len, links))}
+        for t, (l, i) in enumerate(zip(m["trees"]["l"], m["trees"]["i"])):
+            _, tree = read_js(site / "data" / m["name"] / f"t{l}_{i}.js")
+            tree_links = []
+            for k, n in enumerate(tree["nodes"]):
+                assert n["d"] == ind[n["l"]][n["i"]].sum()
+                want = tops[n["l"]].get(n["i"])
+                assert ("lab" in n) == (want is not None), n
+                for (t_, share, lift), (wt, ws, wl) in zip(n.get("lab", []), want or []):
+                    assert t_ == wt and abs(share - ws) < 1e-3 and abs(lift - wl) < 1e-2
+                assert len(n.get("lab", [])) == len(want or [])
+                scores = links[n["l"] - 1].get(n["i"]) if k else None
+                assert ("sc" in n) == (scores is not None), n
+                if scores is not None:
+                    assert _close(n["sc"][0], scores[0], 1e-3), (n["sc"], scores)
+                    assert _close(n["sc"][1], scores[1], 1e-3), (n["sc"], scores)
+                    tree_links.append(scores)
+            for col, s in (("coh", 0), ("co", 1)):
+                vals = [x[s] for x in tree_links if x[s] is not None]
+                assert _close(m["trees"][col][t], np.mean(vals) if vals else None, 2e-3)
+            assert m["trees"]["scored"][t] == len(tree_links)
+        out[m["name"]] = links
+    return out
+
+
+def test_site_semantic_scores_match_a_brute_force_recount(run, tmp_path):
+    summary, output = stage(run, tmp_path / "report")
+    assert summary["doc_labels"] == len(LABELS) and "3 document labels" in output
+    site = tmp_path / "report" / "site"
+    links = check_semantics(run, site, run["store"], run["scale"], labelled=True)
+    # the topical corpus makes this a real check: linked features share topics, so coherence
+    # spans a range and some trees have no scored link at all
+    coh = [s[0] for pair in links["hsae"] for s in pair.values() if s[0] is not None]
+    assert len(coh) >= 10 and max(coh) > 0.8 and min(coh) < -0.5, sorted(coh)
+    _, ov = read_js(site / "data" / "overview.js")
+    tops = [n["lab"][0] for f in (site / "data" / "hsae").glob("t*.js")
+            for n in read_js(f)[1]["nodes"] if "lab" in n]
+    assert any(lift > 2 for _, _, lift in tops)  # topic-specific features are named as such
+    assert None in ov["models"][0]["trees"]["coh"], "expected a tree with no scored link"
 
 
 def _png_ok(path: Path) -> None:
@@ -240,21 +382,24 @@ def _unavailable(reason: str) -> None:
     pytest.skip(reason)
 
 
-def test_site_in_headless_chromium(run, tmp_path):
+def _need_browser() -> str:
+    """Chromium's path, once chromium and playwright are known to be there (else skip)."""
     exe = _chromium()
     if exe is None:
         _unavailable("no chromium on PATH (scripts/setup.sh installs Debian's `chromium` "
                      "when run as root with apt)")
     try:
-        from playwright.sync_api import sync_playwright
+        import playwright.sync_api  # noqa: F401
     except ImportError:
         _unavailable("playwright is not installed (the dev extra of pyproject.toml)")
-    judged = write_judge(run, tmp_path / "pairs.jsonl")
-    summary, _ = stage(run, tmp_path / "report", "--judge", str(tmp_path / "pairs.jsonl"))
-    _, ov = read_js(tmp_path / "report" / "site" / "data" / "overview.js")
-    n_trees = len(ov["models"][0]["trees"]["l"])
-    ARTIFACTS.mkdir(exist_ok=True)
-    shot = ARTIFACTS / "report_tree.png"
+    return exe
+
+
+@contextlib.contextmanager
+def browser_page(exe: str):
+    """A headless Chromium page; on leaving, no console error or page error may have occurred."""
+    from playwright.sync_api import sync_playwright
+
     errors: list[str] = []
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=exe,
@@ -264,6 +409,32 @@ def test_site_in_headless_chromium(run, tmp_path):
         page.on("console", lambda m: (errors.append(f"console.{m.type}: {m.text}")
                                       if m.type == "error" else None))
         page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
+        yield page
+        browser.close()
+    assert not errors, errors
+
+
+def js_fixed(x: float, digits: int) -> str:
+    """JavaScript's ``x.toFixed(digits)``: the exact binary value rounded half away from 0."""
+    q = decimal.Decimal(1).scaleb(-digits)
+    return str(decimal.Decimal(x).quantize(q, rounding=decimal.ROUND_HALF_UP))
+
+
+def rows_order(page) -> list[str]:
+    return page.locator("table.trees tbody tr").evaluate_all(
+        "rs => rs.map(r => r.getAttribute('data-root'))")
+
+
+def test_site_in_headless_chromium(run, tmp_path):
+    exe = _need_browser()
+    judged = write_judge(run, tmp_path / "pairs.jsonl")
+    summary, _ = stage(run, tmp_path / "report", "--judge", str(tmp_path / "pairs.jsonl"))
+    site = tmp_path / "report" / "site"
+    _, ov = read_js(site / "data" / "overview.js")
+    n_trees = len(ov["models"][0]["trees"]["l"])
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / "report_tree.png"
+    with browser_page(exe) as page:
         page.goto((tmp_path / "report" / "site" / "index.html").as_uri())
         rows = page.locator("table.trees tbody tr")
         rows.first.wait_for()
@@ -293,7 +464,96 @@ def test_site_in_headless_chromium(run, tmp_path):
         page.click("#models button:has-text('Baseline')")
         page.locator("table.trees tbody tr").first.wait_for()
         assert "Baseline" in page.locator("main h2").inner_text()
-        browser.close()
-    assert not errors, errors
+        check_semantics_in_page(page, site, ov)
     assert shot.stat().st_size > 10_000
     print(f"screenshot: {shot}")
+
+
+def check_semantics_in_page(page, site: Path, ov: dict) -> None:
+    """The overview sorts trees by mean topic coherence and by document co-occurrence (trees with
+    no scored link last, either direction); a tree shows its nodes' top labels and its links'
+    scores."""
+    m = ov["models"][0]
+    t, names = m["trees"], m["semantic"]["labels"]
+    index = site.as_uri() + "/index.html"
+    for col in ("coh", "co"):
+        page.goto(index + "#/hsae")
+        page.locator("table.trees tbody tr").first.wait_for()
+        page.select_option("#sortby", col)
+        page.locator(f"th.sorted[data-col={col}]").wait_for()
+        value = dict(zip((f"t{l}_{i}" for l, i in zip(t["l"], t["i"])), t[col]))
+        order = [value[r] for r in rows_order(page)]
+        scored = [v for v in order if v is not None]
+        assert len(set(scored)) >= 2 and None in order, order  # a real ordering, and unscored
+        assert order == sorted(scored, reverse=True) + [None] * (len(order) - len(scored))
+        first = page.locator(f"table.trees tbody tr td.{col}").first.inner_text()
+        assert first == js_fixed(scored[0], 2)
+        page.click(f"th[data-col={col}]")  # ascending: unscored trees stay last
+        page.locator(f"th.sorted.asc[data-col={col}]").wait_for()
+        order = [value[r] for r in rows_order(page)]
+        assert order == sorted(scored) + [None] * (len(order) - len(scored))
+    # a linked node with top labels and a finite coherence: its card shows both
+    node = tree = None
+    for l, i in zip(t["l"], t["i"]):
+        nodes = read_js(site / "data" / "hsae" / f"t{l}_{i}.js")[1]["nodes"]
+        node = next((n for n in nodes[1:] if "lab" in n and n.get("sc", [None])[0] is not None),
+                    None)
+        if node is not None:
+            tree = f"t{l}_{i}"
+            break
+    assert node is not None
+    page.goto(index + f"#/hsae/{tree}/{node['l']}_{node['i']}")
+    card = page.locator(f"#n{node['l']}_{node['i']}")
+    card.locator(".labels").wait_for()
+    labels = card.locator(".labels").inner_text()
+    for lab, share, lift in node["lab"]:
+        want = f"{names[lab]} {math.floor(100 * share + 0.5)}% (\u00d7{js_fixed(lift, 1)})"
+        assert want in labels, (want, labels)
+    coh, co = node["sc"]
+    score = card.locator(".score").inner_text()
+    assert (f"topic coherence {js_fixed(coh, 2)}" in score
+            and f"doc co-occurrence {js_fixed(co, 2)}" in score), score
+    assert "Mean topic coherence" in page.locator("p.semantic").inner_text()
+
+
+def test_label_less_store_says_topic_coherence_is_unavailable(run, tmp_path):
+    """The same corpus extracted without its label column: no top labels, no coherence (the
+    site says unavailable, the sort control disables it), document co-occurrence still shown."""
+    ext = dataclasses.replace(run["extract"], label_column=None)
+    store = extract_activations(ext, tmp_path / "plain.zarr", progress=False)
+    assert list(store.group["documents/label"].attrs["label_names"]) == []
+    norm = estimate_normalization(store)
+    norm.save(tmp_path / "plain-normalization.json")
+    summary, output = stage(run, tmp_path / "report", store=str(tmp_path / "plain.zarr"),
+                            normalization=str(tmp_path / "plain-normalization.json"))
+    assert summary["doc_labels"] == 0 and "topic coherence unavailable" in output
+    site = tmp_path / "report" / "site"
+    links = check_semantics(run, site, store, norm.scale, labelled=False)
+    assert sum(map(len, links["hsae"])) >= 10  # co-occurrence needs no labels
+    exe = _need_browser()
+    _, ov = read_js(site / "data" / "overview.js")
+    t = ov["models"][0]["trees"]
+    with browser_page(exe) as page:
+        page.goto(site.as_uri() + "/index.html#/hsae")
+        page.locator("table.trees tbody tr").first.wait_for()
+        note = page.locator("p.semantic").inner_text()
+        assert "Topic coherence and top labels: unavailable" in note
+        assert page.locator("#sortby option[value=coh]").is_disabled()
+        assert page.locator("th[data-col=coh]").count() == 0
+        page.select_option("#sortby", "co")
+        page.locator("th.sorted[data-col=co]").wait_for()
+        value = dict(zip((f"t{l}_{i}" for l, i in zip(t["l"], t["i"])), t["co"]))
+        order = [value[r] for r in rows_order(page)]
+        scored = [v for v in order if v is not None]
+        assert order == sorted(scored, reverse=True) + [None] * (len(order) - len(scored))
+        k = next(k for k, n in enumerate(t["scored"]) if n)
+        tree = f"t{t['l'][k]}_{t['i'][k]}"
+        nodes = read_js(site / "data" / "hsae" / f"{tree}.js")[1]["nodes"]
+        node = next(n for n in nodes if "sc" in n)
+        page.goto(site.as_uri() + f"/index.html#/hsae/{tree}/{node['l']}_{node['i']}")
+        card = page.locator(f"#n{node['l']}_{node['i']}")
+        card.locator(".score").wait_for()
+        score = card.locator(".score").inner_text()
+        assert ("topic coherence unavailable (no labels)" in score
+                and f"doc co-occurrence {js_fixed(node['sc'][1], 2)}" in score), score
+        assert page.locator(".labels").count() == 0

@@ -9,6 +9,11 @@ the judge's verdicts into a folder that opens from ``file://`` with no server:
     data/<model>/t<level>_<id>.js        one tree: nodes, links, contexts (loaded when opened)
     data/<model>/s<level>_<chunk>.js     features outside every tree, 256 per file
 
+With the semantic scores (:mod:`.semantic_view`), a node carries the eval documents it fires in
+(``d``) and its top document labels (``lab``: [label index, share, lift]), a scored link its
+topic coherence and document co-occurrence (``sc``), and each tree the means of both over its
+scored links (the overview's ``coh``, ``co``, ``scored`` columns).
+
 Each data file is a script calling ``HSAE.put(key, value)``: Chromium blocks ``fetch`` of
 ``file://`` URLs but loads ``<script src>`` from the page's folder, so nothing needs a server.
 A tree is a parentless feature with at least one child; its nodes are listed depth first.
@@ -27,6 +32,7 @@ import numpy as np
 from hsae_core.common import fsio
 from hsae_core.model.forest import Forest
 
+from .semantic_view import SemanticView, tree_means
 from .stats import ForestStats
 
 ASSETS = Path(__file__).with_name("assets")
@@ -41,7 +47,8 @@ JudgeVerdicts = dict[tuple[int, int, int, int], list[tuple[str, str, str]]]
 @dataclass
 class ModelView:
     """What the browser shows of one model: ``contexts(level, id)`` gives a feature's
-    top-activating contexts, best first (empty list when none were collected)."""
+    top-activating contexts, best first (empty list when none were collected); ``semantic``
+    its labels and link scores (None: not computed, the site says so)."""
 
     name: str
     label: str
@@ -50,6 +57,7 @@ class ModelView:
     contexts: Callable[[int, int], list[Context]]
     judge: JudgeVerdicts | None = None
     notes: list[str] = field(default_factory=list)
+    semantic: SemanticView | None = None
 
 
 @dataclass
@@ -125,6 +133,12 @@ def _node(view: ModelView, idx: TreeIndex, level: int, i: int, parent: int, pc, 
             "n": int(idx.n_children[level][i]), "pc": pc, "cp": cp, "ctx": payload,
             "amax": _num(amax, 3),
             "top": " | ".join(_node_tokens(ctxs, 3)), "toks": _node_tokens(ctxs)}
+    sem = view.semantic
+    if sem is not None:
+        node["d"] = int(sem.docs[level][i])
+        if sem.top[level][i] is not None:
+            node["lab"] = [[t, round(share, 3), round(lift, 2)]
+                           for t, share, lift in sem.top[level][i]]
     return node
 
 
@@ -143,6 +157,9 @@ def _tree_nodes(view: ModelView, idx: TreeIndex, level: int, root: int, limit: i
         placed = []
         for j in kids:
             node = _node(view, idx, l + 1, j, at, _num(pcs[l][j]), _num(cps[l][j]), limit)
+            scores = view.semantic.link(l, j) if view.semantic is not None else None
+            if scores is not None:
+                node["sc"] = [_num(v) for v in scores]
             if view.judge is not None:
                 verdict = view.judge.get((l, i, l + 1, j))
                 if verdict:
@@ -208,7 +225,7 @@ def _write_model(folder: Path, view: ModelView, limit: int) -> dict:
     cps = [stats.p_child_given_parent(l) for l in range(len(sizes) - 1)]
     labels: list[list[str]] = [[""] * n for n in sizes]
     cols = {k: [] for k in ("l", "i", "size", "live", "kids", "depth", "branch", "f", "top",
-                            "judged", "yes")}
+                            "judged", "yes", "coh", "co", "scored")}
     for g in idx.tree_roots().tolist():
         level, i = idx.split(g)
         nodes = _tree_nodes(view, idx, level, i, limit, pcs, cps, children)
@@ -230,6 +247,8 @@ def _write_model(folder: Path, view: ModelView, limit: int) -> dict:
         cols["top"].append(nodes[0]["top"])
         cols["judged"].append(len(judged))
         cols["yes"].append(sum(v == "yes" for v in judged))
+        for k, v in tree_means([n["sc"] for n in nodes if "sc" in n]).items():
+            cols[k].append(v)
     # features outside every tree: chunked files, opened by search
     lone = np.bincount(idx.root, minlength=idx.root.size)[idx.root] < 2
     for level, n in enumerate(sizes):
@@ -252,10 +271,14 @@ def _write_model(folder: Path, view: ModelView, limit: int) -> dict:
               "f": [[_num(v, 6) for v in idx.freq[l]] for l in range(len(sizes))]}
     (folder / "search.js").write_text(_script(f"{view.name}/search", search), encoding="utf-8")
     judged = sum(cols["judged"])
+    sem = view.semantic
+    semantic = None if sem is None else {"labels": sem.names, "min_docs": sem.min_docs,
+                                         "documents": sem.documents,
+                                         "scored": sum(len(p) for p in sem.links)}
     return {"name": view.name, "label": view.label, "level_sizes": list(sizes),
             "tokens": stats.tokens, "single_chunk": SINGLE_CHUNK, "n_lone": int(lone.sum()),
             "judge": view.judge is not None,
-            "judged_links": judged, "notes": view.notes, "trees": cols}
+            "judged_links": judged, "notes": view.notes, "semantic": semantic, "trees": cols}
 
 
 __all__ = ["Context", "JudgeVerdicts", "ModelView", "TreeIndex", "write_site"]

@@ -12,18 +12,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from hsae_core.common import fsio
 from hsae_core.evaluation.evidence import PAD, Evidence
+from hsae_core.evaluation.semantic import SemanticConfig
 from hsae_core.model.hsae import HSAE
 
 from . import figures
 from .build import ModelView, TreeIndex, write_site
 from .config import ReportConfig
+from .semantic_view import semantic_view
 from .stats import ForestStats, feature_inputs, forest_stats
 
-Batches = Callable[[], Iterable[torch.Tensor]]
+#: The eval batches, fresh on each call: EvalBatches (document ids: the semantic scores), or
+#: tensors (every token its own document)
+Batches = Callable[[], Iterable]
+#: The store's document labels: ``documents/label`` (label index per document id, -1 none) and
+#: its ``label_names`` (empty: the corpus has no label column)
+DocLabels = tuple[np.ndarray, list[str]]
 
 
 def evidence_contexts(ev: Evidence | None) -> Callable[[int, int], list]:
@@ -138,12 +144,16 @@ def build_report(out: Path, models: dict[str, HSAE], batches: Batches, cfg: Repo
                  evidence: dict[str, Evidence | None], judge_pairs: list[dict] | None,
                  judge_note: str | None, metrics: dict | None, ablation_rows: list[dict] | None,
                  reference_params: dict[str, float], labels: dict[str, str] | None = None,
-                 curves: dict[str, dict] | None = None,
+                 curves: dict[str, dict] | None = None, doc_labels: DocLabels | None = None,
+                 semantic: SemanticConfig = SemanticConfig(),
                  log: Callable[[str], None] = print) -> dict:
     """Write ``out/site`` (the browser) and ``out/figures``; return a summary (also written to
     ``out/summary.json``). ``models`` maps "hsae" and "baseline" (the post-hoc forest) to models;
     ``evidence`` the same names to collected evidence (None: contexts are absent, the site says
-    so); ``curves`` the same names to their training curves (:func:`read_curves`)."""
+    so); ``curves`` the same names to their training curves (:func:`read_curves`);
+    ``doc_labels`` the store's document labels, from which, with ``semantic`` (compute-metrics'
+    ``min_docs``), the site shows each feature's top labels, each link's scores and each tree's
+    mean (None or no names: no labels, topic coherence unavailable; co-occurrence is shown)."""
     out = Path(out)
     labels = labels or {"hsae": "HSAE",
                         "baseline": "Baseline (independent SAEs + post-hoc forest)"}
@@ -152,6 +162,8 @@ def build_report(out: Path, models: dict[str, HSAE], batches: Batches, cfg: Repo
     views = []
     for name, model in models.items():
         stats[name] = forest_stats(model, batches())
+        label_of, names = doc_labels if doc_labels is not None else (None, [])
+        sem = semantic_view(stats[name].counts, label_of, names, semantic)
         notes = []
         if evidence.get(name) is None:
             notes.append(f"No collected evidence for {name}: contexts are absent "
@@ -159,8 +171,11 @@ def build_report(out: Path, models: dict[str, HSAE], batches: Batches, cfg: Repo
         views.append(ModelView(name, labels.get(name, name), model.forest.to("cpu"), stats[name],
                                evidence_contexts(evidence.get(name)),
                                judge_verdicts(judge_pairs, sources.get(name, name)),
-                               notes))
-        log(f"report: {name}: counted firings over {stats[name].tokens} eval tokens")
+                               notes, sem))
+        log(f"report: {name}: counted firings over {stats[name].tokens} eval tokens in "
+            f"{sem.documents} documents; {sum(len(p) for p in sem.links)} links scored, "
+            + (f"{len(sem.names)} document labels" if sem.has_labels
+               else "no document labels (topic coherence unavailable)"))
     index = write_site(out / "site", views, contexts_per_feature=cfg.contexts_per_feature,
                        info={"judge": judge_note or "judge output present"})
     log(f"report: site -> {index}")
@@ -217,7 +232,9 @@ def build_report(out: Path, models: dict[str, HSAE], batches: Batches, cfg: Repo
                "umap_panels": [{"parent": p.parent, "siblings": p.siblings,
                                 "unrelated": p.unrelated} for p in panels],
                "trees": {v.name: len(TreeIndex.of(v.forest).tree_roots()) for v in views},
-               "eval_tokens": {k: s.tokens for k, s in stats.items()}}
+               "eval_tokens": {k: s.tokens for k, s in stats.items()},
+               "doc_labels": len(views[0].semantic.names) if views else 0,
+               "links_scored": {v.name: sum(len(p) for p in v.semantic.links) for v in views}}
     fsio.write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     log(f"report: figures -> {fig_dir}")
     return summary

@@ -40,6 +40,8 @@
   const fmtPct = f => (f == null ? "–" : (100 * f).toFixed(f < 0.001 ? 3 : 2) + "%");
   const fmtP = p => (p == null ? "–" : p.toFixed(2));
   const fid = (l, i) => `L${l}#${i}`;
+  // semantic scores (issue 14): m.semantic = {labels, min_docs, documents, scored} or null
+  const hasLabels = m => !!(m.semantic && m.semantic.labels.length);
 
   // ----- routing: #/model | #/model/tKEY[/l_i] | #/model/sKEY/l_i | #/compare -----
   function route() {
@@ -65,15 +67,21 @@
   const COLS = [
     ["root", "tree root", r => r.l * 1e7 + r.i], ["top", "top tokens", r => r.top, "lab"],
     ["size", "nodes", r => r.size], ["live", "firing nodes", r => r.live], ["kids", "root's children", r => r.kids], ["depth", "levels", r => r.depth],
-    ["branch", "mean branching", r => r.branch], ["f", "root freq.", r => r.f], ["yes", "judge yes / judged", r => (r.judged ? r.yes / r.judged : -1)]
+    ["branch", "mean branching", r => r.branch], ["f", "root freq.", r => r.f], ["yes", "judge yes / judged", r => (r.judged ? r.yes / r.judged : -1)],
+    ["coh", "topic coherence", r => r.coh, "", m => hasLabels(m)], ["co", "doc co-occurrence", r => r.co, "", m => !!m.semantic]
   ];
+  // the sort control above the table: [column, label]; columns whose value is null (no scored link) sort last
+  const SORTS = [["live", "firing nodes"], ["size", "nodes"], ["coh", "topic coherence"], ["co", "document co-occurrence"],
+                 ["depth", "levels"], ["yes", "judge yes rate"]];
+  const colsOf = m => COLS.filter(c => !c[4] || c[4](m));
   const sortState = {};
 
   function rowsOf(m) {
     const t = m.trees, out = [];
     for (let k = 0; k < t.l.length; k++)
       out.push({ l: t.l[k], i: t.i[k], size: t.size[k], live: t.live[k], kids: t.kids[k], depth: t.depth[k], branch: t.branch[k],
-                 f: t.f[k], top: t.top[k], judged: t.judged[k], yes: t.yes[k] });
+                 f: t.f[k], top: t.top[k], judged: t.judged[k], yes: t.yes[k],
+                 coh: t.coh ? t.coh[k] : null, co: t.co ? t.co[k] : null, scored: t.scored ? t.scored[k] : 0 });
     return out;
   }
 
@@ -81,8 +89,14 @@
     const m = models[r.model];
     const st = sortState[m.name] || (sortState[m.name] = { col: "live", asc: false, shown: PAGE });
     const rows = rowsOf(m);
-    const key = COLS.find(c => c[0] === st.col)[2];
-    rows.sort((a, b) => { const x = key(a), y = key(b); const c = x < y ? -1 : x > y ? 1 : 0; return st.asc ? c : -c; });
+    const cols = colsOf(m);
+    if (!cols.some(c => c[0] === st.col)) st.col = "live";
+    const key = cols.find(c => c[0] === st.col)[2];
+    rows.sort((a, b) => {
+      const x = key(a), y = key(b);
+      if (x == null || y == null) return (x == null) - (y == null);  // unscored trees last, either direction
+      const c = x < y ? -1 : x > y ? 1 : 0; return st.asc ? c : -c;
+    });
     const sizes = m.level_sizes.reduce((a, b) => a + b, 0);
     const info = el("div", {},
       el("h2", { text: `${m.label}: ${rows.length} trees over ${sizes.toLocaleString()} features` }),
@@ -91,7 +105,18 @@
     if (!m.judge) info.append(el("p", { class: "warn", text: "No judge output for this model: link verdicts are not shown (run the judge stage)." }));
     else info.append(el("p", { class: "note", text: `${m.judged_links} judge answers (yes or no) about this forest's links; the last column counts them per tree.` }));
     for (const n of m.notes || []) info.append(el("p", { class: "warn", text: n }));
-    const head = el("tr", {}, ...COLS.map(([c, label, , cls]) => el("th", {
+    info.append(semanticNote(m));
+    const sortBy = el("select", { id: "sortby", onchange: e => { st.col = e.target.value; st.asc = false; st.shown = PAGE; render(); } },
+      ...SORTS.map(([c, label]) => {
+        const ok = cols.some(x => x[0] === c);
+        const o = el("option", { value: c, text: ok ? label : `${label} (unavailable)` });
+        if (!ok) o.disabled = true;
+        if (c === st.col) o.selected = true;
+        return o;
+      }));
+    info.append(el("p", { class: "sortbar" }, el("label", { for: "sortby", text: "sort trees by " }), sortBy,
+      el("span", { class: "note", text: " (highest first; trees with no scored link last; or click a column)" })));
+    const head = el("tr", {}, ...cols.map(([c, label, , cls]) => el("th", {
       class: `${cls || ""} ${st.col === c ? "sorted" + (st.asc ? " asc" : "") : ""}`, text: label, "data-col": c,
       onclick: () => { if (st.col === c) st.asc = !st.asc; else { st.col = c; st.asc = c === "root" || c === "top"; } st.shown = PAGE; render(); }
     })));
@@ -103,13 +128,45 @@
         el("td", { class: "lab top", text: x.top || "" }),
         el("td", {}, el("span", { class: "bar", style: `width:${Math.max(1, Math.round(60 * x.size / maxSize))}px` }), ` ${x.size}`),
         el("td", { text: x.live }), el("td", { text: x.kids }), el("td", { text: x.depth }), el("td", { text: x.branch }),
-        el("td", { text: fmtPct(x.f) }), el("td", { text: x.judged ? `${x.yes} / ${x.judged}` : "–" })));
+        el("td", { text: fmtPct(x.f) }), el("td", { text: x.judged ? `${x.yes} / ${x.judged}` : "–" }),
+        ...cols.filter(c => c[0] === "coh" || c[0] === "co").map(c =>
+          el("td", { class: c[0], title: `mean over ${x.scored} scored links`, text: fmtP(x[c[0]]) }))));
     }
     const table = el("table", { class: "trees" }, el("thead", {}, head), body);
     const more = rows.length > st.shown ? el("button", { class: "more pill", text: `show ${Math.min(PAGE, rows.length - st.shown)} more of ${rows.length - st.shown}`,
       onclick: () => { st.shown += PAGE; render(); } }) : null;
     main.replaceChildren(info, table, more || "");
     performance.mark("hsae-overview");
+  }
+
+  function semanticNote(m) {
+    const s = m.semantic;
+    if (!s) return el("p", { class: "warn semantic", text: "No semantic scores for this model (top labels, topic coherence, document co-occurrence)." });
+    const scope = `links scored where both ends fire in at least ${s.min_docs} of the ${s.documents.toLocaleString()} eval documents ` +
+      `(${s.scored.toLocaleString()} links); a tree's score is the mean over its scored links.`;
+    if (!hasLabels(m)) return el("p", { class: "warn semantic", text: `Topic coherence and top labels: unavailable, the corpus has no document ` +
+      `label column (name one in extract.label_column and re-extract). Document co-occurrence (P(parent fires in a document | child fires in it)) needs none: ${scope}` });
+    return el("p", { class: "note semantic", text: `Semantic scores: each feature's top document labels (${s.labels.length} labels; share of the ` +
+      `documents it fires in, and lift over the eval split), each link's topic coherence (correlation of parent's and child's label lift) ` +
+      `and document co-occurrence; ${scope}` });
+  }
+
+  function labelsView(node, m) {
+    if (!hasLabels(m) || node.d == null) return null;
+    const s = m.semantic;
+    if (!node.lab) return el("div", { class: "labels none", text: `labels: fires in ${node.d} eval documents (fewer than ${s.min_docs}: no top labels)` });
+    return el("div", { class: "labels" }, "labels: ", ...node.lab.flatMap(([t, share, lift], k) => [k ? " · " : "",
+      el("span", { class: "lab", title: `${(100 * share).toFixed(1)}% of the labelled documents it fires in; lift ${lift.toFixed(2)} over the eval split`,
+                   text: `${s.labels[t]} ${Math.round(100 * share)}% (×${lift.toFixed(1)})` })]));
+  }
+
+  function scoreView(node, m) {
+    const s = m.semantic;
+    if (!s) return null;
+    if (!node.sc) return el("span", { class: "score none", text: `semantic scores: not scored (an end fires in fewer than ${s.min_docs} eval documents)` });
+    const [coh, co] = node.sc;
+    const cohText = !hasLabels(m) ? "topic coherence unavailable (no labels)" : `topic coherence ${coh == null ? "– (flat lift)" : coh.toFixed(2)}`;
+    return el("span", { class: "score", "data-coh": coh == null ? "" : String(coh), text: `${cohText} · doc co-occurrence ${fmtP(co)}` });
   }
 
   // ----- one tree -----
@@ -129,7 +186,7 @@
     return box;
   }
 
-  function nodeCard(node, open, linkInfo) {
+  function nodeCard(node, open, linkInfo, m) {
     const ctxHolder = el("div");
     const toggle = el("button", { class: "more pill", text: open ? "hide contexts" : `contexts (${node.ctx.length})` });
     let shown = false;
@@ -138,8 +195,9 @@
     const head = el("div", { class: "nodehead" },
       el("span", { class: "fid", text: fid(node.l, node.i) }),
       el("span", { class: "top", text: node.top || "" }),
-      el("span", { class: "link", text: `freq ${fmtPct(node.f)} · ${node.n} children` }), linkInfo, toggle);
-    const card = el("div", { class: "node", id: `n${node.l}_${node.i}` }, head, ctxHolder);
+      el("span", { class: "link", text: `freq ${fmtPct(node.f)}` + (node.d != null ? ` · ${node.d} docs` : "") + ` · ${node.n} children` }),
+      linkInfo, toggle);
+    const card = el("div", { class: "node", id: `n${node.l}_${node.i}` }, head, labelsView(node, m), ctxHolder);
     setOpen(open);
     return card;
   }
@@ -148,6 +206,8 @@
     if (node.p < 0) return null;
     const span = el("span", { class: "link", text: `P(parent|child) ${fmtP(node.pc)} · P(child|parent) ${fmtP(node.cp)}` });
     const out = el("span", {}, span);
+    const score = scoreView(node, m);
+    if (score) out.append(" · ", score);
     if (!node.j) out.append(" ", el("span", { class: "judge none", text: m.judge ? "not judged" : "no judge run" }));
     else for (const [v, conf, order] of node.j)
       out.append(" ", el("span", { class: `judge ${v}`, title: order ? `asked ${order.replace("_", " ")}` : "",
@@ -166,7 +226,7 @@
       const n = nodes[k];
       const open = (depth <= 1 && opened < OPEN_CTX) || focusId === `n${n.l}_${n.i}`;
       if (open) opened++;
-      const li = el("li", {}, nodeCard(n, open, linkInfo(n, m)));
+      const li = el("li", {}, nodeCard(n, open, linkInfo(n, m), m));
       if (kids[k].length) {
         const ul = el("ul");
         const add = (from, count) => {
@@ -187,12 +247,19 @@
     const levels = new Set(nodes.map(n => n.l));
     const answers = nodes.flatMap(n => n.j || []).filter(v => v[0] === "yes" || v[0] === "no");
     const judged = answers, yes = answers.filter(v => v[0] === "yes");
+    const scored = nodes.filter(n => n.sc);
+    const mean = k => { const v = scored.map(n => n.sc[k]).filter(x => x != null); return v.length ? (v.reduce((a, b) => a + b, 0) / v.length).toFixed(2) : "–"; };
+    const semLine = !m.semantic ? null : el("p", { class: "note semantic", text: scored.length
+      ? (hasLabels(m) ? `Mean topic coherence ${mean(0)}` : "Topic coherence unavailable (no labels)") +
+        `, mean document co-occurrence ${mean(1)}, over this tree's ${scored.length} scored links of ${nodes.length - 1}.`
+      : `No link of this tree is scored (an end fires in fewer than ${m.semantic.min_docs} eval documents).` });
     const head = el("div", {},
       el("p", {}, el("a", { href: `#/${m.name}`, text: `\u2190 all ${m.label} trees` })),
       el("h2", { text: `${m.label}: tree of ${fid(root.l, root.i)}` }),
       el("p", { class: "note", text: `${nodes.length} features over ${levels.size} levels. Orange marks the tokens where a feature fires; ` +
         `the stronger the orange, the larger the activation (relative to the feature's largest shown). ` +
-        (m.judge ? `Judge: ${yes.length} yes of ${judged.length} answers about this tree's links.` : "No judge output: links show no verdicts.") }));
+        (m.judge ? `Judge: ${yes.length} yes of ${judged.length} answers about this tree's links.` : "No judge output: links show no verdicts.") }),
+      semLine);
     main.replaceChildren(head, el("ul", { class: "tree" }, sub(0, 0)));
     if (focusId) { const f = document.getElementById(focusId); if (f) { f.classList.add("focus"); f.scrollIntoView({ block: "center" }); } }
     performance.mark("hsae-tree");
@@ -204,7 +271,7 @@
     const node = chunk[String(i)];
     if (!node) { main.replaceChildren(el("p", { class: "warn", text: `feature ${r.focus} is not in ${r.key}` })); return; }
     main.replaceChildren(el("p", {}, el("a", { href: `#/${m.name}`, text: `\u2190 all ${m.label} trees` })),
-      el("h2", { text: `${m.label}: ${fid(l, i)} (in no tree: no parent, no children)` }), el("ul", { class: "tree" }, el("li", {}, nodeCard(node, true, null))));
+      el("h2", { text: `${m.label}: ${fid(l, i)} (in no tree: no parent, no children)` }), el("ul", { class: "tree" }, el("li", {}, nodeCard(node, true, null, m))));
   }
 
   // ----- search -----
