@@ -3,7 +3,8 @@
     python -m stages.report [--params params.yaml] [--hsae data/hsae] [--posthoc data/posthoc]
         [--evidence data/evidence] [--judge data/judge/hsae/pairs.jsonl
         --judge data/judge/baseline/pairs.jsonl] [--curves dvclive]
-        [--metrics metrics/metrics.json] [--ablations metrics/ablations.json] [--out data/report]
+        [--metrics metrics/metrics.json] [--ablations metrics/ablations.json]
+        [--scale-study results/scale_study.json] [--out data/report]
 
 Reads ``report:``, ``rho``, ``r`` (Figure 8's reference point) and ``metrics.link_min_docs``
 (which links the site scores, as compute-metrics does). The store's document labels give each
@@ -77,6 +78,8 @@ def main(
                                  help="compute-metrics output (Figure 3)"),
     ablations: Path = typer.Option(Path("metrics/ablations.json"),
                                    help="ablation results (optional)"),
+    scale_study: Path = typer.Option(Path("results/scale_study.json"),
+                                     help="scale study results (optional; Figure S)"),
     store: Path = typer.Option(Path("data/activations.zarr"),
                                help="activation store (eval split)"),
     normalization: Path = typer.Option(Path("data/normalization.json"), help="normalisation JSON"),
@@ -113,6 +116,7 @@ def main(
         judge_pairs, judge_note = judge_pairs or None, "; ".join(notes) or None
         metrics_data = json.loads(metrics.read_text()) if metrics.is_file() else None
         rows, how = read_ablations(ablations)
+        study = json.loads(scale_study.read_text()) if scale_study.is_file() else None
         reference = {k: float(all_params[k]) for k in ("rho", "r") if k in all_params}
         logged = {name: read_curves(curves / name, name) for name in ("hsae", "baseline")}
     except (ValueError, FileNotFoundError, ConfigError) as err:
@@ -132,7 +136,7 @@ def main(
 
     summary = build_report(out, models, batches, cfg, evidence=ev, judge_pairs=judge_pairs,
                            judge_note=judge_note, metrics=metrics_data, ablation_rows=rows,
-                           reference_params=reference, curves=logged,
+                           reference_params=reference, curves=logged, scale_study=study,
                            doc_labels=(label_arr[:], names) if names else None,
                            semantic=SemanticConfig(link_min_docs))
     print(f"report: {summary['trees']} trees; open {summary['site']} in a browser "

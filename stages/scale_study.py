@@ -2,8 +2,9 @@
 tokens, rho 0.01 and 0.1 (hsae_core.pipeline.scale_study).
 
     python -m stages.scale_study plan                  # the runs, their overrides, a CPU budget
-    python -m stages.scale_study run [--queue]         # dvc exp run -n NAME -S ... compute-metrics,
-                                                         one after another in the workspace
+    python -m stages.scale_study run [--queue]         # dvc exp run -n NAME -S ...
+                                                         compute-metrics, one after another
+                                                         in the workspace
     python -m stages.scale_study collect               # dvc exp show --json -> results/
 
 ``run`` skips runs already among the experiments (an interrupted study continues) and appends

@@ -33,6 +33,7 @@ from hsae_core.model.posthoc import posthoc_forest
 from hsae_core.pipeline.io import save_hsae
 from hsae_core.pipeline.train_run import TrainRunConfig, train_on_store
 from tests.store_helpers import LABELS, WORDS, tiny_llama
+from tests.test_scale_study import synthetic_row
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
@@ -347,10 +348,15 @@ def test_figures_from_a_small_run(run, tmp_path):
     rows = [row("main", {}, ref), row("no-constraint", {"hierarchy.rho": 0.0}, free_m)]
     (tmp_path / "ablations.json").write_text(json.dumps(rows))
 
-    summary, _ = stage(run, tmp_path / "report", "--ablations", str(tmp_path / "ablations.json"))
+    study = {"rows": [synthetic_row(n, rho, g) for n, g in ((500, -0.05), (4000, -0.1))
+                      for rho in (0.01, 0.1)]}
+    (tmp_path / "study.json").write_text(json.dumps(study))
+    summary, _ = stage(run, tmp_path / "report", "--ablations", str(tmp_path / "ablations.json"),
+                       "--scale-study", str(tmp_path / "study.json"))
     figs = summary["figures"]
     assert set(figs) == {"fig3", "fig4", "fig5", "fig7", "fig8", "fig9", "fig10", "fig11",
-                         "fig_semantic", "fig_training"}
+                         "fig_semantic", "fig_training", "fig_scale"}
+    assert "paper, 100M tokens" in Path(figs["fig_scale"][1]).read_text()
     for paths in figs.values():
         png, svg = map(Path, paths)
         _png_ok(png)

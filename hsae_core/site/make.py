@@ -21,6 +21,7 @@ from hsae_core.model.hsae import HSAE
 from . import figures
 from .build import ModelView, TreeIndex, write_site
 from .config import ReportConfig
+from .scale_figure import fig_scale
 from .semantic_view import semantic_view
 from .stats import ForestStats, feature_inputs, forest_stats
 
@@ -145,7 +146,7 @@ def build_report(out: Path, models: dict[str, HSAE], batches: Batches, cfg: Repo
                  judge_note: str | None, metrics: dict | None, ablation_rows: list[dict] | None,
                  reference_params: dict[str, float], labels: dict[str, str] | None = None,
                  curves: dict[str, dict] | None = None, doc_labels: DocLabels | None = None,
-                 semantic: SemanticConfig = SemanticConfig(),
+                 semantic: SemanticConfig = SemanticConfig(), scale_study: dict | None = None,
                  log: Callable[[str], None] = print) -> dict:
     """Write ``out/site`` (the browser) and ``out/figures``; return a summary (also written to
     ``out/summary.json``). ``models`` maps "hsae" and "baseline" (the post-hoc forest) to models;
@@ -208,6 +209,7 @@ def build_report(out: Path, models: dict[str, HSAE], batches: Batches, cfg: Repo
             ("HSAE\n(partial)", "Hamming", {})]))
     keep("fig8", figures.fig8_tradeoff(fig_dir, ablation_rows, reference_params))
     keep("fig_training", figures.fig_training(fig_dir, curves))
+    keep("fig_scale", fig_scale(fig_dir, scale_study))
 
     hsae = models["hsae"]
     panels = choose_umap_panels(stats["hsae"], cfg)
