@@ -61,6 +61,30 @@ def test_trend_matches_a_brute_force_least_squares_fit():
     assert table.count("\n") == 4 and "-12.0%" in table and "4.10M" in table
 
 
+def test_rows_skip_a_running_experiment():
+    """`dvc exp show --json` lists a running workspace experiment with the workspace's metrics,
+    which are the previous run's: it must not become a row."""
+    def rev(name, steps, rho, hamming, rev="abc1234"):
+        params = {"sae": {"total_steps": steps, "batch_size": 1024}, "rho": rho,
+                  "extract": {"max_tokens": 1000}}
+        group = {"mean": {"hamming": hamming, "fve": 0.7}}
+        metrics = {"hsae": group, "posthoc": group, "diff": {"hamming": 0.0},
+                   "eval_tokens": 10}
+        return {"rev": rev, "name": name, "data": {
+            "params": {"params.yaml": {"data": params}},
+            "metrics": {"metrics/metrics.json": {"data": metrics}}}}
+    shown = [{"rev": "workspace", "experiments": None},
+             {"rev": "f" * 40, "experiments": [
+                 {"executor": {"state": "running", "name": "workspace"}, "name": "scale-40-rho0.1",
+                  "revs": [rev("scale-40-rho0.1", 40, 0.1, 5.0, rev="workspace")]},
+                 {"executor": None, "name": "scale-20-rho0.1",
+                  "revs": [rev("scale-20-rho0.1", 20, 0.1, 5.0)]},
+                 {"executor": None, "name": "other", "revs": [rev("other", 20, 0.1, 1.0)]}]}]
+    rows = study.study_rows(shown)
+    assert [(r["name"], r["tokens"], r["hsae"]["hamming"]) for r in rows] == [
+        ("scale-20-rho0.1", 20 * 1024, 5.0)]
+
+
 def test_figure_with_and_without_results(tmp_path):
     rows = [synthetic_row(n, rho, g * (2 if rho == 0.1 else 1)) for n, g in
             {500: -0.05, 1000: -0.07, 4000: -0.12}.items() for rho in (0.01, 0.1)]

@@ -97,9 +97,11 @@ def study_rows(exp_show: list[dict], metrics_file: str = "metrics/metrics.json",
     rows = []
     for commit in exp_show:
         for exp in commit.get("experiments") or []:
+            if exp.get("executor"):  # running or queued: the workspace's metrics are not its own
+                continue
             for rev in exp.get("revs") or []:
                 data, name = rev.get("data") or {}, rev.get("name")
-                if not str(name).startswith(PREFIX) or not data:
+                if not str(name).startswith(PREFIX) or not data or rev.get("rev") == "workspace":
                     continue
                 params = (data.get("params", {}).get(params_file) or {}).get("data") or {}
                 metrics = (data.get("metrics", {}).get(metrics_file) or {}).get("data") or {}
