@@ -146,14 +146,15 @@ def trend(rows: list[dict], key: str = "hamming", at: int = PAPER_TOKENS) -> dic
 
 
 def format_table(rows: list[dict]) -> str:
-    """Markdown: one row per run, HSAE / post-hoc [interval] per metric and the Hamming gap."""
-    head = ["rho", "train tokens", "epochs"] + [label for _, label in METRICS[:5]] + \
-        ["Hamming gap"]
+    """Markdown: one row per run, HSAE / post-hoc [interval] per metric (L0 included: Hamming
+    grows with it) and the relative Hamming gap."""
+    shown = METRICS[:5] + METRICS[6:]  # L0 too: Hamming grows with it
+    head = ["rho", "train tokens", "epochs"] + [label for _, label in shown] + ["Hamming gap"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         epochs = r["tokens"] / r["train_tokens"] if r.get("train_tokens") else float("nan")
         cells = [f"{r['rho']:g}", f"{r['tokens'] / 1e6:.2f}M", f"{epochs:.2f}"]
-        for key, _ in METRICS[:5]:
+        for key, _ in shown:
             cells.append(f"{_cell(r['hsae'], key)} / {_cell(r['posthoc'], key)}")
         cells.append(f"{100 * relative_gap(r):+.1f}%")
         lines.append("| " + " | ".join(cells) + " |")
