@@ -11,13 +11,14 @@ tokens, rho 0.01 and 0.1 (hsae_core.pipeline.scale_study).
 each run's wall time and train-token count to ``results/scale_study_runs.jsonl``. It leaves the
 workspace at the last run's state: ``git checkout -- params.yaml dvc.lock dvclive metrics &&
 dvc checkout`` restores the committed run. ``collect`` writes results/scale_study.json (rows,
-log-linear trends, run times) and results/scale_study.md, which the report draws (Figure S).
+power-law trends of the gap, run times) and results/scale_study.md, which the report draws (Figure S).
 Not a DVC stage: it drives ``dvc exp`` and needs a committed reference run.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import time
 from pathlib import Path
@@ -133,9 +134,10 @@ def collect(
     print(text)
     for rho, t in trends.items():
         h = t["hamming"]
-        print(f"rho {rho}: Hamming gap {100 * h['slope_per_decade']:+.1f} points per decade of "
-              f"tokens; at {study.PAPER_TOKENS / 1e6:.0f}M tokens {100 * h['predicted']:+.1f}% "
-              "(the paper: -41%)")
+        print(f"rho {rho}: HSAE / post-hoc Hamming x{math.exp(h['slope_per_decade']):.3f} per "
+              f"decade of tokens; predicted gap at {study.PAPER_TOKENS / 1e6:.0f}M tokens "
+              f"{100 * h['predicted']:+.1f}% (the paper: -41%), reached at "
+              f"{h['tokens_at_target'] / 1e6:.3g}M tokens")
 
 
 if __name__ == "__main__":

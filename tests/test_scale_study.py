@@ -50,12 +50,17 @@ def test_trend_matches_a_brute_force_least_squares_fit():
     rows = [synthetic_row(n, 0.01, g) for n, g in gaps.items()]
     t = study.trend(rows)
     x = [math.log10(n * 1024) for n in gaps]
-    y = list(gaps.values())
+    y = [math.log(1 + g) for g in gaps.values()]
     best = min(((a, b) for a in np.linspace(-0.2, 0.0, 401) for b in np.linspace(0, 0.6, 601)),
                key=lambda ab: sum((ab[1] + ab[0] * xi - yi) ** 2 for xi, yi in zip(x, y)))
     assert t["slope_per_decade"] == pytest.approx(best[0], abs=1e-3)
     assert t["intercept"] == pytest.approx(best[1], abs=2e-3)
-    assert t["predicted"] == pytest.approx(t["intercept"] + 8 * t["slope_per_decade"])
+    assert t["predicted"] == pytest.approx(math.exp(t["intercept"] + 8 * t["slope_per_decade"])
+                                           - 1)
+    assert t["predicted"] > -1  # a ratio: the gap never passes -100%
+    # where the fitted gap reaches the paper's -41%
+    reach = math.log10(t["tokens_at_target"])
+    assert math.exp(t["intercept"] + t["slope_per_decade"] * reach) - 1 == pytest.approx(-0.41)
     assert study.relative_gap(rows[0]) == pytest.approx(-0.05)
     table = study.format_table(rows)
     assert table.count("\n") == 4 and "-12.0%" in table and "4.10M" in table
@@ -93,7 +98,7 @@ def test_figure_with_and_without_results(tmp_path):
     paths = fig_scale(tmp_path / "a", {"rows": rows, "trends": trends, "paper_tokens": 1e8})
     assert [p.suffix for p in paths] == [".png", ".svg"] and paths[0].stat().st_size > 10_000
     svg = paths[1].read_text()
-    assert "paper, 100M tokens" in svg and "log-linear trend" in svg
+    assert "paper, 100M tokens" in svg and "power-law trend" in svg
     missing = fig_scale(tmp_path / "b", None)
     assert "stages.scale_study run" in missing[1].read_text()
 
