@@ -14,6 +14,7 @@ reloads the store's language model whole (hsae_core.evaluation.splice).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 from rich import print as rprint
@@ -43,10 +44,14 @@ def main(
                               help="activation store (eval split) (path or fsspec URL)"),
     normalization: Path = typer.Option(Path("data/normalization.json"), help="normalisation JSON"),
     out: Path = typer.Option(Path("metrics/metrics.json"), help="metrics JSON"),
-    headline_out: Path = typer.Option(Path("metrics/headline.json"), "--headline",
-                                      help="the headline numbers' JSON"),
-    table: Path = typer.Option(Path("metrics/table.md"), help="human-readable table"),
+    headline_out: Optional[Path] = typer.Option(None, "--headline",
+                                                help="the headline numbers' JSON (default: "
+                                                     "headline.json beside --out)"),
+    table: Optional[Path] = typer.Option(None, help="human-readable table (default: table.md "
+                                                    "beside --out)"),
 ) -> None:
+    headline_out = headline_out or out.with_name("headline.json")
+    table = table or out.with_name("table.md")
     try:
         cfg = section_config(load_params(params), "metrics", MetricsConfig)
         info = open_store(store)

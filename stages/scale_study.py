@@ -50,8 +50,9 @@ def _runs(steps: list[int], rho: list[float], sets: list[str] | None):
     return study.runs(steps, rho, params)
 
 
-def _exp_show() -> list[dict]:
-    proc = subprocess.run(["dvc", "exp", "show", "--json"], capture_output=True, text=True)
+def _exp_show(rev: str | None = None) -> list[dict]:
+    cmd = ["dvc", "exp", "show", "--json"] + (["--rev", rev] if rev else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         rprint(f"[red]scale-study: `dvc exp show --json` failed: {proc.stderr.strip()}[/red]")
         raise typer.Exit(2)
@@ -107,8 +108,10 @@ def collect(
     out: Path = typer.Option(RESULTS / "scale_study.json"),
     table: Path = typer.Option(RESULTS / "scale_study.md"),
     log: Path = typer.Option(RESULTS / "scale_study_runs.jsonl"),
+    rev: Optional[str] = typer.Option(None, help="the commit the runs started from, when it "
+                                                 "is no longer HEAD (dvc exp show --rev)"),
 ) -> None:
-    rows = study.study_rows(_exp_show())
+    rows = study.study_rows(_exp_show(rev))
     if not rows:
         rprint("[red]scale-study: no study experiment has metrics yet; run "
                "`python -m stages.scale_study run` first[/red]")
@@ -124,7 +127,7 @@ def collect(
     for rho in sorted({r["rho"] for r in rows}):
         sub = [r for r in rows if r["rho"] == rho]
         if len(sub) >= 2:
-            trends[f"{rho:g}"] = {key: study.trend(sub, key) for key in ("hamming", "p_pc_pooled")}
+            trends[f"{rho:g}"] = {"hamming": study.trend(sub, "hamming")}
     result = {"rows": rows, "trends": trends, "study_params": study.STUDY_PARAMS,
               "paper_tokens": study.PAPER_TOKENS,
               "wall_seconds": sum(r["seconds"] or 0 for r in rows)}
