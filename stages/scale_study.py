@@ -11,7 +11,8 @@ tokens, rho 0.01 and 0.1 (hsae_core.pipeline.scale_study).
 each run's wall time and train-token count to ``results/scale_study_runs.jsonl``. It leaves the
 workspace at the last run's state: ``git checkout -- params.yaml dvc.lock dvclive metrics &&
 dvc checkout`` restores the committed run. ``collect`` writes results/scale_study.json (rows,
-power-law trends of the gap, run times) and results/scale_study.md, which the report draws (Figure S).
+power-law trends of the gap, run times) and results/scale_study.md; the report draws the JSON
+(Figure S).
 Not a DVC stage: it drives ``dvc exp`` and needs a committed reference run.
 """
 
