@@ -47,6 +47,15 @@ class SemanticConfig:
     seed: int = 0
 
 
+def label_onehot(labels: torch.Tensor, n_labels: int) -> torch.Tensor:
+    """``[n_docs, n_labels]`` float64 one-hot of each document's label (a row of zeros for -1,
+    no label)."""
+    onehot = torch.zeros(labels.numel(), n_labels, dtype=torch.float64)
+    has = labels >= 0
+    onehot[has, labels[has]] = 1.0
+    return onehot
+
+
 def doc_indicator(counts: EvalCounts, level: int) -> torch.Tensor:
     """``[n_l, n_docs]`` bool: feature i fires in document k (:meth:`EvalCounts.documents`)."""
     m = counts.fired[level].matrix(counts.documents())
@@ -113,9 +122,7 @@ def pair_semantics(counts: EvalCounts, pair: int, weights: torch.Tensor,
             per_link["doc_cooccurrence"] = ratio[:, 0].tolist()
         if labels is None:
             continue
-        onehot = torch.zeros(labels.numel(), n_labels, dtype=torch.float64)
-        has = labels >= 0
-        onehot[has, labels[has]] = 1.0
+        onehot = label_onehot(labels, n_labels)
         coh = []
         for s in range(0, weights.shape[0], CHUNK):
             wl = w[:, s:s + CHUNK].t()[:, :, None] * onehot[None]  # [r, n_docs, T]
@@ -171,5 +178,5 @@ def document_labels(doc_ids: torch.Tensor, label_of: np.ndarray) -> torch.Tensor
     return torch.from_numpy(label_of[doc_ids.numpy()].astype(np.int64))
 
 
-__all__ = ["SemanticConfig", "control_parents", "doc_indicator", "document_labels",
+__all__ = ["SemanticConfig", "control_parents", "doc_indicator", "document_labels", "label_onehot",
            "lift_correlation", "link_semantics", "pair_semantics", "semantic_replicates"]

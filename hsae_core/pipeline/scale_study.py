@@ -117,10 +117,10 @@ def study_rows(exp_show: list[dict], metrics_file: str = "metrics/metrics.json",
 def _row(name: str, params: dict, metrics: dict) -> dict:
     sae, extract = params["sae"], params["extract"]
     tokens = int(sae["total_steps"]) * int(sae["batch_size"])
-    train_tokens = metrics.get("train_tokens")  # filled in from the run log when absent
     row = {"name": name, "steps": int(sae["total_steps"]), "tokens": tokens,
            "rho": float(params["rho"]), "max_tokens": int(extract["max_tokens"]),
-           "eval_tokens": metrics.get("eval_tokens"), "train_tokens": train_tokens}
+           "eval_tokens": metrics.get("eval_tokens"),
+           "train_tokens": None}  # the run log's (stages.scale_study collect)
     for group in ("hsae", "posthoc", "diff"):
         source = metrics[group] if group == "diff" else metrics[group]["mean"]
         row[group] = {k: v for k, v in source.items() if _base(k) in KEPT}

@@ -26,6 +26,7 @@ from hsae_core.evaluation.semantic import (
     SemanticConfig,
     doc_indicator,
     document_labels,
+    label_onehot,
     semantic_replicates,
 )
 
@@ -65,9 +66,7 @@ def top_labels(indicator: torch.Tensor, labels: torch.Tensor, n_labels: int, min
     """Per feature (rows of the ``[n, n_docs]`` firing indicator), its ``k`` most frequent
     document labels with share and lift, or None if it fires in fewer than ``min_docs``
     documents (or in no labelled one). ``labels``: each document's label, -1 for none."""
-    has = labels >= 0
-    onehot = torch.zeros(labels.numel(), n_labels, dtype=torch.float64)
-    onehot[has, labels[has]] = 1.0
+    onehot = label_onehot(labels, n_labels)
     base = (onehot.sum(0) / onehot.sum().clamp_min(1.0)).numpy()  # the eval split's labels
     per = (indicator.double() @ onehot).numpy()  # [n, T]: labelled documents per feature, label
     labelled = per.sum(1)
