@@ -61,7 +61,7 @@ def columns(info, split):
 
 def test_planted_sink_rows_are_flagged_and_counted(sink_store):
     info, cfg = sink_store
-    assert info.attrs["format_version"] == 2
+    assert info.attrs["format_version"] == 3
     assert info.attrs["outliers"]["norm_ratio"] == cfg.outlier_norm_ratio
     for split in ("train", "eval"):
         c = columns(info, split)

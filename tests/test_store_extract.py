@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hsae_core.data.config import ExtractConfig
-from hsae_core.data.corpus import document_split, iter_documents
+from hsae_core.data.corpus import Document, document_split, iter_documents, shuffle_documents
 from hsae_core.data.extract import ExtractionError, extract_activations
 from hsae_core.data.lm import load_lm
 from hsae_core.data.store import from_storage
@@ -93,11 +93,12 @@ def test_truncated_forward_runs_only_blocks_up_to_layer(assets):
 
 def test_bos_excluded_and_ids_match_corpus(assets, store):
     tok = AutoTokenizer.from_pretrained(assets["model"])
-    docs = list(iter_documents(assets["corpus"]))
+    docs = list(shuffle_documents(iter_documents(assets["corpus"]), 16384, 0))
+    assert [d.doc_id for d in docs] != sorted(d.doc_id for d in docs)
     for split in ("train", "eval"):
         cols = read_split(store, split)
         assert (cols["token_ids"] != tok.bos_token_id).all() and (cols["positions"] >= 1).all()
-        # Packing: the split's documents, each followed by EOS, in corpus order.
+        # Packing: the split's documents, each followed by EOS, in the seeded document order.
         mine = [d for d in docs if document_split(d.doc_id, 0.25, 0) == split]
         stream = np.concatenate([tok(d.text, add_special_tokens=False)["input_ids"]
                                  + [tok.eos_token_id]
@@ -107,6 +108,41 @@ def test_bos_excluded_and_ids_match_corpus(assets, store):
         assert np.array_equal(cols["doc_ids"], owners)
         assert store.n_rows(split) == len(stream)
     assert store.attrs["n_tokens"] == {s: store.n_rows(s) for s in ("train", "eval")}
+
+
+def test_document_shuffle_exact_when_it_fits_buffered_beyond():
+    docs = [Document(i, f"d{i}") for i in range(100)]
+    exact = [d.doc_id for d in shuffle_documents(iter(docs), 100, 3)]
+    assert sorted(exact) == list(range(100)) and exact != list(range(100))
+    assert exact == [d.doc_id for d in shuffle_documents(iter(docs), 100, 3)]  # seeded
+    assert exact != [d.doc_id for d in shuffle_documents(iter(docs), 100, 4)]
+    streamed = [d.doc_id for d in shuffle_documents(iter(docs), 10, 3)]
+    assert sorted(streamed) == list(range(100)) and streamed != list(range(100))
+    # a document leaves the buffer only after it arrived: at most `buffer` places early
+    assert all(pos >= doc - 10 for pos, doc in enumerate(streamed))
+    assert [d.doc_id for d in shuffle_documents(iter(docs), 0, 3)] == list(range(100))
+
+
+def test_truncated_extraction_of_a_topic_sorted_corpus_holds_every_topic(assets, tmp_path):
+    """A corpus sorted by label (as embedded:wiki is), cut to a quarter of its tokens: the
+    store's documents cover every label; in corpus order it would hold the first one only."""
+    rows = sorted((json.loads(line) for line in open(assets["corpus"])),
+                  key=lambda d: d["topic"])
+    path = tmp_path / "sorted.jsonl"
+    path.write_text("".join(json.dumps(d) + "\n" for d in rows))
+    cfg = config(assets, corpus=str(path), max_tokens=600)
+    info = extract_activations(cfg, tmp_path / "cut.zarr", progress=False)
+    names = info.group["documents/label"].attrs["label_names"]
+    label = info.group["documents/label"][:]
+    seen = {names[label[d]] for s in ("train", "eval") for d in info.array(s, "doc_ids")[:]}
+    assert seen == set(LABELS)
+    ordered = extract_activations(config(assets, corpus=str(path), max_tokens=600,
+                                         doc_shuffle_buffer=0),
+                                  tmp_path / "ordered.zarr", progress=False)
+    label = ordered.group["documents/label"][:]
+    names = ordered.group["documents/label"].attrs["label_names"]
+    seen = {names[label[d]] for s in ("train", "eval") for d in ordered.array(s, "doc_ids")[:]}
+    assert len(seen) < len(LABELS)
 
 
 def test_split_is_by_document_and_labels_kept(store):

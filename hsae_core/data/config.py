@@ -52,6 +52,13 @@ class ExtractConfig:
     """Hugging Face dataset configuration name, if the dataset has several."""
     dataset_split: str = "train"
     """Hugging Face dataset split to stream."""
+    doc_shuffle_buffer: int = 16384
+    """Documents are read in a seeded random order before ``max_tokens`` truncates them, so a
+    truncated extraction covers the whole corpus (a corpus ordered by topic, as
+    ``embedded:wiki`` is, otherwise yields only its first topics). A corpus of at most this many
+    documents is permuted exactly; a longer one (streamed) through a buffer of this many
+    documents, as ``datasets.IterableDataset.shuffle`` does. 0 keeps corpus order. Document ids
+    and the train/eval split do not depend on it."""
 
     # --- sequences (Appendix A.1) ---
     context_len: int = 1024
@@ -68,7 +75,7 @@ class ExtractConfig:
     eval_fraction: float = 0.05
     """Fraction of documents (and of ``max_tokens``) held out as the eval split."""
     seed: int = 0
-    """Seed of the document split and of the write-time row shuffle."""
+    """Seed of the document split, the document order and the write-time row shuffle."""
     outlier_norm_ratio: float | None = 10.0
     """Attention-sink rule (METHOD §1): a row whose squared norm exceeds this many times the
     median squared norm of its extraction batch is flagged in the store and skipped by every
@@ -100,6 +107,8 @@ class ExtractConfig:
                     isinstance(self.context_len, int) and self.context_len >= 2,
                     "an integer >= 2 (BOS plus at least one token)")
         check_field(self, "packing", self.packing in PACKINGS, f"one of {PACKINGS}")
+        check_field(self, "doc_shuffle_buffer", self.doc_shuffle_buffer >= 0,
+                    "an integer >= 0 (0 = corpus order)")
         check_field(self, "batch_size", isinstance(self.batch_size, int) and self.batch_size >= 1,
                     "an integer >= 1")
         check_field(self, "max_tokens", self.max_tokens is None or

@@ -5,6 +5,8 @@ summaries, topic labels kept), local .txt (one document per non-empty line) / .j
 files or a folder of them, a Hugging Face dataset saved with ``save_to_disk``, and one streamed
 by name. A label column that is a ``datasets.ClassLabel`` keeps its class names. Document ids
 number the documents in corpus order; the split is a seeded hash of the id, so it is by document.
+Extraction reads documents in a seeded random order (:func:`shuffle_documents`), so a truncated
+store holds every part of a corpus that is sorted by topic.
 Sequences start with BOS (Appendix A.1) and hold at most ``context_len`` tokens.
 """
 
@@ -67,6 +69,26 @@ def iter_documents(corpus: str, *, text_column: str = "text", label_column: str 
         if text and text.strip():
             yield Document(doc_id, text, None if label is None else str(label))
             doc_id += 1
+
+
+def shuffle_documents(docs: Iterable[Document], buffer: int, seed: int) -> Iterator[Document]:
+    """``docs`` in a seeded random order: an exact uniform permutation when the stream holds at
+    most ``buffer`` documents, else a buffered shuffle (each incoming document replaces a
+    random one of the ``buffer`` held, which is emitted). ``buffer`` 0 keeps the order."""
+    if buffer == 0:
+        yield from docs
+        return
+    rng = np.random.default_rng([seed, 0x5EED])
+    held: list[Document] = []
+    for doc in docs:
+        if len(held) < buffer:
+            held.append(doc)
+            continue
+        i = int(rng.integers(buffer))
+        yield held[i]
+        held[i] = doc
+    for i in rng.permutation(len(held)):
+        yield held[i]
 
 
 def check_corpus(corpus: str, **kwargs) -> None:
@@ -241,4 +263,5 @@ def _sequence(index: int, tokens: np.ndarray, owners: np.ndarray, bos: int) -> S
 
 
 __all__ = ["CorpusError", "Document", "Sequence", "SPLITS", "check_corpus", "document_split",
-           "embedded_wiki", "iter_documents", "pack_sequences", "tokenize_documents"]
+           "embedded_wiki", "iter_documents", "pack_sequences", "shuffle_documents",
+           "tokenize_documents"]

@@ -38,6 +38,7 @@ from hsae_core.data.corpus import (
     document_split,
     iter_documents,
     pack_sequences,
+    shuffle_documents,
     tokenize_documents,
 )
 from hsae_core.data.lm import LanguageModel, ModelError, load_lm
@@ -230,8 +231,11 @@ def _corpus_kwargs(cfg: ExtractConfig) -> dict:
 
 
 def split_sequences(cfg: ExtractConfig, lm: LanguageModel, split: str) -> Iterator[Sequence]:
-    """The deterministic sequence stream of one split."""
-    docs = (d for d in iter_documents(cfg.corpus, **_corpus_kwargs(cfg))
+    """The deterministic sequence stream of one split: the corpus's documents in the seeded
+    order of :func:`shuffle_documents`, those of ``split`` kept."""
+    ordered = shuffle_documents(iter_documents(cfg.corpus, **_corpus_kwargs(cfg)),
+                                cfg.doc_shuffle_buffer, cfg.seed)
+    docs = (d for d in ordered
             if document_split(d.doc_id, cfg.eval_fraction, cfg.seed) == split)
     return pack_sequences(tokenize_documents(docs, lm.tokenizer), cfg.context_len,
                           lm.bos_token_id, lm.eos_token_id, cfg.packing)

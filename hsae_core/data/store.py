@@ -8,8 +8,8 @@ Layout (METHOD §7)::
                                   bos_token_id, eos_token_id, bos_excluded, shuffled,
                                   chunk_rows, shard_rows, extract_config (the full ExtractConfig),
                                   outliers {rule, norm_ratio, rows {train, eval}}
-      train/activations           [N, d] float32 | float16 | uint16 (bfloat16 bits), raw, sharded;
-                                  array attribute logical_dtype
+      train/activations           [N, d] float32 | float16 | uint16 (bfloat16 bits), raw, sharded,
+                                  a crc32c per inner chunk; array attribute logical_dtype
       train/token_ids             [N] int32
       train/doc_ids               [N] int64   (document id in corpus order)
       train/positions             [N] int32   (position in the sequence; 0 is BOS, never stored)
@@ -41,19 +41,27 @@ from pathlib import Path
 import numpy as np
 import torch
 import zarr
+from zarr.codecs import Crc32cCodec
 
 from hsae_core.common import fsio
 from hsae_core.data.corpus import SPLITS
 
 FORMAT = "hsae-activations"
+#: 3: every inner chunk carries a crc32c checksum (zarr's ``Crc32cCodec``), verified on read;
 #: 2: attention-sink rows flagged (``outlier`` column, ``outliers`` attribute); 1 had neither.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+#: What each older format lacks, for the message that refuses it.
+OLDER_FORMATS = {1: "attention-sink rows flagged (extract.outlier_norm_ratio)",
+                 2: "per-chunk checksums (a flipped byte would be read silently)"}
 COLUMNS = {"token_ids": np.int32, "doc_ids": np.int64, "positions": np.int32,
            "sequence_ids": np.int64, "outlier": np.uint8}
 #: How the ``outlier`` column is decided (recorded in the store's ``outliers`` attribute).
 OUTLIER_RULE = "||x||^2 > norm_ratio x the median ||x||^2 of the row's extraction batch"
 STORAGE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
 PROGRESS = "progress.json"
+#: Inner-chunk codecs after the raw bytes: a crc32c per chunk (4 bytes per ~1 MB), no compression
+#: (METHOD §7: compression buys ~7% and costs 2-4x read speed).
+CHECKSUM = (Crc32cCodec(),)
 
 
 class StoreError(ValueError):
@@ -159,12 +167,12 @@ class StoreWriter:
         lay = self.layout
         self.group.create_array(f"{split}/activations", shape=(0, lay.d_model),
                                 dtype=STORAGE[lay.dtype], chunks=(lay.chunk_rows, lay.d_model),
-                                shards=(lay.shard_rows, lay.d_model), compressors=None,
+                                shards=(lay.shard_rows, lay.d_model), compressors=CHECKSUM,
                                 fill_value=0, attributes={"logical_dtype": lay.dtype})
         for name, dtype in COLUMNS.items():
             self.group.create_array(f"{split}/{name}", shape=(0,), dtype=dtype,
                                     chunks=(lay.chunk_rows,), shards=(lay.shard_rows,),
-                                    compressors=None, fill_value=0)
+                                    compressors=CHECKSUM, fill_value=0)
 
     def _save_progress(self) -> None:
         if fsio.is_url(self.partial):
@@ -218,9 +226,9 @@ class StoreWriter:
                         label_names: list[str]) -> None:
         """The per-document table over document ids ``[0, n_docs)``, written before ``commit``."""
         self.group.create_array("documents/split", data=splits.astype(np.uint8), overwrite=True,
-                                compressors=None)
+                                compressors=CHECKSUM)
         self.group.create_array("documents/label", data=labels.astype(np.int32), overwrite=True,
-                                compressors=None, attributes={"label_names": label_names})
+                                compressors=CHECKSUM, attributes={"label_names": label_names})
 
     def commit(self, attrs: dict) -> Path:
         """Write the group attributes (with the flagged rows counted per split under
@@ -286,11 +294,13 @@ def open_store(path: str | Path, *, model: str | None = None,
     attrs = dict(group.attrs)
     if attrs.get("format") != FORMAT:
         raise StoreError(f"{path} is not an activation store (attribute format != {FORMAT!r})")
-    if attrs.get("format_version") != FORMAT_VERSION:
+    version = attrs.get("format_version")
+    if version != FORMAT_VERSION:
+        lacks = OLDER_FORMATS.get(version, "the current layout")
         raise StoreError(
-            f"store {path} has format_version {attrs.get('format_version')!r}, this code reads "
-            f"{FORMAT_VERSION}: it was written before attention-sink rows were flagged "
-            "(extract.outlier_norm_ratio). Re-extract it: `dvc repro extract-activations` or "
+            f"store {path} has format_version {version!r}, this code reads "
+            f"{FORMAT_VERSION}: it was written before {lacks}. Re-extract it: "
+            "`dvc repro extract-activations` or "
             "`python -m stages.extract_activations --overwrite`")
     for key, want in (("model", model), ("layer", layer)):
         if want is not None and attrs[key] != want:
