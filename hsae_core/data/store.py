@@ -195,9 +195,17 @@ class StoreWriter:
         stop = start + len(activations)
         for name, data in {"activations": activations, **columns}.items():
             arr = self.group[f"{split}/{name}"]
-            if arr.shape[0] < stop:
-                arr.resize((stop, *arr.shape[1:]))
-            arr[start:stop] = data
+            try:
+                if arr.shape[0] < stop:
+                    arr.resize((stop, *arr.shape[1:]))
+                arr[start:stop] = data
+            except OSError as err:
+                if not fsio.is_disk_full(err) or fsio.is_url(self.partial):
+                    raise
+                need = activations.nbytes + sum(np.asarray(c).nbytes for c in columns.values())
+                raise fsio.disk_full(fsio.join(self.partial, f"{split}/{name}"), need,
+                                     note=" for this shard, more for the rest of the store "
+                                          "(rerunning resumes from the last whole shard)") from err
 
     def presize(self, split: str, rows: int) -> None:
         """Give every array of ``split`` its final length before several writers fill it
@@ -252,11 +260,16 @@ class StoreWriter:
 
 @dataclass(frozen=True)
 class StoreInfo:
-    """An opened, validated store: its attributes and arrays (``store.array(split, column)``)."""
+    """An opened, validated store: its attributes and arrays (``store.array(split, column)``).
+
+    ``group`` (a :class:`~hsae_core.data.integrity.CheckedGroup`) and ``array`` hand out
+    :class:`~hsae_core.data.integrity.CheckedArray`\\ s: a read whose bytes fail their crc32c
+    raises :class:`~hsae_core.data.integrity.CorruptChunksError` (a :class:`StoreError`) naming
+    the split, column, shard file and rows of each bad chunk, and how to restore the store."""
 
     path: str | Path
     attrs: dict
-    group: zarr.Group
+    group: "zarr.Group"
 
     @property
     def d_model(self) -> int:
@@ -274,7 +287,8 @@ class StoreInfo:
         """Rows the readers serve: stored rows minus the flagged attention-sink rows."""
         return self.n_rows(split) - self.attrs["outliers"]["rows"][split]
 
-    def array(self, split: str, column: str = "activations") -> zarr.Array:
+    def array(self, split: str, column: str = "activations"):
+        """The checked array ``<split>/<column>`` (reads verify every chunk's crc32c)."""
         return self.group[f"{split}/{column}"]
 
 
@@ -308,14 +322,18 @@ def open_store(path: str | Path, *, model: str | None = None,
                              f"asks for {key} {want!r}: re-run extraction or point to the right "
                              "store")
     for split in SPLITS:
-        _check_shards(path, group[f"{split}/activations"], attrs["n_tokens"][split], split)
-    return StoreInfo(path, attrs, group)
+        for column in ("activations", *COLUMNS):
+            _check_shards(path, group[f"{split}/{column}"], attrs["n_tokens"][split], split,
+                          column)
+    from hsae_core.data.integrity import CheckedGroup  # imports this module: not at the top
+
+    return StoreInfo(path, attrs, CheckedGroup(group, path))
 
 
-def missing_shards(path: str | Path, arr: zarr.Array, rows: int) -> list[tuple[str, int]]:
-    """``(key, first row)`` of every shard file of the store array ``arr`` (rows ``[0, rows)``)
-    that is absent under ``path``: zarr would read its rows as the fill value (zeros). One
-    listing of the array's folder."""
+def _shard_files(path: str | Path, arr: zarr.Array, rows: int
+                 ) -> tuple[dict[str, int], dict[str, int]]:
+    """``({key: first row} of the shard files ``arr`` needs for rows ``[0, rows)``,
+    {key: size in bytes} of the files present)``: one listing of the array's folder."""
     shard = (arr.shards or arr.chunks)[0]
     want = {arr.metadata.encode_chunk_key((i,) + (0,) * (arr.ndim - 1)): i * shard
             for i in range(math.ceil(rows / shard))}
@@ -323,22 +341,45 @@ def missing_shards(path: str | Path, arr: zarr.Array, rows: int) -> list[tuple[s
     if fsio.is_url(folder):
         fs, p = fsio.filesystem(folder)
         p = p.rstrip("/")
-        have = {f[len(p) + 1:] for f in fs.find(p)}
+        have = {f[len(p) + 1:]: int(info["size"])
+                for f, info in fs.find(p, detail=True).items()}
     else:
-        have = {f.relative_to(folder).as_posix() for f in Path(folder).rglob("*")
-                if f.is_file()}
+        have = {f.relative_to(folder).as_posix(): f.stat().st_size
+                for f in Path(folder).rglob("*") if f.is_file()}
+    return want, have
+
+
+def missing_shards(path: str | Path, arr: zarr.Array, rows: int) -> list[tuple[str, int]]:
+    """``(key, first row)`` of every shard file of the store array ``arr`` (rows ``[0, rows)``)
+    that is absent under ``path``: zarr would read its rows as the fill value (zeros)."""
+    want, have = _shard_files(path, arr, rows)
     return [(key, first) for key, first in want.items() if key not in have]
 
 
-def _check_shards(path: str | Path, arr: zarr.Array, rows: int, split: str) -> None:
-    missing = missing_shards(path, arr, rows)
-    if missing:
+def _check_shards(path: str | Path, arr: zarr.Array, rows: int, split: str,
+                  column: str) -> None:
+    """Refuse a store whose ``activations`` lack a shard file (other columns may: zarr stores
+    no file for an all-zero shard) or any of whose shard files is shorter than its index (an
+    empty file, which zarr would also read as zeros; a longer cut fails the index's crc32c)."""
+    want, have = _shard_files(path, arr, rows)
+    restore = ("Restore the store (`dvc checkout` where DVC tracks it) or re-extract it "
+               "(`dvc repro -f extract-activations`, or "
+               "`python -m stages.extract_activations --overwrite`)")
+    missing = [(key, first) for key, first in want.items() if key not in have]
+    if missing and column == "activations":
         shown = ", ".join(f"{arr.path}/{key} (rows from {first})" for key, first in missing[:5])
         raise StoreError(f"store {path} is missing {len(missing)} shard file(s) of "
                          f"{split}/activations: {shown}; zarr would read their rows as zeros. "
-                         "Restore the store (`dvc checkout` where DVC tracks it) or re-extract "
-                         "it (`dvc repro -f extract-activations`, or "
-                         "`python -m stages.extract_activations --overwrite`)")
+                         + restore)
+    inner = math.prod(s // c for s, c in zip(arr.shards or arr.chunks, arr.chunks))
+    short = [(key, want[key], have[key]) for key in want
+             if key in have and have[key] < 16 * inner + 4]
+    if short:
+        shown = ", ".join(f"{arr.path}/{key} (rows from {first}: {size} bytes)"
+                          for key, first, size in short[:5])
+        raise StoreError(f"store {path}: {len(short)} shard file(s) of {split}/{column} are "
+                         f"shorter than their index ({16 * inner + 4} bytes): {shown}; zarr would "
+                         "read their rows as zeros. " + restore)
 
 
 __all__ = ["COLUMNS", "FORMAT", "OUTLIER_RULE", "Layout", "StoreError", "StoreInfo", "StoreWriter",
