@@ -12,16 +12,24 @@ folder is written whole under a temporary name and swapped in (:func:`replacing_
 links outputs to its cache (reflink or hardlink, ``.dvc/config``): a file rewritten in place
 would rewrite the cached copy too; a renamed one is a new file. A failed write leaves the old
 artifact as it was.
+
+A full disk (``ENOSPC`` while a local artifact is written) raises :class:`DiskFullError`: one
+line naming the path, the space it needs (the file's size, or at least what was written when
+that is unknown) and the space free there. It is an ``OSError`` and a ``ValueError`` (every
+stage reports a ``ValueError`` in one line); where it is not caught, the process prints that
+line alone, not a traceback, and exits 1.
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
 import secrets
 import shutil
 import struct
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,6 +38,72 @@ from typing import Any
 import torch
 
 PathLike = str | Path
+
+
+class DiskFullError(OSError, ValueError):
+    """No space left on the device while writing an artifact (``errno`` ENOSPC); its text is
+    one line naming the path and the space needed."""
+
+    def __init__(self, message: str, path: PathLike | None = None):
+        super().__init__(errno.ENOSPC, message)
+        self.message, self.path = message, path
+        _report_uncaught()
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def is_disk_full(err: BaseException) -> bool:
+    return isinstance(err, OSError) and err.errno == errno.ENOSPC
+
+
+def _size(path: Path) -> int:
+    """Bytes under ``path`` (a file or a folder); 0 when absent."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+
+
+def disk_full(path: PathLike, need: int | None, written: int = 0,
+              note: str = "") -> DiskFullError:
+    """The one-line error for a write of ``path`` that ran out of space: ``need`` bytes (None:
+    unknown, at least ``written``); ``note`` qualifies the need."""
+    where = Path(path).resolve().parent
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        free = f"{_human(shutil.disk_usage(where).free)} free on {where}"
+    except OSError:
+        free = f"the free space on {where} unknown"
+    needs = (f"it needs {_human(need)}{note}" if need is not None
+             else f"it needs more than the {_human(written)} written when the disk filled")
+    return DiskFullError(f"no space left on the device writing {path}: {needs}, {free}. "
+                         "Free space there (or move data/ and DVC's cache to a larger disk) "
+                         "and rerun; the previous version, if any, is untouched", path)
+
+
+def _human(n: int) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def _report_uncaught() -> None:
+    """Make an uncaught :class:`DiskFullError` print its line alone (other errors unchanged)."""
+    previous = sys.excepthook
+    if getattr(previous, "_hsae_disk_full", False):
+        return
+
+    def hook(kind, value, tb):
+        if isinstance(value, DiskFullError):
+            print(f"error: {value}", file=sys.stderr)
+        else:
+            previous(kind, value, tb)
+
+    hook._hsae_disk_full = True  # type: ignore[attr-defined]
+    sys.excepthook = hook
 
 
 def is_url(path: PathLike) -> bool:
@@ -99,7 +173,7 @@ def write_bytes(path: PathLike, data: bytes) -> None:
             f.write(data)
         fs.mv(tmp, p)
         return
-    with atomic_path(path) as tmp:
+    with atomic_path(path, size=len(data)) as tmp:
         tmp.write_bytes(data)
 
 
@@ -109,10 +183,11 @@ def write_text(path: PathLike, text: str) -> None:
 
 
 @contextmanager
-def atomic_path(path: PathLike) -> Iterator[Path]:
+def atomic_path(path: PathLike, size: int | None = None) -> Iterator[Path]:
     """A temporary local path to write ``path``'s new content to (its suffix kept, for writers
     that infer the format from it); on success it replaces ``path``, on error it is removed and
-    ``path`` is untouched. For a URL the file is written locally, then uploaded."""
+    ``path`` is untouched (a full disk: :class:`DiskFullError`, with ``size`` as the space
+    needed when given). For a URL the file is written locally, then uploaded."""
     if is_url(path):
         with _scratch_dir() as scratch:
             tmp = scratch / Path(path.rstrip("/").rsplit("/", 1)[-1])
@@ -125,6 +200,10 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as err:
+        if is_disk_full(err) and not isinstance(err, DiskFullError):
+            raise disk_full(path, size, _size(tmp)) from err
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -170,8 +249,11 @@ def replacing_folder(path: PathLike) -> Iterator[PathLike]:
     tmp.mkdir(parents=True)
     try:
         yield tmp
-    except BaseException:
+    except BaseException as err:
+        written = _size(tmp) if is_disk_full(err) else 0
         shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(err) and not isinstance(err, DiskFullError):
+            raise disk_full(path, None, written) from err
         raise
     moved = path.exists() or path.is_symlink()
     if moved:
@@ -230,6 +312,7 @@ def read_json(path: PathLike) -> Any:
     return json.loads(read_bytes(path))
 
 
-__all__ = ["as_location", "atomic_path", "exists", "filesystem", "is_url", "join", "load_torch",
-           "read_bytes", "read_json", "remove", "replacing_folder", "safetensors_bytes",
-           "save_torch", "write_bytes", "write_json", "write_text"]
+__all__ = ["DiskFullError", "as_location", "atomic_path", "disk_full", "exists", "filesystem",
+           "is_disk_full", "is_url", "join", "load_torch", "read_bytes", "read_json", "remove",
+           "replacing_folder", "safetensors_bytes", "save_torch", "write_bytes", "write_json",
+           "write_text"]
