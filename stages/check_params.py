@@ -1,12 +1,18 @@
 """Stage check-params: the whole params.yaml checked before any other stage runs.
 
     python -m stages.check_params [--params params.yaml] [--out data/params.checked]
+        [--store data/activations.zarr]
 
 Every other stage depends on ``--out``, so ``dvc repro`` runs this one first; DVC removes a
 stage's outputs only when it runs that stage, so a typo stops the pipeline here and no output
 is touched. It checks every top-level key (unknown ones are named), every key, type and range
-of every section (hsae_core.pipeline.params) and the devices. ``--out`` always holds the same
-text: a change of params re-runs this stage but, through it, nothing else.
+of every section (hsae_core.pipeline.params) and the devices, then the limits a later stage
+would hit (hsae_core.pipeline.limits): ``sae.batch_size`` against the train split (``--store``
+when it holds this extraction, else ``extract.max_tokens``), the model's layers and context,
+and the memory each training and evaluation stage needs against its device's. ``--out``
+always holds the same text: a change of params re-runs this stage but, through it, nothing
+else. Under DVC every later stage refuses to run if params.yaml no longer holds the values
+this stage checked (hsae_core.pipeline.params.guard_pipeline).
 """
 
 from __future__ import annotations
@@ -23,7 +29,13 @@ from hsae_core.evaluation.compute import MetricsConfig
 from hsae_core.evaluation.evidence import EvidenceConfig
 from hsae_core.judge.pairs import JudgeConfig
 from hsae_core.model.posthoc import PosthocConfig
-from hsae_core.pipeline.params import load_params, validate_params
+from hsae_core.pipeline.limits import check_limits
+from hsae_core.pipeline.params import (
+    check_unchanged,
+    load_params,
+    section_config,
+    validate_params,
+)
 from hsae_core.pipeline.train_run import TrainRunConfig
 from hsae_core.site.config import ReportConfig
 
@@ -44,9 +56,18 @@ def main(
     params: Path = typer.Option(Path("params.yaml"), help="params file"),
     out: Path = typer.Option(Path("data/params.checked"),
                              help="marker that every other stage depends on"),
+    store: Path = typer.Option(Path("data/activations.zarr"),
+                               help="activation store whose size bounds sae.batch_size (when it "
+                                    "holds the extraction params.yaml asks for)"),
 ) -> None:
     try:
-        problems = validate_params(load_params(params), SECTIONS)
+        loaded = load_params(params)
+        problems = validate_params(loaded, SECTIONS)
+        if not problems:
+            configs = {name: section_config(loaded, name, cls) for name, cls in SECTIONS.items()}
+            problems = check_limits(loaded, configs, store)
+        if not problems:
+            check_unchanged("check-params")
     except ConfigError as err:
         problems = [str(err)]
     if problems:

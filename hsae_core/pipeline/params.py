@@ -39,8 +39,10 @@ a stage's code dependencies stay what it reaches.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +80,8 @@ def load_params(path: str | Path) -> dict[str, Any]:
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+    guard_pipeline(path)
+    _LOADED[path.resolve()] = copy.deepcopy(data)
     known = (*PAPER_KEYS, *SECTIONS)
     unknown = [k for k in data if k not in known]
     if unknown:
@@ -202,6 +206,94 @@ def validate_params(params: dict, classes: dict[str, type]) -> list[str]:
     return problems
 
 
+# -- a pipeline whose params.yaml changes under it ---------------------------------------------
+
+#: Params files this process loaded, as loaded (:func:`check_unchanged` compares them).
+_LOADED: dict[Path, dict] = {}
+#: Why params.yaml can change under a running pipeline, and what to do instead.
+RACE = ("another `dvc exp run` started in this workspace writes its -S values into params.yaml "
+        "before DVC's lock refuses it (DVC 3.67); so does an editor. Nothing is recorded for "
+        "mixed parameters: run experiments side by side with `dvc exp run --queue` + `dvc queue "
+        "start`, or `dvc exp run --temp` (docs/ablations.md); go back with the commands there")
+
+
+def _dvc_stage() -> tuple[str, Path] | None:
+    """``(stage name, repository root)`` when DVC runs this process as a stage, else None."""
+    stage, root = os.environ.get("DVC_STAGE"), os.environ.get("DVC_ROOT")
+    return (stage, Path(root)) if stage and root else None
+
+
+def _yaml12(path: Path):
+    """``path`` as DVC reads it (YAML 1.2, ruamel), or None when that is not possible."""
+    try:
+        from ruamel.yaml import YAML
+
+        return YAML(typ="safe", pure=True).load(path.read_text())
+    except Exception:  # noqa: BLE001 - no ruamel, unreadable file: no guard
+        return None
+
+
+def _changed_keys(old, new, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [k for key in sorted(set(old) | set(new), key=str)
+                for k in _changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")]
+    return [] if old == new else [prefix.rstrip(".")]
+
+
+def _describe(keys: list[str], old, new) -> str:
+    def value(tree, key):
+        for part in key.split("."):
+            tree = tree.get(part) if isinstance(tree, dict) else None
+        return show(tree)
+
+    return ", ".join(f"{k} = {value(new, k)} (checked: {value(old, k)})" for k in keys[:6])
+
+
+def guard_pipeline(path: Path) -> None:
+    """Under DVC (a stage other than check-params), refuse to run when ``path`` no longer holds
+    the values check-params was run on (its ``dvc.lock`` entry, written before any later stage
+    starts): its parameters changed while the pipeline ran. Outside DVC, or without such an
+    entry, nothing is checked."""
+    running = _dvc_stage()
+    if running is None or running[0] == "check-params":
+        return
+    root = running[1]
+    try:
+        rel = path.resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return
+    lock = _yaml12(root / "dvc.lock") if (root / "dvc.lock").is_file() else None
+    checked = (((lock or {}).get("stages") or {}).get("check-params") or {}).get("params") or {}
+    if rel not in checked:
+        return
+    now = _yaml12(path)
+    if now is None:
+        return
+    keys = _changed_keys(checked[rel], now)
+    if keys:
+        raise ConfigError(f"{rel} changed after check-params checked it, while this pipeline "
+                          f"ran: {_describe(keys, checked[rel], now)}. Stage {running[0]} does "
+                          f"not run on other parameters than the run's: {RACE}")
+
+
+def check_unchanged(stage: str) -> None:
+    """Under DVC, raise :class:`ConfigError` if a params file this process loaded now holds
+    other values: DVC would record the stage's outputs under the new values. Called by a long
+    stage before it writes its outputs."""
+    if _dvc_stage() is None:
+        return
+    for path, loaded in _LOADED.items():
+        try:
+            now = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            now = None
+        keys = _changed_keys(loaded, now) if isinstance(now, dict) else ["(unreadable)"]
+        if keys:
+            raise ConfigError(f"{path.name} changed while {stage} ran: "
+                              f"{_describe(keys, loaded, now or {})}. Its outputs are not "
+                              f"written: DVC would record them under the new values. {RACE}")
+
+
 __all__ = ["HIERARCHY_FIELDS", "MOVED", "PAPER_KEYS", "SAE_FIELDS", "SECTIONS", "check_device",
-           "check_keys", "hsae_config", "load_params", "param_key", "section_config",
-           "validate_params"]
+           "check_keys", "check_unchanged", "guard_pipeline", "hsae_config", "load_params",
+           "param_key", "section_config", "validate_params"]

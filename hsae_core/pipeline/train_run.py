@@ -23,9 +23,18 @@ there on: a run that fails before that leaves the previous run's checkpoint and 
 were.
 
 A checkpoint is resumed only if it was written for the same config, by the same code and on the
-same data (:func:`~hsae_core.pipeline.checkpoint.data_identity`: the store and the normalisation
-scale); the store's rows are checked for NaN and Inf as they are read
-(:class:`~hsae_core.data.reader.TrainActivations`).
+same data (:func:`~hsae_core.pipeline.checkpoint.data_identity`: the store, every train shard,
+and the normalisation scale); the store's rows are checked as they are read, each chunk against
+its crc32c and each row for NaN and Inf (:class:`~hsae_core.data.reader.TrainActivations`). A
+run whose loss stops being finite verifies the whole train split before it reports
+(:func:`diverged`): either the data verified clean, so the optimisation diverged and the fix is a
+lower ``sae.lr``, or the corrupt rows are named. Under DVC, a run whose params.yaml changed
+while it trained stops before its outputs are written
+(:func:`~hsae_core.pipeline.params.check_unchanged`); its finished checkpoint is kept.
+
+The checkpoint is resume state, not a DVC output (dvc.yaml): a finished stage never looks
+changed because of it, and going back to committed parameters after an experiment restores the
+committed outputs without retraining (docs/ablations.md).
 
 Under ``torchrun`` (``dist`` from :func:`hsae_core.common.distributed.init_from_env`) every rank
 trains its slice of each global batch; rank 0 alone logs the curves and writes the checkpoint (a
@@ -43,6 +52,7 @@ from pathlib import Path
 from hsae_core.common import fsio
 from hsae_core.common.distributed import SINGLE, DistContext
 from hsae_core.common.errors import check_field, coerce_fields
+from hsae_core.data.integrity import verify_split
 from hsae_core.data.reader import TrainActivations
 from hsae_core.data.store import StoreInfo, open_store
 from hsae_core.model.config import HSAEConfig
@@ -54,6 +64,7 @@ from hsae_core.pipeline.checkpoint import (
     read_checkpoint,
     usable_checkpoint,
 )
+from hsae_core.pipeline.params import check_unchanged
 
 
 @dataclass(frozen=True)
@@ -77,6 +88,10 @@ class TrainRunConfig:
 
 #: Per-level quantities of the curves (``pc`` and ``with_parent`` from level 1 on).
 LEVEL_CURVES = ("l0", "fve", "mse", "lambda", "dead", "pc", "with_parent")
+#: Logged at each hierarchy update, from level 1 on (the HSAE only): the fraction of the level's
+#: children assigned before and after whose parent changed, children gained and lost.
+CHURN_CURVES = ("churn", "gained", "lost")
+INTEGER_CURVES = ("dead", "with_parent", "gained", "lost", "l0_unreachable")
 
 
 class LiveCurves:
@@ -103,9 +118,13 @@ class LiveCurves:
         for l in range(self.n_levels):
             for q in LEVEL_CURVES[:5]:
                 row[f"level{l}/{q}"] = rec[f"level{l}/{q}"]
+            row[f"level{l}/l0_unreachable"] = int(rec[f"level{l}/l0_unreachable"])
             if l:
                 row[f"level{l}/pc"] = rec[f"pair{l - 1}/pc"]
                 row[f"level{l}/with_parent"] = rec[f"pair{l - 1}/assigned"]
+                for q in CHURN_CURVES:  # only at the first record after a hierarchy update
+                    if f"pair{l - 1}/{q}" in rec:
+                        row[f"level{l}/{q}"] = rec[f"pair{l - 1}/{q}"]
         row |= {"loss": rec["loss"], "lr": rec["lr"]}
         self.rows.append(row)
         if self.live is not None:
@@ -149,7 +168,7 @@ def curve_rows(folder: str | Path, name: str) -> list[dict]:
                 step = int(rec["step"])
                 value = float(rec[path.stem])
                 by_step.setdefault(step, {"step": step})[key] = (
-                    int(value) if key.endswith(("dead", "with_parent")) else value)
+                    int(value) if key.endswith(INTEGER_CURVES) else value)
     return [by_step[s] for s in sorted(by_step)]
 
 
@@ -186,8 +205,18 @@ def train_on_store(cfg: HSAEConfig, store: str | Path | StoreInfo, scale: float 
     del state
     t0, every = time.perf_counter(), run.log_every * max(1, cfg.total_steps // 20 // run.log_every)
 
+    warned: set[int] = set()
+
     def on_log(step: int, rec: dict) -> None:
         log(step, rec)
+        for l in range(cfg.n_levels):
+            if rec[f"level{l}/l0_unreachable"] and l not in warned:
+                warned.add(l)
+                print(f"{name} WARNING: level {l} cannot reach the target L0 {cfg.target_l0:g}: "
+                      f"L0 {rec[f'level{l}/l0']:.2f} with lambda at its floor "
+                      f"(sae.lambda_min = {cfg.lambda_min:g}), so the data's unpenalised L0 is "
+                      "below the target; lower sae.target_l0 (DVCLive curve "
+                      f"train/{name}/level{l}/l0_unreachable)", flush=True)
         if step % every == 0 or step == cfg.total_steps:
             l0 = " ".join(f"{rec[f'level{l}/l0']:.1f}" for l in range(cfg.n_levels))
             fve = " ".join(f"{rec[f'level{l}/fve']:.3f}" for l in range(cfg.n_levels))
@@ -211,9 +240,8 @@ def train_on_store(cfg: HSAEConfig, store: str | Path | StoreInfo, scale: float 
     try:
         model = trainer.fit(reader)
     except FloatingPointError as err:
-        raise FloatingPointError(f"{err} (every input row read was finite: the store's rows "
-                                 "are checked as they are read, so the training itself "
-                                 "diverged)") from err
+        raise diverged(err, info, name) from err
+    check_unchanged(f"{name}'s training")  # under DVC: params.yaml as this run read it
     if log is not None:
         log.end()
     if on_finish is not None:
@@ -221,4 +249,19 @@ def train_on_store(cfg: HSAEConfig, store: str | Path | StoreInfo, scale: float 
     return model
 
 
-__all__ = ["LEVEL_CURVES", "LiveCurves", "curve_rows", "train_on_store", "usable_checkpoint"]
+def diverged(err: FloatingPointError, info: StoreInfo, name: str) -> FloatingPointError:
+    """The error of a run whose loss stopped being finite, after verifying the whole train split
+    (:func:`~hsae_core.data.integrity.verify_split`: every chunk's checksum, NaN/Inf): either the
+    data verified clean, so the optimisation diverged, or the corrupt data, named."""
+    print(f"{name}: the loss diverged ({err}); verifying the train split of {info.path} "
+          f"({info.n_rows('train')} rows)", flush=True)
+    problems = verify_split(info, "train")
+    if problems:
+        return FloatingPointError(f"{name} diverged on corrupt data: " + " | ".join(problems))
+    return FloatingPointError(f"{err}. The train split of {info.path} verified clean (every "
+                              "chunk's checksum and every row finite), so the optimisation "
+                              "diverged: lower sae.lr")
+
+
+__all__ = ["LEVEL_CURVES", "LiveCurves", "curve_rows", "diverged", "train_on_store",
+           "usable_checkpoint"]
