@@ -14,12 +14,19 @@ per side, so an ablation of the HSAE never asks about the baseline's pairs again
 Reads ``judge:``. Each side draws its pairs with a generator of its own (``judge.seed`` and the
 side), so one side's sample does not depend on the other's forest. Answers are cached in
 <out>/cache (keyed by backend, model, settings and prompt), so a re-run or an interrupted run
-pays only for pairs not yet answered.
+pays only for pairs not yet answered. The cache is not a DVC output (dvc.yaml): it grows with
+every run, and a finished stage must not look changed because of it; a record in pairs.jsonl
+does not say whether its answer came from the cache, so the same answers give the same bytes.
+
+A run in which no pair was judged, or more than ``judge.max_failed_share`` of the pairs failed
+for good, exits 2 with the reason in one line and records nothing (DVC does not mark the stage
+done): the records with their errors go to <out>/pairs.failed.jsonl, not pairs.jsonl.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -28,6 +35,7 @@ import typer
 from rich import print as rprint
 
 from hsae_core.common import fsio
+from hsae_core.common.errors import ConfigError
 from hsae_core.evaluation.evidence import load_evidence
 from hsae_core.judge.backends import (
     JudgeBackendError,
@@ -39,6 +47,7 @@ from hsae_core.judge.backends import (
 from hsae_core.judge.pairs import (
     JudgeConfig,
     Pair,
+    judge_failure,
     judge_pairs,
     sample_linked,
     sample_random,
@@ -46,7 +55,7 @@ from hsae_core.judge.pairs import (
     with_orders,
 )
 from hsae_core.pipeline.io import load_forest
-from hsae_core.pipeline.params import load_params, section_config
+from hsae_core.pipeline.params import check_unchanged, load_params, section_config
 
 #: side -> (its linked source, its model's forest option, its evidence folder, other sources)
 SIDES = {"hsae": ("hsae", "hsae", "hsae", ("random",)),
@@ -122,24 +131,36 @@ def main(
     sources = [s for s in ("hsae", "posthoc", "random") if s in ev]
     counts = {s: sum(p.source == s for p in pairs) for s in sources}
     print(f"{stage}: {counts} pairs, backend {backend.name} model {backend.model}")
-    cache = ResponseCache(out / "cache")
+    cache, stats = ResponseCache(out / "cache"), {}
     try:
-        records = judge_pairs(pairs, ev, backend, cache, cfg.max_answer_chars)
+        records = judge_pairs(pairs, ev, backend, cache, cfg.max_answer_chars, stats)
     except JudgeBackendError as err:
         rprint(f"[red]{stage}: {err}[/red]")
         raise typer.Exit(2) from err
     finally:
         cache.close()
+    failed = sum(r["error"] is not None for r in records)
+    print(f"{stage}: {len(records)} pairs, {len(records) - stats['cached']} asked, "
+          f"{stats['cached']} from cache, {failed} failed ({time.perf_counter() - t0:.0f} s)")
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    try:
+        reason = judge_failure(records, cfg.max_failed_share)
+        if reason is None:
+            check_unchanged(stage)  # under DVC: params.yaml as this run read it
+    except ConfigError as err:
+        reason = str(err)
+    if reason is not None:
+        if records:
+            fsio.write_text(out / "pairs.failed.jsonl", text)
+            reason += f" (records with their errors: {out / 'pairs.failed.jsonl'})"
+        print(f"{stage}: {reason}", file=sys.stderr)  # one line, never wrapped
+        raise typer.Exit(2)
     # new files renamed into place: DVC links pairs.jsonl to its cache (never rewrite in place)
-    fsio.write_text(out / "pairs.jsonl",
-                    "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    fsio.write_text(out / "pairs.jsonl", text)
+    fsio.remove(out / "pairs.failed.jsonl")
     summary = {s: _rate_first(v) for s, v in summarize(records).items() if s in sources}
     summary["sampling"] = info
     fsio.write_json(metrics, summary)
-    asked = sum(not r["cached"] for r in records)
-    print(f"{stage}: {len(records)} pairs, {asked} asked, {len(records) - asked} from cache, "
-          f"{sum(r['error'] is not None for r in records)} failed "
-          f"({time.perf_counter() - t0:.0f} s)")
     cut = sum(r["raw_truncated"] for r in records)
     if cut:
         print(f"{stage}: {cut} answers longer than judge.max_answer_chars = "

@@ -36,6 +36,7 @@ from hsae_core.judge.pairs import (
     JudgeConfig,
     Pair,
     build_messages,
+    judge_failure,
     judge_pairs,
     parse_answer,
     sample_pairs,
@@ -332,8 +333,8 @@ def run_stage_within(seconds: float, *args):
     return box["result"], time.monotonic() - t0
 
 
-def read_records(root: Path) -> list[dict]:
-    return [json.loads(line) for line in (root / "judge" / "pairs.jsonl").read_text().splitlines()]
+def read_records(root: Path, name: str = "pairs.jsonl") -> list[dict]:
+    return [json.loads(line) for line in (root / "judge" / name).read_text().splitlines()]
 
 
 def server_params(url: str, **kw) -> dict:
@@ -363,7 +364,7 @@ def test_openai_backend_faults_cache_and_key(tmp_path, monkeypatch):
             content = build_messages(pair, ev[r["source"]])[1]["content"]
             kind, verdict, conf = scenario(content)
             kinds.add(kind)
-            assert r["error"] is None and not r["cached"]
+            assert r["error"] is None and "cached" not in r  # nothing run-dependent
             if kind == 4:  # malformed answer: recorded, never guessed
                 assert r["verdict"] == "unparseable" and r["confidence"] is None and r["raw"]
             else:  # each answer reached its own pair, whatever the completion order
@@ -380,16 +381,15 @@ def test_openai_backend_faults_cache_and_key(tmp_path, monkeypatch):
                 and 0 <= metrics["hsae"]["yes_rate_lo"] <= metrics["hsae"]["yes_rate"])
         assert set(metrics["random"]["by_confidence"]) == {"high", "medium", "low", "none"}
         n_first = server.n_requests
+        first = (tmp_path / "judge" / "pairs.jsonl").read_bytes()
 
-        # a second run asks nothing: every answer, the malformed ones included, is cached
+        # a second run asks nothing: every answer, the malformed ones included, is cached, and
+        # the records are the same bytes (issue 25: `"cached": true` used to change them, so DVC
+        # re-ran the report after a way back)
         result2 = run_stage(tmp_path, server_params(server.url), hsae, posthoc, evidence)
         assert result2.exit_code == 0, result2.output
-        assert server.n_requests == n_first
-        again = [json.loads(line)
-                 for line in (tmp_path / "judge" / "pairs.jsonl").read_text().splitlines()]
-        assert all(r["cached"] for r in again)
-        assert ([(r["verdict"], r["raw"]) for r in again]
-                == [(r["verdict"], r["raw"]) for r in records])
+        assert server.n_requests == n_first and "0 asked, 42 from cache" in result2.output
+        assert (tmp_path / "judge" / "pairs.jsonl").read_bytes() == first
     # the key reaches the Authorization header only: no artifact, cache line or log holds it
     for path in [*tmp_path.rglob("*.json*"), tmp_path / "judge" / "cache" / "responses.jsonl"]:
         assert KEY not in path.read_text(), path
@@ -397,6 +397,8 @@ def test_openai_backend_faults_cache_and_key(tmp_path, monkeypatch):
 
 
 def test_openai_backend_gives_up_after_bounded_retries(tmp_path, monkeypatch):
+    """Every pair fails for good: the stage exits 2 with the reason in one line and records
+    nothing (issue 25: it exited 0, so DVC recorded a run that judged nothing)."""
     hsae, posthoc, evidence = tiny_world(tmp_path)
     monkeypatch.setenv("HSAE_TEST_JUDGE_KEY", KEY)
     with JudgeServer(expect_key=None) as server:
@@ -404,21 +406,36 @@ def test_openai_backend_gives_up_after_bounded_retries(tmp_path, monkeypatch):
         result = run_stage(tmp_path,
                            server_params(server.url, n_pairs=3, n_random=2, max_retries=2),
                            hsae, posthoc, evidence)
-        assert result.exit_code == 0, result.output
-        records = [json.loads(line)
-                   for line in (tmp_path / "judge" / "pairs.jsonl").read_text().splitlines()]
+        assert result.exit_code == 2, result.output
+        reason = [line for line in result.output.splitlines() if "failed (more than" in line]
+        assert len(reason) == 1 and "8 of 8 pairs failed" in reason[0], result.output
+        assert "none was answered" in reason[0] and "HTTP 503 (8)" in reason[0]
+        assert not (tmp_path / "judge" / "pairs.jsonl").exists()
+        assert not (tmp_path / "judge.json").exists()
+        records = read_records(tmp_path, "pairs.failed.jsonl")
         assert len(records) == 8 and all(r["verdict"] == "unparseable" and r["raw"] is None
                                          for r in records)
         assert all("HTTP 503" in r["error"] for r in records)
         assert all(len(t) == 3 for t in server.requests.values()) and len(server.requests) == 8
-        metrics = json.loads((tmp_path / "judge.json").read_text())
-        assert metrics["hsae"]["yes_rate"] is None and metrics["hsae"]["unparseable_rate"] == 1.0
-        # failures are not cached: the next run asks again
+        # failures are not cached: the next run asks again, and is recorded
         server.always_fail = False
         result = run_stage(tmp_path,
                            server_params(server.url, n_pairs=3, n_random=2, max_retries=2),
                            hsae, posthoc, evidence)
         assert result.exit_code == 0 and server.n_requests > 24
+        assert len(read_records(tmp_path)) == 8 and (tmp_path / "judge.json").is_file()
+        assert not (tmp_path / "judge" / "pairs.failed.jsonl").exists()
+
+
+def test_judge_failure_share():
+    ok = {"error": None}
+    bad = {"error": "gave up after 3 attempts: HTTP 503"}
+    assert judge_failure([ok] * 19 + [bad], 0.1) is None
+    assert judge_failure([ok] * 18 + [bad] * 2, 0.1) is None
+    assert "3 of 20 pairs failed" in judge_failure([ok] * 17 + [bad] * 3, 0.1)
+    assert "none was answered" in judge_failure([bad] * 4, 1.0)  # nothing judged: never done
+    assert "no pair to judge" in judge_failure([], 1.0)
+    assert judge_failure([ok] * 3, 0.0) is None
 
 
 def test_openai_backend_stops_on_bad_or_missing_key(tmp_path, monkeypatch):
@@ -440,8 +457,9 @@ def test_openai_backend_scrubs_an_echoed_key(tmp_path, monkeypatch):
     hsae, posthoc, evidence = tiny_world(tmp_path)
     monkeypatch.setenv("HSAE_TEST_JUDGE_KEY", KEY)
     with JudgeServer(expect_key=KEY) as server:
-        server.mode = "echo_key"
-        result = run_stage(tmp_path, server_params(server.url), hsae, posthoc, evidence)
+        server.mode = "echo_key"  # about half the pairs fail: allowed here, to see them stored
+        result = run_stage(tmp_path, server_params(server.url, max_failed_share=1.0), hsae,
+                           posthoc, evidence)
         assert result.exit_code == 0, result.output
         records = read_records(tmp_path)
         kinds = {scenario(c)[0] for c in server.requests}
@@ -468,9 +486,9 @@ def test_openai_backend_caps_retry_after_and_request_time(tmp_path, monkeypatch)
         server.mode, server.retry_after = "retry_after", "100000"  # default max_wait_s: 120
         result, took = run_stage_within(30, tmp_path, server_params(server.url, **small),
                                         hsae, posthoc, evidence)
-        assert result.exit_code == 0, result.output
+        assert result.exit_code == 2, result.output  # every pair failed: nothing recorded
         assert took < 20 and all(len(t) == 1 for t in server.requests.values())
-        records = read_records(tmp_path)
+        records = read_records(tmp_path, "pairs.failed.jsonl")
         assert records and all(r["verdict"] == "unparseable" and r["raw"] is None
                                and "Retry-After" in r["error"] and "100000" in r["error"]
                                and "max_wait_s" in r["error"] for r in records)
@@ -478,10 +496,10 @@ def test_openai_backend_caps_retry_after_and_request_time(tmp_path, monkeypatch)
         server.mode, server.retry_after = "retry_after", "1"
         params = server_params(server.url, max_retries=10, max_request_s=2.5, **small)
         result, took = run_stage_within(30, tmp_path, params, hsae, posthoc, evidence)
-        assert result.exit_code == 0, result.output
+        assert result.exit_code == 2, result.output
         assert took < 20 and all(2 <= len(t) <= 3 for t in server.requests.values())
         assert all(t[-1] - t[0] < 2.5 for t in server.requests.values())
-        records = read_records(tmp_path)
+        records = read_records(tmp_path, "pairs.failed.jsonl")
         assert records and all(r["verdict"] == "unparseable" and "max_request_s" in r["error"]
                                for r in records)
     bad = run_stage(tmp_path, server_params("http://x/v1", max_wait_s=0.01), hsae, posthoc,
@@ -496,9 +514,9 @@ def test_openai_backend_timeout_bounds_a_trickled_answer(tmp_path, monkeypatch):
         server.mode, server.trickle_s = "trickle", 0.25  # a valid answer takes > 25 s to arrive
         params = server_params(server.url, n_pairs=2, n_random=2, timeout_s=1.0, max_retries=1)
         result, took = run_stage_within(30, tmp_path, params, hsae, posthoc, evidence)
-        assert result.exit_code == 0, result.output
+        assert result.exit_code == 2, result.output
         assert took < 20 and all(len(t) == 2 for t in server.requests.values())
-        records = read_records(tmp_path)
+        records = read_records(tmp_path, "pairs.failed.jsonl")
         assert records and all(r["verdict"] == "unparseable" and r["raw"] is None
                                and r["error"].startswith("gave up after 2 attempts: timeout")
                                for r in records)
@@ -526,13 +544,11 @@ def test_openai_backend_caps_a_huge_answer(tmp_path, monkeypatch):
         for name in ("pairs.jsonl", "cache/responses.jsonl"):
             assert (tmp_path / "judge" / name).stat().st_size < 100_000, name
         n_first = server.n_requests
-        # from the cache: the same records, still marked truncated
+        first = (tmp_path / "judge" / "pairs.jsonl").read_bytes()
+        # from the cache: the same records (the same bytes), still marked truncated
         result = run_stage(tmp_path, server_params(server.url, **small), hsae, posthoc, evidence)
         assert result.exit_code == 0 and server.n_requests == n_first
-        again = read_records(tmp_path)
-        assert all(r["cached"] for r in again)
-        assert ([(r["raw"], r["raw_truncated"], r["verdict"]) for r in again]
-                == [(r["raw"], r["raw_truncated"], r["verdict"]) for r in records])
+        assert (tmp_path / "judge" / "pairs.jsonl").read_bytes() == first
         # a larger cap asks again for the answers that were cut, and only for them
         result = run_stage(tmp_path, server_params(server.url, max_answer_chars=2_000_000,
                                                    **small), hsae, posthoc, evidence)
@@ -563,8 +579,9 @@ def test_local_backend_tiny_model_and_cache(tmp_path):
                 and len(r["raw"]) > len("HaveRelationship:"))
         assert r["verdict"] in ("yes", "no", "unparseable") and r["backend"] == "local"
     cache = ResponseCache(tmp_path / "cache")
-    again = judge_pairs(pairs, ev, backend, cache)
-    assert backend.generated == 8 and all(r["cached"] for r in again)
-    assert [r["raw"] for r in again] == [r["raw"] for r in records]
+    stats = {}
+    again = judge_pairs(pairs, ev, backend, cache, stats=stats)
+    assert backend.generated == 8 and stats == {"cached": 8}
+    assert again == records  # from the cache or not, the same records
     summary = summarize(records)
     assert summary["hsae"]["n"] == 3 and summary["random"]["n"] == 2

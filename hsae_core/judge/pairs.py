@@ -114,6 +114,12 @@ class JudgeConfig:
     """Local backend: torch device."""
     seed: int = 0
     """Seed of pair sampling and presentation order."""
+    max_failed_share: float = 0.1
+    """Largest share of pairs whose request may fail for good (after its retries) in a run that
+    is recorded: above it the stage exits non-zero with the reason (the Yes rates would rest on
+    the pairs a struggling server happened to answer), and writes the records with their
+    errors to ``pairs.failed.jsonl`` instead of ``pairs.jsonl``. A run that judged no pair
+    fails whatever this says. Answered pairs are cached, so a rerun asks only for the rest."""
 
     def __post_init__(self) -> None:
         coerce_fields(self)  # every field of its annotated type, or a ConfigError naming it
@@ -142,6 +148,7 @@ class JudgeConfig:
         check("max_request_s", self.max_request_s >= self.timeout_s,
               f"a number >= timeout_s ({self.timeout_s})")
         check("temperature", 0 <= self.temperature <= 2, "a number in [0, 2]")
+        check("max_failed_share", 0 <= self.max_failed_share <= 1, "a fraction in [0, 1]")
         check("device", is_device(self.device), "cpu, cuda, cuda:N or mps")
 
 
@@ -322,24 +329,50 @@ def sample_pairs(forests: dict[str, Forest], evidence: dict[str, Evidence],
 
 
 def judge_pairs(pairs: list[Pair], evidence: dict[str, Evidence], backend: Backend,
-                cache: ResponseCache, max_answer_chars: int = 4000) -> list[dict]:
+                cache: ResponseCache, max_answer_chars: int = 4000,
+                stats: dict | None = None) -> list[dict]:
     """Ask ``backend`` about every pair (cached answers are not asked again); one record each.
     An answer over ``max_answer_chars`` keeps that many characters, ``raw_truncated`` says so,
-    and it is unparseable."""
+    and it is unparseable. A record holds nothing that depends on the run rather than on the
+    answer (whether it came from the cache goes to ``stats["cached"]``, a count), so the same
+    answers give the same bytes."""
     messages = [build_messages(p, evidence[p.source]) for p in pairs]
     answers: list[Completion] = complete_cached(backend, messages, cache,
                                                 max_chars=max_answer_chars)
+    if stats is not None:
+        stats["cached"] = sum(a.cached for a in answers)
     records = []
     for pair, ans in zip(pairs, answers):
         verdict, confidence = (("unparseable", None) if ans.truncated
                                else parse_answer(ans.text))
         records.append(pair._asdict() | {"raw": ans.text, "raw_truncated": ans.truncated,
                                          "verdict": verdict, "confidence": confidence,
-                                         "error": ans.error, "cached": ans.cached,
-                                         "backend": backend.name, "model": backend.model})
+                                         "error": ans.error, "backend": backend.name,
+                                         "model": backend.model})
     return records
 
 
+def judge_failure(records: list[dict], max_failed_share: float) -> str | None:
+    """Why a run's records must not be recorded as a result (one line), or None: no pair at
+    all, no pair answered, or more than ``max_failed_share`` of them failed for good."""
+    if not records:
+        return ("no pair to judge: no link of the forest has contexts on both ends (see the "
+                "sampling counts), so there is no Yes rate to record")
+    failed = [r["error"] for r in records if r["error"] is not None]
+    if not failed or (len(failed) < len(records)
+                      and len(failed) <= max_failed_share * len(records)):
+        return None
+    kinds: dict[str, int] = {}
+    for err in failed:
+        kind = re.sub(r"(?<!HTTP )\b[0-9][0-9.]*", "N", err)[:80]  # "after N s", "HTTP 503"
+        kinds[kind] = kinds.get(kind, 0) + 1
+    common = ", ".join(f"{k} ({n})" for k, n in sorted(kinds.items(), key=lambda kv: -kv[1])[:3])
+    none = "; none was answered" if len(failed) == len(records) else ""
+    return (f"{len(failed)} of {len(records)} pairs failed (more than judge.max_failed_share = "
+            f"{max_failed_share:g} allows{none}): {common}. Nothing is recorded; answered pairs "
+            "are cached, so a rerun asks only for the failed ones")
+
+
 __all__ = ["BACKENDS", "JudgeConfig", "Pair", "SOURCES", "SYSTEM_PROMPT", "USER_TEMPLATE",
-           "build_messages", "judge_pairs", "parse_answer", "sample_linked", "sample_pairs",
-           "sample_random", "summarize", "wilson", "with_orders"]
+           "build_messages", "judge_failure", "judge_pairs", "parse_answer", "sample_linked",
+           "sample_pairs", "sample_random", "summarize", "wilson", "with_orders"]
