@@ -36,7 +36,6 @@ from hsae_core.judge.pairs import (
     JudgeConfig,
     Pair,
     build_messages,
-    judge_failure,
     judge_pairs,
     parse_answer,
     sample_pairs,
@@ -428,6 +427,8 @@ def test_openai_backend_gives_up_after_bounded_retries(tmp_path, monkeypatch):
 
 
 def test_judge_failure_share():
+    from hsae_core.judge.pairs import judge_failure
+
     ok = {"error": None}
     bad = {"error": "gave up after 3 attempts: HTTP 503"}
     assert judge_failure([ok] * 19 + [bad], 0.1) is None

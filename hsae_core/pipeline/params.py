@@ -211,10 +211,10 @@ def validate_params(params: dict, classes: dict[str, type]) -> list[str]:
 #: Params files this process loaded, as loaded (:func:`check_unchanged` compares them).
 _LOADED: dict[Path, dict] = {}
 #: Why params.yaml can change under a running pipeline, and what to do instead.
-RACE = ("another `dvc exp run` started in this workspace writes its -S values into params.yaml "
-        "before DVC's lock refuses it (DVC 3.67); so does an editor. Nothing is recorded for "
-        "mixed parameters: run experiments side by side with `dvc exp run --queue` + `dvc queue "
-        "start`, or `dvc exp run --temp` (docs/ablations.md); go back with the commands there")
+RACE = ("Another `dvc exp run` started in this workspace writes its -S values into params.yaml "
+        "before DVC's lock refuses it (DVC 3.67), and so does an editor; nothing is recorded for "
+        "mixed parameters. Run experiments side by side with `dvc exp run --queue` + `dvc queue "
+        "start`, or `dvc exp run --temp`, and go back with the commands of docs/ablations.md")
 
 
 def _dvc_stage() -> tuple[str, Path] | None:
@@ -273,7 +273,7 @@ def guard_pipeline(path: Path) -> None:
     if keys:
         raise ConfigError(f"{rel} changed after check-params checked it, while this pipeline "
                           f"ran: {_describe(keys, checked[rel], now)}. Stage {running[0]} does "
-                          f"not run on other parameters than the run's: {RACE}")
+                          f"not run on other parameters than the run's. {RACE}")
 
 
 def check_unchanged(stage: str) -> None:
