@@ -9,7 +9,10 @@ prepares the next batches while the trainer works. Both readers multiply by the 
 
 Both readers check every block they read for NaN and Inf (a few ms per 8 MB block) and stop with
 :class:`NonFiniteRowsError` naming the first bad rows, so no batch of theirs carries a NaN into a
-training run or a metric; a store missing a shard file is refused when it is opened
+training run or a metric; every chunk they read is checked against the crc32c stored with it
+(the store hands out :class:`~hsae_core.data.integrity.CheckedArray`: a changed byte stops them
+with :class:`~hsae_core.data.integrity.CorruptChunksError` naming the chunk's rows and shard
+file); a store missing a shard file is refused when it is opened
 (:func:`~hsae_core.data.store.open_store`: zarr would read the shard as zeros).
 """
 

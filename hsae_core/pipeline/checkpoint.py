@@ -9,6 +9,9 @@ with its own first checkpoint, so a run that fails before that (a bad value, a m
 leaves the finished checkpoint in place, and restoring the config resumes it. One written by
 another version of hsae_core, which no run of this code can resume, is removed; an unreadable
 one (a truncated file) is moved aside to ``<name>.corrupt``.
+
+A checkpoint is resume state, not a DVC output (dvc.yaml): DVC neither removes it before a stage
+runs nor restores it on ``dvc checkout``, so it never makes a finished stage look changed.
 """
 
 from __future__ import annotations
