@@ -92,7 +92,10 @@ def available_memory(device: str) -> tuple[int | None, str]:
     if kind == "cuda":
         import torch
 
-        free, total = torch.cuda.mem_get_info(int(index or 0))
+        try:
+            free, total = torch.cuda.mem_get_info(int(index or 0))
+        except RuntimeError:  # a device check-params could not query: the stage will tell
+            return None, ""
         return int(free), f"{device} has {free / GIB:.1f} GiB free of {total / GIB:.1f} GiB"
     if kind == "cpu":
         avail = _meminfo_available()
