@@ -5,14 +5,13 @@
                                                           (all by default)
     dvc queue start -j 1                                # run the queue (one at a time on a
                                                           small machine)
-    python -m stages.ablations table [--out metrics/ablations.md]
+    python -m stages.ablations table [--out metrics/ablations.md]   # and metrics/ablations.csv
 
 Not a DVC stage: it drives ``dvc exp`` (the experiments need a committed reference run).
 """
 
 from __future__ import annotations
 
-import json
 import subprocess
 from pathlib import Path
 from typing import List, Optional
@@ -20,8 +19,8 @@ from typing import List, Optional
 import typer
 from rich import print as rprint
 
-from hsae_core.common import fsio
-from hsae_core.pipeline.ablations import ABLATIONS, experiment_rows, format_rows, queue_command
+from hsae_core.pipeline.ablations import ABLATIONS, experiment_rows, frame, queue_command, shown
+from hsae_core.pipeline.experiments import ExperimentError, exp_show, to_markdown, write_table
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -49,15 +48,17 @@ def queue(
 
 @app.command()
 def table(
-    out: Path = typer.Option(Path("metrics/ablations.md"), help="markdown table to write"),
+    out: Path = typer.Option(Path("metrics/ablations.md"),
+                             help="markdown table to write (the CSV goes beside it)"),
 ) -> None:
-    proc = subprocess.run(["dvc", "exp", "show", "--json"], capture_output=True, text=True)
-    if proc.returncode != 0:
-        rprint(f"[red]ablations: `dvc exp show --json` failed: {proc.stderr.strip()}[/red]")
+    try:
+        shows = exp_show()
+    except ExperimentError as e:
+        rprint(f"[red]ablations: {e}[/red]")
         raise typer.Exit(2)
-    text = format_rows(experiment_rows(json.loads(proc.stdout)))
-    fsio.write_text(out, text + "\n")
-    print(text)
+    table = frame(experiment_rows(shows))
+    write_table(table, out, shown(table))
+    print(to_markdown(shown(table)))
 
 
 if __name__ == "__main__":

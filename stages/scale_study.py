@@ -6,13 +6,14 @@ tokens, rho 0.01 and 0.1 (hsae_core.pipeline.scale_study).
                                                          compute-metrics, one after another
                                                          in the workspace
     python -m stages.scale_study collect               # dvc exp show --json -> results/
+    python -m stages.scale_study table                 # the tables again from the JSON
 
 ``run`` skips runs already among the experiments (an interrupted study continues) and appends
 each run's wall time and train-token count to ``results/scale_study_runs.jsonl``. It leaves the
 workspace at the last run's state: ``git checkout -- params.yaml dvc.lock dvclive metrics &&
 dvc checkout`` restores the committed run. ``collect`` writes results/scale_study.json (rows,
-power-law trends of the gap, run times) and results/scale_study.md; the report draws the JSON
-(Figure S).
+power-law trends of the gap, run times) and the table as results/scale_study.md and .csv (a
+pandas frame: hsae_core.pipeline.scale_study.frame); the report draws the JSON (Figure S).
 Not a DVC stage: it drives ``dvc exp`` and needs a committed reference run.
 """
 
@@ -20,8 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import time
 from pathlib import Path
 from typing import List, Optional
 
@@ -30,6 +29,7 @@ from rich import print as rprint
 
 from hsae_core.common import fsio
 from hsae_core.data.store import open_store
+from hsae_core.pipeline import experiments as ex
 from hsae_core.pipeline import scale_study as study
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
@@ -40,29 +40,21 @@ SET_OPT = typer.Option(None, "--set", help="KEY=VALUE replacing the study's shar
                                            "(all of them, when given): a smaller project, a test")
 
 
+def fail(message: str) -> typer.Exit:
+    rprint(f"[red]scale-study: {message}[/red]")
+    return typer.Exit(2)
+
+
 def _runs(steps: list[int], rho: list[float], sets: list[str] | None):
-    params = None
-    if sets:
-        bad = [s for s in sets if "=" not in s]
-        if bad:
-            rprint(f"[red]scale-study: --set wants KEY=VALUE, got {bad}[/red]")
-            raise typer.Exit(2)
-        params = dict(s.split("=", 1) for s in sets)
-    return study.runs(steps, rho, params)
+    try:
+        return study.runs(steps, rho, ex.parse_sets(sets))
+    except ex.ExperimentError as e:
+        raise fail(str(e))
 
 
-def _exp_show(rev: str | None = None) -> list[dict]:
-    cmd = ["dvc", "exp", "show", "--json"] + (["--rev", rev] if rev else [])
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        rprint(f"[red]scale-study: `dvc exp show --json` failed: {proc.stderr.strip()}[/red]")
-        raise typer.Exit(2)
-    return json.loads(proc.stdout)
-
-
-def _existing(exp_show: list[dict]) -> set[str]:
-    return {rev.get("name") for commit in exp_show for exp in commit.get("experiments") or []
-            for rev in exp.get("revs") or []}
+def _store_tokens(name: str) -> dict:
+    store = open_store("data/activations.zarr")
+    return {"train_tokens": store.n_clean("train"), "eval_tokens": store.n_clean("eval")}
 
 
 @app.command()
@@ -83,43 +75,30 @@ def run(
     steps: List[int] = STEPS_OPT, rho: List[float] = RHO_OPT,
     sets: Optional[List[str]] = SET_OPT,
 ) -> None:
-    todo = _runs(steps, rho, sets)
-    done = _existing(_exp_show())
-    for name, overrides in todo:
-        if name in done:
-            print(f"{name}: already an experiment, skipped")
-            continue
-        cmd = study.run_command(name, overrides, queue=queue)
-        print(" ".join(cmd), flush=True)
-        start = time.time()
-        subprocess.run(cmd, check=True)
-        if queue:
-            continue
-        store = open_store("data/activations.zarr")
-        entry = {"name": name, "seconds": round(time.time() - start, 1),
-                 "train_tokens": store.n_clean("train"), "eval_tokens": store.n_clean("eval")}
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with open(log, "a") as f:
-            f.write(json.dumps(entry) + "\n")
-        print(f"{name}: {entry['seconds'] / 60:.1f} min", flush=True)
+    try:
+        ex.run_all(_runs(steps, rho, sets), target="compute-metrics", log=log, queue=queue,
+                   record=_store_tokens, say=lambda m: print(m, flush=True))
+    except ex.ExperimentError as e:
+        raise fail(str(e))
 
 
 @app.command()
 def collect(
     out: Path = typer.Option(RESULTS / "scale_study.json"),
-    table: Path = typer.Option(RESULTS / "scale_study.md"),
+    table: Path = typer.Option(RESULTS / "scale_study.md", help="markdown table (the CSV "
+                                                                "goes beside it)"),
     log: Path = typer.Option(RESULTS / "scale_study_runs.jsonl"),
     rev: Optional[str] = typer.Option(None, help="the commit the runs started from, when it "
                                                  "is no longer HEAD (dvc exp show --rev)"),
 ) -> None:
-    rows = study.study_rows(_exp_show(rev))
+    try:
+        rows = study.study_rows(ex.exp_show(rev))
+    except ex.ExperimentError as e:
+        raise fail(str(e))
     if not rows:
-        rprint("[red]scale-study: no study experiment has metrics yet; run "
-               "`python -m stages.scale_study run` first[/red]")
-        raise typer.Exit(2)
-    times = {}
-    if log.is_file():
-        times = {e["name"]: e for e in map(json.loads, log.read_text().splitlines()) if e}
+        raise fail("no study experiment has metrics yet; run "
+                   "`python -m stages.scale_study run` first")
+    times = ex.read_log(log)
     for row in rows:
         if row.get("train_tokens") is None and row["name"] in times:
             row["train_tokens"] = times[row["name"]]["train_tokens"]
@@ -133,15 +112,31 @@ def collect(
               "paper_tokens": study.PAPER_TOKENS,
               "wall_seconds": sum(r["seconds"] or 0 for r in rows)}
     fsio.write_text(out, json.dumps(result, indent=1) + "\n")
-    text = study.format_table(rows)
-    fsio.write_text(table, text + "\n")
-    print(text)
+    _write_table(rows, table)
     for rho, t in trends.items():
         h = t["hamming"]
         print(f"rho {rho}: HSAE / post-hoc Hamming x{math.exp(h['slope_per_decade']):.3f} per "
               f"decade of tokens; predicted gap at {study.PAPER_TOKENS / 1e6:.0f}M tokens "
               f"{100 * h['predicted']:+.1f}% (the paper: -41%), reached at "
               f"{h['tokens_at_target'] / 1e6:.3g}M tokens")
+
+
+@app.command("table")
+def table_cmd(
+    results: Path = typer.Option(RESULTS / "scale_study.json", help="collect's JSON"),
+    table: Path = typer.Option(RESULTS / "scale_study.md", help="markdown table (the CSV "
+                                                                "goes beside it)"),
+) -> None:
+    """Rewrite the Markdown and CSV tables from collect's JSON (no DVC needed)."""
+    if not results.is_file():
+        raise fail(f"{results} is missing: run `python -m stages.scale_study collect` first")
+    _write_table(json.loads(results.read_text())["rows"], table)
+
+
+def _write_table(rows: list[dict], table: Path) -> None:
+    frame = study.frame(rows)
+    ex.write_table(frame, table, study.shown(frame))
+    print(ex.to_markdown(study.shown(frame)))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The scale study (issue 14): its runs as real `dvc exp run`s in a micro project (extraction
 once, each length's baseline once for both rho), resumable, collected from `dvc exp show
---json`; the trend against a brute-force fit; the figure with and without results."""
+--json`; the trend against a brute-force fit; the table as a frame (Markdown and a CSV that
+reads back as the frame); the figure with and without results."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import math
 import subprocess
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from hsae_core.pipeline import scale_study as study
@@ -64,6 +66,28 @@ def test_trend_matches_a_brute_force_least_squares_fit():
     assert study.relative_gap(rows[0]) == pytest.approx(-0.05)
     table = study.format_table(rows)
     assert table.count("\n") == 4 and "-12.0%" in table and "4.10M" in table
+
+
+def test_table_is_a_frame_written_as_markdown_and_csv(tmp_path):
+    rows = [synthetic_row(n, 0.01, g) for n, g in {500: -0.05, 4000: -0.12}.items()]
+    frame = study.frame(rows)
+    assert list(frame["name"]) == ["scale-500-rho0.01", "scale-4000-rho0.01"]
+    assert frame.loc[1, "hamming_diff"] == pytest.approx(12.0 * -0.12)
+    assert frame.loc[1, "hamming_gap"] == pytest.approx(-0.12)
+    assert frame.loc[0, "epochs"] == pytest.approx(500 * 1024 / 1e6)
+    assert math.isnan(frame.loc[0, "fve_hsae"])  # not in the row: missing, not invented
+    (tmp_path / "s.json").write_text(json.dumps({"rows": rows}))
+    out = subprocess.run(["python", "-m", "stages.scale_study", "table", "--results",
+                          str(tmp_path / "s.json"), "--table", str(tmp_path / "t.md")],
+                         env=env(), capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    back = pd.read_csv(tmp_path / "t.csv")
+    pd.testing.assert_frame_equal(back, frame, check_dtype=False)
+    md = (tmp_path / "t.md").read_text().splitlines()
+    assert len(md) == 4 and "P(p\\|c) pooled" in md[0]  # a literal | escaped in a cell
+    cells = [c.strip() for c in md[3].strip("|").split(" | ")]
+    assert cells[:3] == ["0.01", "4.10M", "4.10"] and cells[-1] == "-12.0%"
+    assert cells[3] == "10.56 [10.46, 10.66] / 12.00"
 
 
 def test_rows_skip_a_running_experiment():
@@ -146,3 +170,6 @@ def test_micro_study_runs_collects_and_resumes(tmp_path):
     assert rows[0]["posthoc"] == rows[2]["posthoc"] and rows[1]["posthoc"] == rows[3]["posthoc"]
     assert set(result["trends"]) == {"0.01", "0.1"}
     assert (root / "results" / "scale_study.md").read_text().count("\n") == 6
+    table = pd.read_csv(root / "results" / "scale_study.csv")
+    assert list(table["name"]) == [r["name"] for r in rows]
+    assert list(table["hamming_hsae"]) == [r["hsae"]["hamming"] for r in rows]

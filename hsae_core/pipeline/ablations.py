@@ -5,12 +5,22 @@ Each ablation is a set of ``params.yaml`` overrides, queued as ``dvc exp run --q
 compute-metrics, export-hsae, evidence-hsae, judge-hsae and report. A ``hierarchy:`` change
 (tree, similarity) also rebuilds the baseline's post-hoc forest and what follows from it; never
 extraction or the baseline's training. The summary reads ``dvc exp show --json`` and tabulates
-the reference run and every experiment.
+the reference run and every experiment, as a pandas DataFrame written as Markdown and CSV.
 """
 
 from __future__ import annotations
 
-import math
+import pandas as pd
+
+from hsae_core.pipeline.experiments import (
+    commits,
+    exp_run_command,
+    experiments,
+    flatten,
+    fmt,
+    get,
+    to_markdown,
+)
 
 #: name -> overrides (paper Appendix F: constraint, perturbation, tree variants, similarity
 #: metrics; plus sweeps of rho and r around the paper's 0.01 and 0.05).
@@ -41,69 +51,49 @@ COLUMNS = (
 
 def queue_command(name: str, overrides: dict[str, object]) -> list[str]:
     """The ``dvc exp run --queue`` command line of one ablation."""
-    cmd = ["dvc", "exp", "run", "--queue", "-n", name]
-    for key, value in overrides.items():
-        cmd += ["-S", f"{key}={value}"]
-    return cmd
-
-
-def _get(tree: dict, path: str):
-    for part in path.split("."):
-        if not isinstance(tree, dict) or part not in tree:
-            return None
-        tree = tree[part]
-    return tree
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out |= _flatten(v, f"{prefix}{k}.")
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
+    return exp_run_command(name, overrides, queue=True)
 
 
 def experiment_rows(exp_show: list[dict], metrics_file: str = "metrics/metrics.json",
                     params_file: str = "params.yaml") -> list[dict]:
-    """One row per committed baseline revision and per experiment of ``dvc exp show --json``:
+    """One row per committed baseline revision and per finished experiment of ``dvc exp show
+    --json`` (queued and running ones have no metrics of their own):
     ``{"name", "changed": {param: value differing from the baseline revision}, <COLUMNS>}``."""
     rows = []
-    for commit in exp_show:
-        if commit.get("rev") == "workspace" or not commit.get("data"):
-            continue
-        base = _flatten((commit["data"].get("params", {}).get(params_file) or {}).get("data")
-                        or {})
-        entries = [(commit.get("name") or commit["rev"][:7], commit["data"])]
-        for exp in commit.get("experiments") or []:
-            for rev in exp.get("revs") or []:
-                if rev.get("data"):
-                    entries.append((rev.get("name") or rev["rev"][:7], rev["data"]))
-        for name, data in entries:
-            params = _flatten((data.get("params", {}).get(params_file) or {}).get("data") or {})
-            metrics = (data.get("metrics", {}).get(metrics_file) or {}).get("data") or {}
-            row = {"name": name, "changed": {k: v for k, v in params.items() if base.get(k) != v}}
-            row |= {col: _get(metrics, path) for col, path in COLUMNS}
+    for commit in commits(exp_show, params_file, metrics_file):
+        base = flatten(commit.params)
+        started = [c for c in exp_show if c.get("rev") == commit.rev]  # its experiments
+        for e in [commit] + experiments(started, None, params_file, metrics_file):
+            params = flatten(e.params)
+            row = {"name": e.name, "changed": {k: v for k, v in params.items()
+                                               if base.get(k) != v}}
+            row |= {col: get(e.metrics, path) for col, path in COLUMNS}
             rows.append(row)
     return rows
 
 
+def frame(rows: list[dict]) -> pd.DataFrame:
+    """:func:`experiment_rows` as a frame (the CSV): experiment, changed (``key=value, ...``;
+    ``(reference)`` for a commit) and one column per :data:`COLUMNS` at full precision."""
+    return pd.DataFrame([
+        {"experiment": r["name"],
+         "changed": ", ".join(f"{k}={v}" for k, v in sorted(r["changed"].items()))
+         or "(reference)"} | {c: r[c] for c, _ in COLUMNS} for r in rows],
+        columns=["experiment", "changed", *(c for c, _ in COLUMNS)])
+
+
+def shown(table: pd.DataFrame) -> pd.DataFrame:
+    """:func:`frame` with its numbers to 4 significant digits (``-`` where missing)."""
+    out = table.copy().astype(object)
+    for c, _ in COLUMNS:
+        out[c] = [fmt(v) for v in table[c]]
+    return out
+
+
 def format_rows(rows: list[dict]) -> str:
     """A markdown table of :func:`experiment_rows`."""
-    head = ["experiment", "changed"] + [c for c, _ in COLUMNS]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for row in rows:
-        changed = ", ".join(f"{k}={v}" for k, v in sorted(row["changed"].items())) or "(reference)"
-        cells = [row["name"], changed] + [_fmt(row[c]) for c, _ in COLUMNS]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return to_markdown(shown(frame(rows)))
 
 
-def _fmt(v) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "-"
-    return f"{v:.4g}" if abs(v) >= 10 else f"{v:.4f}"
-
-
-__all__ = ["ABLATIONS", "COLUMNS", "experiment_rows", "format_rows", "queue_command"]
+__all__ = ["ABLATIONS", "COLUMNS", "experiment_rows", "format_rows", "frame", "queue_command",
+           "shown"]

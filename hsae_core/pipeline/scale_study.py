@@ -21,6 +21,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
+
+from hsae_core.pipeline.experiments import exp_run_command, experiments, to_markdown
 
 #: Overrides shared by every run of the study (on top of params.yaml).
 STUDY_PARAMS: dict[str, object] = {
@@ -69,10 +72,7 @@ def runs(steps=STEPS, rhos=RHOS, params: dict | None = None
 def run_command(name: str, overrides: dict[str, object], queue: bool = False) -> list[str]:
     """``dvc exp run`` of one run, stopping after compute-metrics (no export, evidence, judge or
     report: the study reads metrics/metrics.json only)."""
-    cmd = ["dvc", "exp", "run", "-n", name] + (["--queue"] if queue else [])
-    for key, value in overrides.items():
-        cmd += ["-S", f"{key}={value}"]
-    return cmd + ["compute-metrics"]
+    return exp_run_command(name, overrides, queue=queue, target="compute-metrics")
 
 
 def budget(extract_tok_s: float = 760.0, step_s: float = 0.265, metrics_s: float = 240.0,
@@ -92,25 +92,13 @@ def budget(extract_tok_s: float = 760.0, step_s: float = 0.265, metrics_s: float
 
 def study_rows(exp_show: list[dict], metrics_file: str = "metrics/metrics.json",
                params_file: str = "params.yaml") -> list[dict]:
-    """One row per study experiment (named ``scale-...``) with metrics in ``dvc exp show
-    --json``: name, steps, tokens, rho,
+    """One row per finished study experiment (named ``scale-...``) with metrics in ``dvc exp
+    show --json``: name, steps, tokens, rho,
     epochs, and for each of ``METRICS`` the HSAE's and the post-hoc forest's value with interval
     and the paired difference (``{"hsae": {...}, "posthoc": {...}, "diff": {...}}``), sorted by
     rho then steps."""
-    rows = []
-    for commit in exp_show:
-        for exp in commit.get("experiments") or []:
-            if exp.get("executor"):  # running or queued: the workspace's metrics are not its own
-                continue
-            for rev in exp.get("revs") or []:
-                data, name = rev.get("data") or {}, rev.get("name")
-                if not str(name).startswith(PREFIX) or not data or rev.get("rev") == "workspace":
-                    continue
-                params = (data.get("params", {}).get(params_file) or {}).get("data") or {}
-                metrics = (data.get("metrics", {}).get(metrics_file) or {}).get("data") or {}
-                if not metrics:
-                    continue
-                rows.append(_row(name, params, metrics))
+    rows = [_row(e.name, e.params, e.metrics)
+            for e in experiments(exp_show, PREFIX, params_file, metrics_file) if e.metrics]
     return sorted(rows, key=lambda r: (r["rho"], r["steps"]))
 
 
@@ -153,30 +141,52 @@ def trend(rows: list[dict], key: str = "hamming", at: int = PAPER_TOKENS,
             "target": target, "tokens_at_target": float(10 ** reach)}
 
 
-def format_table(rows: list[dict]) -> str:
-    """Markdown: one row per run, HSAE / post-hoc [interval] per metric (L0 included: Hamming
-    grows with it) and the relative Hamming gap."""
-    shown = METRICS[:5] + METRICS[6:]  # L0 too: Hamming grows with it
-    head = ["rho", "train tokens", "epochs"] + [label for _, label in shown] + ["Hamming gap"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+def frame(rows: list[dict]) -> pd.DataFrame:
+    """The rows as a frame at full precision (the CSV): one row per run with name, rho, steps,
+    tokens, train tokens, epochs, for each of ``METRICS`` ``<key>_<group>`` with ``_lo`` /
+    ``_hi`` (groups hsae, posthoc, diff), and the relative Hamming gap."""
+    out = []
     for r in rows:
-        epochs = r["tokens"] / r["train_tokens"] if r.get("train_tokens") else float("nan")
-        cells = [f"{r['rho']:g}", f"{r['tokens'] / 1e6:.2f}M", f"{epochs:.2f}"]
-        for key, _ in shown:
-            cells.append(f"{_cell(r['hsae'], key)} / {_cell(r['posthoc'], key)}")
-        cells.append(f"{100 * relative_gap(r):+.1f}%")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        epochs = r["tokens"] / r["train_tokens"] if r.get("train_tokens") else math.nan
+        row = {"name": r["name"], "rho": r["rho"], "steps": r["steps"], "tokens": r["tokens"],
+               "train_tokens": r.get("train_tokens"), "epochs": epochs}
+        for key, _ in METRICS:
+            for group in ("hsae", "posthoc", "diff"):
+                for end in ("", "_lo", "_hi"):
+                    row[f"{key}_{group}{end}"] = r[group].get(f"{key}{end}", math.nan)
+        row["hamming_gap"] = relative_gap(r)
+        out.append(row)
+    return pd.DataFrame(out)
 
 
-def _cell(group: dict, key: str) -> str:
-    v = group.get(key)
-    if v is None:
+def shown(table: pd.DataFrame) -> pd.DataFrame:
+    """:func:`frame` for reading: one row per run, HSAE / post-hoc [interval] per metric (L0
+    included: Hamming grows with it) and the relative Hamming gap."""
+    metrics = METRICS[:5] + METRICS[6:]
+    out = []
+    for _, r in table.iterrows():
+        cells = {"rho": f"{r['rho']:g}", "train tokens": f"{r['tokens'] / 1e6:.2f}M",
+                 "epochs": f"{r['epochs']:.2f}"}
+        for key, label in metrics:
+            cells[label] = f"{_cell(r, key, 'hsae')} / {_cell(r, key, 'posthoc')}"
+        cells["Hamming gap"] = f"{100 * r['hamming_gap']:+.1f}%"
+        out.append(cells)
+    return pd.DataFrame(out)
+
+
+def format_table(rows: list[dict]) -> str:
+    """Markdown of :func:`shown`."""
+    return to_markdown(shown(frame(rows)))
+
+
+def _cell(r: pd.Series, key: str, group: str) -> str:
+    v, lo, hi = (r.get(f"{key}_{group}{end}") for end in ("", "_lo", "_hi"))
+    if v is None or math.isnan(v):
         return "-"
-    lo, hi = group.get(f"{key}_lo"), group.get(f"{key}_hi")
-    fmt = (lambda x: f"{x:.2f}") if abs(v) >= 1 else (lambda x: f"{x:.3f}")
-    return fmt(v) + (f" [{fmt(lo)}, {fmt(hi)}]" if lo is not None and hi is not None else "")
+    f = (lambda x: f"{x:.2f}") if abs(v) >= 1 else (lambda x: f"{x:.3f}")
+    return f(v) + ("" if lo is None or hi is None or math.isnan(lo) or math.isnan(hi)
+                   else f" [{f(lo)}, {f(hi)}]")
 
 
 __all__ = ["METRICS", "PAPER_TOKENS", "RHOS", "STEPS", "STUDY_PARAMS", "budget", "format_table",
-           "relative_gap", "run_command", "runs", "study_rows", "trend"]
+           "frame", "relative_gap", "run_command", "runs", "shown", "study_rows", "trend"]
