@@ -1,0 +1,215 @@
+"""The seed study (issue 22) as DVC experiments: the embedded default trained with several
+``sae.seed`` values, every headline metric and paired difference over seeds with an interval
+that combines training and document noise (hsae_core.pipeline.seed_study, docs/seed-study.md).
+
+    python -m stages.seed_study plan              # the runs and a CPU budget
+    python -m stages.seed_study run [--queue]     # dvc exp run -n seed-<s> -S sae.seed=<s>
+                                                    compute-metrics, one after another in the
+                                                    workspace (the committed run is seed 0)
+    python -m stages.seed_study collect           # dvc exp show --json ->
+                                                    results/seed_study.{json,csv,md}
+    python -m stages.seed_study table             # the tables again from the JSON
+    python -m stages.seed_study verdict           # this run's metrics against the study
+                                                    (the end of `make repro`)
+
+``run`` skips seeds already among the experiments (an interrupted study continues) and the
+committed run's seed, and appends each run's wall time to ``results/seed_study_runs.jsonl``. It
+leaves the workspace at the last run's state: ``git checkout -- params.yaml dvc.lock dvclive
+metrics && dvc checkout`` restores the committed run. ``verdict`` reads only files (no DVC):
+without results/seed_study.json it says so and prints ``dvc metrics diff`` instead.
+Not a DVC stage: it drives ``dvc exp`` and needs a committed reference run.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+import yaml
+from rich import print as rprint
+
+from hsae_core.common import fsio
+from hsae_core.pipeline import experiments as ex
+from hsae_core.pipeline import seed_study as study
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+RESULTS = Path("results")
+SEEDS_OPT = typer.Option(list(study.SEEDS), "--seed", help="training seeds (sae.seed)")
+SET_OPT = typer.Option(None, "--set", help="KEY=VALUE overrides shared by every run (a smaller "
+                                           "project, a test): the committed run's seed then "
+                                           "runs as an experiment too")
+LOG_OPT = typer.Option(RESULTS / "seed_study_runs.jsonl", help="wall times (JSON lines)")
+TABLE_OPT = typer.Option(RESULTS / "seed_study.md", help="markdown table (the CSV goes beside "
+                                                         "it)")
+RAW_DIFF = "dvc metrics diff"
+
+
+def _dvc() -> str:
+    """This interpreter's dvc (the project's .venv) when it has one, else the one on PATH."""
+    mine = Path(sys.executable).parent / "dvc"
+    return str(mine) if mine.is_file() else "dvc"
+
+
+def fail(message: str) -> typer.Exit:
+    rprint(f"[red]seed-study: {message}[/red]")
+    return typer.Exit(2)
+
+
+def _reference_seed(shows: list[dict]) -> int | None:
+    """The committed run's sae.seed, None when the commit holds no metrics."""
+    for commit in ex.commits(shows):
+        if commit.metrics:
+            seed = ex.flatten(commit.params).get(study.SEED_KEY)
+            return None if seed is None else int(seed)
+    return None
+
+
+def _plan(seeds: list[int], sets: list[str] | None, shows: list[dict] | None):
+    reference = _reference_seed(shows) if shows is not None else study.SEEDS[0]
+    return reference, study.runs(seeds, reference, ex.parse_sets(sets))
+
+
+@app.command()
+def plan(seeds: List[int] = SEEDS_OPT, sets: Optional[List[str]] = SET_OPT) -> None:
+    try:
+        shows = ex.exp_show()
+    except ex.ExperimentError:
+        shows = None  # not a DVC repository yet: the embedded default's seed
+    try:
+        reference, todo = _plan(seeds, sets, shows)
+    except ex.ExperimentError as e:
+        raise fail(str(e))
+    if reference in seeds and not sets:
+        print(f"seed {reference}: the committed reference run (read from the commit, not run)")
+    for name, overrides in todo:
+        print(" ".join(study.run_command(name, overrides)))
+    est = study.budget(len(todo))
+    print("estimated CPU wall time (2 cores): " +
+          ", ".join(f"{k} {v / 60:.0f} min" for k, v in est.items()))
+
+
+@app.command()
+def run(
+    queue: bool = typer.Option(False, help="put the runs in DVC's queue instead (`dvc queue "
+                                           "start -j 1`): the same work, each in a temporary "
+                                           "folder"),
+    log: Path = LOG_OPT, seeds: List[int] = SEEDS_OPT, sets: Optional[List[str]] = SET_OPT,
+) -> None:
+    try:
+        reference, todo = _plan(seeds, sets, ex.exp_show())
+        if reference in seeds and not sets:
+            print(f"seed {reference}: the committed reference run, not re-run")
+        ex.run_all(todo, target=study.TARGET, log=log, queue=queue,
+                   say=lambda m: print(m, flush=True))
+    except ex.ExperimentError as e:
+        raise fail(str(e))
+
+
+@app.command()
+def collect(
+    out: Path = typer.Option(RESULTS / "seed_study.json"), table: Path = TABLE_OPT,
+    log: Path = LOG_OPT, seeds: List[int] = SEEDS_OPT,
+    rev: Optional[str] = typer.Option(None, help="the commit the runs started from, when it "
+                                                 "is no longer HEAD (dvc exp show --rev)"),
+    exp_json: Optional[Path] = typer.Option(None, "--exp-show", help="a saved `dvc exp show "
+                                            "--json` output to read instead of running it"),
+) -> None:
+    try:
+        shows = json.loads(exp_json.read_text()) if exp_json else ex.exp_show(rev)
+        entries = study.seed_runs(ex.commits(shows), ex.experiments(shows, study.PREFIX), seeds)
+        if not entries:
+            raise ex.ExperimentError("no seed of the study has metrics yet; run `python -m "
+                                     "stages.seed_study run` first")
+        result = study.study(entries)
+    except ex.ExperimentError as e:
+        raise fail(str(e))
+    times = ex.read_log(log)
+    for r in result["runs"]:
+        r["seconds"] = times.get(r["name"], {}).get("seconds")
+    result["wall_seconds"] = sum(r["seconds"] or 0 for r in result["runs"])
+    fsio.write_text(out, json.dumps(result, indent=1) + "\n")
+    _write_table(result, table)
+    missing = sorted(set(seeds) - set(result["seeds"]))
+    if missing:
+        rprint(f"[yellow]seed-study: no run yet for seeds {missing}[/yellow]")
+    if len(result["seeds"]) < 5:
+        rprint(f"[yellow]seed-study: {len(result['seeds'])} seeds; the study wants at least 5"
+               "[/yellow]")
+
+
+@app.command("table")
+def table_cmd(
+    results: Path = typer.Option(RESULTS / "seed_study.json", help="collect's JSON"),
+    table: Path = TABLE_OPT,
+) -> None:
+    """Rewrite the Markdown and CSV tables from collect's JSON (no DVC needed)."""
+    if not results.is_file():
+        raise fail(f"{results} is missing: run `python -m stages.seed_study collect` first")
+    _write_table(json.loads(results.read_text()), table)
+
+
+def _write_table(result: dict, table: Path) -> None:
+    frame = study.frame(result)
+    shown = study.shown(frame)
+    ex.write_table(frame, table, shown, preface=_preface(result))
+    print(ex.to_markdown(shown))
+    leads = [f"{result['metrics'][k]['label']} ({result['metrics'][k]['favours'] or 'either'})"
+             for k in result["leads"]]
+    print(f"leads (combined interval excludes 0, same sign in every seed): "
+          f"{', '.join(leads) or 'none'}")
+
+
+def _preface(result: dict) -> str:
+    seeds = ", ".join(str(s) for s in result["seeds"])
+    return (f"Seed study: {len(result['seeds'])} training seeds ({seeds}; "
+            + ", ".join(f"{r['seed']}: {r['source']} {r['name']}" for r in result["runs"])
+            + f"). {result['method'][0].upper()}{result['method'][1:]}. Values per seed, "
+            "their mean, sd and min - max; doc se: the document-bootstrap standard error. "
+            "Full precision: the CSV beside this file; the method: docs/seed-study.md.")
+
+
+@app.command()
+def verdict(
+    results: Path = typer.Option(RESULTS / "seed_study.json", help="collect's JSON"),
+    metrics: Path = typer.Option(Path("metrics/metrics.json"), help="this run's metrics"),
+    params: Path = typer.Option(Path("params.yaml"), help="this run's params"),
+    strict: bool = typer.Option(False, help="exit 1 when a metric is outside"),
+) -> None:
+    """This run's headline metrics and differences against the committed seed study: inside
+    or outside the spread another seed would show (hsae_core.pipeline.seed_study.band)."""
+    if not results.is_file():
+        print(f"seed-study verdict: no {results} (the seed study has not been collected: "
+              "`python -m stages.seed_study run`, then `collect`), so no verdict; the raw "
+              f"difference from the committed run follows (`{RAW_DIFF}`):", flush=True)
+        raise typer.Exit(subprocess.run([_dvc(), *RAW_DIFF.split()[1:]]).returncode)
+    if not metrics.is_file():
+        raise fail(f"{metrics} is missing: run `dvc repro` first")
+    result = json.loads(results.read_text())
+    run_params = yaml.safe_load(params.read_text()) if params.is_file() else None
+    table, notes = study.verdict(result, json.loads(metrics.read_text()), run_params)
+    n = len(result["seeds"])
+    print(f"This run against the committed seed study ({n} seeds, {results}): inside = within "
+          f"the 95% prediction interval for one more seed, mean +- t_{{{n - 1},0.975}} * sd * "
+          "sqrt(1 + 1/n), or the seeds' min - max where wider (docs/seed-study.md).")
+    print(ex.to_markdown(table))
+    outside = table[table["verdict"] == "OUTSIDE"]
+    judged = int((table["verdict"] != "-").sum())
+    print(f"{judged - len(outside)} of {judged} inside"
+          + (": outside " + ", ".join(f"{m} {k}" for m, k in zip(outside["model"],
+                                                                 outside["metric"]))
+             if len(outside) else "")
+          + ". About 1 in 20 lands outside by chance; many outside, or a difference of the "
+          "other sign, says this run is not the study's.")
+    for note in notes:
+        print(f"note: {note}")
+    print(f"Every metric against the committed run, row by row: `{RAW_DIFF}`.")
+    if strict and len(outside):
+        raise typer.Exit(1)
+
+
+if __name__ == "__main__":
+    app()
