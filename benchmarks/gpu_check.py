@@ -23,7 +23,8 @@ after every phase, so a run cut short keeps what it measured:
    and host-device synchronisations per step, the latter twice: torch.cuda.set_sync_debug_mode
    and the patched count (:class:`SyncCounter`) the CPU sees, each by source line;
 4. training: 2,000 steps at the paper's sizes on a synthetic hierarchical stream generated on
-   the device: every level's L0 within 5% of target at the end, no non-finite loss, tokens/s;
+   the device (natural L0 about twice the target): every level's L0 within 2% of target at
+   the end, no non-finite loss, tokens/s;
 5. the sparse/dense crossover of one level of 16384 latents (``sparse_ops.DENSE_CUTOFF``).
 
 Exit status 0 when every check passed (correctness, finite training, L0); timings and the
@@ -69,7 +70,6 @@ from pathlib import Path
 from xml.etree import ElementTree
 
 import torch
-import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,12 +79,13 @@ from hsae_core.model import sparse_ops  # noqa: E402
 from hsae_core.model.config import HSAEConfig  # noqa: E402
 from hsae_core.model.trainer import Trainer  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from streams import PAPER, SMALL, SyntheticStream, stream  # noqa: E402,F401
+
 #: Modules a GPU machine lacks or that must not be needed: listed in the JSON if loaded.
 HEAVY = ("zarr", "numcodecs", "dvc", "pydantic", "gguf", "transformers", "safetensors",
          "fsspec", "yaml", "typer", "rich", "scipy", "pandas", "matplotlib")
 
-PAPER = dict(d=2304, sizes=(2048, 4096, 8192, 16384), batch=1024, l0=50.0)
-SMALL = dict(d=64, sizes=(64, 128, 256, 512), batch=128, l0=8.0)
 
 
 # ---------------------------------------------------------------- host synchronisations
@@ -262,51 +263,6 @@ class OpCounter(TorchDispatchMode):
 
 
 # ---------------------------------------------------------------- data
-
-class SyntheticStream:
-    """Tokens made on the device from a two-level forest of true features: each token draws
-    ``paths`` leaves; each leaf adds its direction and its root's, with log-normal magnitudes,
-    plus noise; scaled so E||x||^2 = d (App. A.1). A child's direction leans on its parent's."""
-
-    def __init__(self, d: int, n_roots: int, branching: int, paths: int, device, seed=0):
-        self.device, self.paths, self.branching, self.n_roots = device, paths, branching, n_roots
-        self.batch_size = 1024  # what iterating yields
-        self.gen = torch.Generator(device=device).manual_seed(seed)
-        roots = F.normalize(self._randn(n_roots, d), dim=1)
-        own = F.normalize(self._randn(n_roots * branching, d), dim=1)
-        kids = F.normalize(0.6 * roots.repeat_interleave(branching, 0) + 0.8 * own, dim=1)
-        self.table = torch.cat([roots, kids])
-        self.scale = 1.0
-        probe = self.batch(1024)
-        self.scale = math.sqrt(d / float(probe.pow(2).sum(1).mean()))
-
-    def _randn(self, *shape):
-        return torch.randn(*shape, generator=self.gen, device=self.device)
-
-    def batch(self, n: int) -> torch.Tensor:
-        leaf = torch.randint(self.n_roots * self.branching, (n, self.paths), generator=self.gen,
-                             device=self.device)
-        idx = torch.cat([leaf // self.branching, self.n_roots + leaf], 1)
-        mag = torch.exp(0.7 * torch.randn(idx.shape, generator=self.gen, device=self.device))
-        x = F.embedding_bag(idx, self.table, mode="sum", per_sample_weights=mag)
-        return (x + 0.05 * self._randn(n, x.shape[1])) * self.scale
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> torch.Tensor:
-        return self.batch(self.batch_size)
-
-
-def stream(sz: dict, device, seed=0) -> SyntheticStream:
-    """As many true features (roots and leaves) as the largest level has latents, and as many
-    active per token as the target L0."""
-    n_leaf = sz["sizes"][-1]
-    s = SyntheticStream(sz["d"], max(8, n_leaf // 16), 16, max(2, int(sz["l0"]) // 2), device,
-                        seed)
-    s.batch_size = sz["batch"]
-    return s
-
 
 # ---------------------------------------------------------------- helpers
 
@@ -647,7 +603,10 @@ def train(args, run: Run, sz: dict, budget_s: float) -> dict:
     t = make_trainer(sz, device, independent=False, total_steps=steps, update_interval=interval,
                      lr=3e-3, resample_interval=max(1, steps // 20))
     t.log_every, t.on_log = max(1, steps // 100), on_log
-    out: dict = {"steps": steps, "target_l0": sz["l0"], "update_interval": interval}
+    out: dict = {"steps": steps, "target_l0": sz["l0"], "update_interval": interval,
+                 # the stream's natural L0 lies above the target, so the L0 check tests the
+                 # controller (benchmarks/streams.py; l0_control.py natural measures both ways)
+                 "stream_true_features_per_token": round(src.true_l0(), 2)}
     sync(device)
     t0 = time.perf_counter()
     try:
@@ -678,9 +637,9 @@ def train(args, run: Run, sz: dict, budget_s: float) -> dict:
     finite = "nonfinite" not in out and all(math.isfinite(r["loss"]) for r in records)
     off = [abs(v / sz["l0"] - 1) for v in out["l0_end"]]
     out["l0_max_rel_error"] = round(max(off), 4)
-    l0_ok = out["completed"] and max(off) <= 0.05
+    l0_ok = out["completed"] and max(off) <= 0.02
     run.report["checks"]["train_finite"] = finite
-    run.report["checks"]["train_l0_within_5pct"] = l0_ok
+    run.report["checks"]["train_l0_within_2pct"] = l0_ok
     run.log(f"   {t.step} steps in {seconds:.1f} s ({out['tokens_per_s']} tok/s); L0 end "
             f"{out['l0_end']} (target {sz['l0']:g}); FVE {out['fve_end']}; finite {finite}")
     return out
@@ -763,7 +722,7 @@ def parse(argv=None):
     ap.add_argument("--time-limit", type=float, default=480.0, help="hard limit, seconds")
     ap.add_argument("--modes", default="fp32,bf16,tf32",
                     help="step-time modes in order (tf32 runs last, and only on CUDA)")
-    ap.add_argument("--train-steps", type=int, default=None, help="default 2000 (small: 150)")
+    ap.add_argument("--train-steps", type=int, default=None, help="default 2000 (small: 600)")
     ap.add_argument("--profile-steps", type=int, default=None, help="default 20 (small: 3)")
     ap.add_argument("--skip", default="", help="comma-separated phases to skip")
     ap.add_argument("--wheels", default=None, help="folder of wheels for what is missing")
@@ -775,7 +734,7 @@ def parse(argv=None):
     small = args.small
     if args.threads is None and torch.device(args.device).type == "cpu":
         args.threads = 1
-    args.train_steps = args.train_steps or (150 if small else 2000)
+    args.train_steps = args.train_steps or (600 if small else 2000)
     args.profile_steps = args.profile_steps or (3 if small else 20)
     args.warmup = 2 if small else 5
     args.blocks = 2 if small else 6
@@ -842,7 +801,7 @@ def main(argv=None) -> int:
                 "goal": 1.10, "met": all(v["ratio"] <= 1.10 for v in st.values())}}
     checks = run.report["checks"]
     wanted = [k for k, p in (("correctness", "correctness"), ("train_finite", "train"),
-                             ("train_l0_within_5pct", "train")) if p not in skip]
+                             ("train_l0_within_2pct", "train")) if p not in skip]
     run.report["ok"] = all(checks.get(k) is True for k in wanted) and not run.report.get(
         "timed_out")
     run.save()

@@ -4,6 +4,7 @@
     python benchmarks/synthetic_recovery.py --similarity coactivation --seeds 0,1,2,3,4
     python benchmarks/synthetic_recovery.py --leaf-only --parent-weight 0.8   # feature splitting
     python benchmarks/synthetic_recovery.py --d 64 --steps 3000 --rho 0.01
+    python benchmarks/synthetic_recovery.py --set lambda_rate=0.02 --set threshold_lr_floor=0
 
 The generator and the metrics are the recovery test's (tests/synthetic.py,
 tests/test_core_recovery.py): a three-level forest whose child activity implies its parent's,
@@ -32,6 +33,7 @@ feature that never fires on the evaluation tokens has nothing to match: match_fe
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -101,6 +103,9 @@ def run_seed(seed: int, args) -> tuple[dict, dict]:
         common["target_l0"] = args.target_l0
     if args.update_interval is not None:
         common["update_interval"] = args.update_interval
+    for item in args.set:
+        key, _, value = item.partition("=")
+        common[key] = json.loads(value)
     torch.manual_seed(0)
     x, truth = syn.sample(4000, torch.Generator().manual_seed(123))
     t0 = time.perf_counter()
@@ -142,6 +147,9 @@ def main() -> None:
     ap.add_argument("--paths-per-token", type=int, default=2)
     ap.add_argument("--min-f1", type=float, default=0.5, help="endpoint F1 for prec@f1")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="an HSAEConfig field for both models, e.g. --set lambda_rate=0.02 "
+                         "(a JSON value)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     rows = {"hsae": [], "baseline": []}

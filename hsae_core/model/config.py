@@ -63,12 +63,26 @@ class HSAEConfig:
     l0_ema_momentum: float = 0.95
     """EMA momentum of the tracked L0 in the sparsity controller (paper: 0.999; with eta =
     1 - momentum the controller is bang-bang, see hsae_core.model.sparsity)."""
-    l0_decay_rate: float = 0.01
+    l0_decay_rate: float = 0.03
     """eta: desired L0 velocity is -eta * (L0_ema - target) (paper: 0.001)."""
     lambda_init: float = 0.1
     """Initial sparsity weight lambda_l of every level."""
-    lambda_rate: float = 0.02
+    lambda_rate: float = 0.05
     """Multiplicative step of the controller: lambda *= exp(+-lambda_rate) each step."""
+    lambda_min: float = 1e-3
+    """Floor of every lambda_l. A level whose lambda sits there with L0 still under target is
+    reported unreachable (its data's unpenalised L0 is below the target)."""
+    lambda_max: float = 1e3
+    """Ceiling of every lambda_l (anti-wind-up; 1e30: none, the paper)."""
+    threshold_lr_scale: float = 10.0
+    """The thresholds' peak learning rate as a multiple of ``lr`` (1: the paper). Adam moves a
+    threshold by at most about its learning rate per step, while an encoder row moves every one
+    of its d weights by as much: at equal rates the pre-activations outrun the thresholds early
+    in training and L0 overshoots its target several times over."""
+    threshold_lr_floor: float = 3.0
+    """The thresholds' learning rate follows the cosine schedule down from ``threshold_lr_scale
+    * lr`` but never below ``threshold_lr_floor * lr``, so the controller can still move L0 when
+    the schedule approaches zero (0: the paper, every parameter decays to zero)."""
 
     # --- optimisation (Appendix A.1) ---
     batch_size: int = 1024
@@ -127,6 +141,14 @@ class HSAEConfig:
         check_field(self, "l0_decay_rate", self.l0_decay_rate > 0, "a positive number")
         check_field(self, "lambda_init", self.lambda_init > 0, "a positive number")
         check_field(self, "lambda_rate", self.lambda_rate > 0, "a positive number")
+        check_field(self, "lambda_min", 0 <= self.lambda_min <= self.lambda_init,
+                    "0 <= lambda_min <= lambda_init")
+        check_field(self, "lambda_max", self.lambda_max >= self.lambda_init,
+                    "lambda_max >= lambda_init")
+        check_field(self, "threshold_lr_scale", self.threshold_lr_scale > 0, "a positive number")
+        check_field(self, "threshold_lr_floor",
+                    0 <= self.threshold_lr_floor <= self.threshold_lr_scale,
+                    "0 <= threshold_lr_floor <= threshold_lr_scale (a multiple of lr)")
         check_field(self, "batch_size", self.batch_size > 0, "a positive integer")
         check_field(self, "total_steps", self.total_steps > 0, "a positive integer")
         check_field(self, "lr", self.lr > 0, "a positive number")

@@ -90,6 +90,21 @@ class Forest:
     def n_assigned(self, level_pair: int) -> int:
         return int((self.parent_of[level_pair] >= 0).sum())
 
+    def churn(self, before: "Forest") -> list[dict[str, float]]:
+        """How this forest differs from ``before``, per level pair: ``churn``, the fraction of
+        the children assigned in both whose parent changed; ``gained`` / ``lost``, the children
+        assigned here but not before / before but not here (§3.3: how fast the forest
+        settles)."""
+        out = []
+        for new, old in zip(self.parent_of, before.parent_of):
+            old = old.to(new.device)
+            both = (new >= 0) & (old >= 0)
+            kept = int(both.sum())
+            out.append({"churn": float((both & (new != old)).sum()) / kept if kept else 0.0,
+                        "gained": int(((new >= 0) & (old < 0)).sum()),
+                        "lost": int(((new < 0) & (old >= 0)).sum())})
+        return out
+
     def n_children(self, level: int) -> torch.Tensor:
         """Number of children of each feature of ``level`` (``[n_level]``)."""
         p = self.parent_of[level]

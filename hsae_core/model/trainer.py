@@ -54,13 +54,14 @@ RESAMPLE_UNTIL = 0.8
 CheckpointFn = Callable[["Trainer"], None]
 
 
-def lr_at(step: int, total: int, peak: float, warmup_frac: float) -> float:
-    """Linear warm-up over ``warmup_frac`` of the steps, then cosine decay to zero (App. A.1)."""
+def lr_at(step: int, total: int, peak: float, warmup_frac: float, floor: float = 0.0) -> float:
+    """Linear warm-up over ``warmup_frac`` of the steps, then cosine decay to zero (App. A.1),
+    or to ``floor * peak`` (the thresholds' schedule, ``HSAEConfig.threshold_lr_floor``)."""
     warmup = int(round(warmup_frac * total))
     if step < warmup:
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
-    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return peak * max(floor, 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
 @dataclass
@@ -75,15 +76,20 @@ class StepStats:
     dead: list[int]
     assigned: list[int]
     lr: float
+    unreachable: list[bool]
+    churn: list[dict[str, float]] | None = None  # the hierarchy update(s) since the last record
 
     def as_record(self) -> dict:
         rec = {"step": self.step, "loss": self.loss, "lr": self.lr}
-        for l, vals in enumerate(zip(self.mse, self.fve, self.l0, self.lambdas, self.dead)):
-            for name, v in zip(("mse", "fve", "l0", "lambda", "dead"), vals):
+        for l, vals in enumerate(zip(self.mse, self.fve, self.l0, self.lambdas, self.dead,
+                                     self.unreachable)):
+            for name, v in zip(("mse", "fve", "l0", "lambda", "dead", "l0_unreachable"), vals):
                 rec[f"level{l}/{name}"] = v
         for l, (pc, n) in enumerate(zip(self.pc, self.assigned)):
             rec[f"pair{l}/pc"] = pc
             rec[f"pair{l}/assigned"] = n
+            for key, v in (self.churn[l] if self.churn else {}).items():
+                rec[f"pair{l}/{key}"] = v
         return rec
 
 
@@ -127,11 +133,14 @@ class Trainer:
         if compile:  # the dense encoder matmul of each level (the sparse rest defeats Dynamo)
             for lv in self.model.levels:
                 lv.preacts = torch.compile(lv.preacts, dynamic=True)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, betas=cfg.adam_betas,
-                                          **_fast_adam_kwargs(self.device))
+        # the thresholds in a group of their own: their schedule may keep a floor
+        thresholds = [lv.threshold for lv in self.model.levels]
+        rest = [p for p in self.model.parameters() if all(p is not t for t in thresholds)]
+        self.optimizer = torch.optim.Adam([{"params": rest}, {"params": thresholds}], lr=cfg.lr,
+                                          betas=cfg.adam_betas, **_fast_adam_kwargs(self.device))
         self.controller = SparsityController(cfg.n_levels, cfg.target_l0, cfg.l0_decay_rate,
                                              cfg.l0_ema_momentum, cfg.lambda_init, cfg.lambda_rate,
-                                             self.device)
+                                             self.device, cfg.lambda_min, cfg.lambda_max)
         self.firing = FiringTracker(cfg.level_sizes, self.device)
         coactivation = cfg.similarity == "coactivation" and not cfg.is_independent
         self.coactivation = (CoactivationEMA(cfg.level_sizes, cfg.coactivation_momentum,
@@ -142,6 +151,7 @@ class Trainer:
         self.resampled = 0
         self.step = 0
         self.n_updates = 0
+        self.churn: list[dict[str, float]] | None = None  # of updates not yet in a record
         self.checkpoint_every, self.on_checkpoint = checkpoint_every, on_checkpoint
         self.log_every, self.on_log = log_every, on_log
 
@@ -177,8 +187,10 @@ class Trainer:
                 lv.init_b_dec_(x_all)
                 lv.init_thresholds_(x_all, cfg.target_l0)
         lr = lr_at(self.step, cfg.total_steps, cfg.lr, cfg.warmup_frac)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        lr_theta = lr_at(self.step, cfg.total_steps, cfg.lr * cfg.threshold_lr_scale,
+                         cfg.warmup_frac, cfg.threshold_lr_floor / cfg.threshold_lr_scale)
+        self.optimizer.param_groups[0]["lr"] = lr
+        self.optimizer.param_groups[1]["lr"] = lr_theta
         swapped = self._draw_swaps()
         dead = self._dead_masks()
         logging = (self.on_log is not None or self.dist.active) and (
@@ -272,6 +284,10 @@ class Trainer:
         if self.dist.active:  # one forest on every rank, whatever float ties did elsewhere
             forest = Forest(cfg.level_sizes, [broadcast_(self.dist, p.contiguous())
                                               for p in forest.parent_of])
+        churn = forest.churn(self.model.forest)
+        if self.churn is not None:  # two updates between records: their changes add up
+            churn = [{k: a[k] + b[k] for k in a} for a, b in zip(self.churn, churn)]
+        self.churn = churn
         self.model.forest = forest
         self.n_updates += 1
         return self.model.forest
@@ -325,7 +341,12 @@ class Trainer:
             mse=(sq_error / n).tolist(), fve=(1 - sq_error / total_var).tolist(),
             l0=l0.detach().tolist(), pc=pc.tolist(),
             lambdas=self.controller.lambdas.tolist(), dead=[int(d.sum()) for d in dead],
-            assigned=[self.model.forest.n_assigned(l) for l in range(self.model.forest.n_pairs)])
+            assigned=[self.model.forest.n_assigned(l) for l in range(self.model.forest.n_pairs)],
+            unreachable=self.controller.unreachable.tolist(), churn=self._take_churn())
+
+    def _take_churn(self) -> list[dict[str, float]] | None:
+        churn, self.churn = self.churn, None
+        return churn
 
     def _check_batch(self, x: torch.Tensor) -> None:
         want = (self.local_batch, self.cfg.d_model)
@@ -338,14 +359,18 @@ class Trainer:
     def summary(self) -> dict:
         """Where the run ended, per level: the train-stream dead fraction (no firing in the last
         ``dead_window_tokens``; the last ``batch_size * step`` tokens if the run was shorter),
-        the L0 EMA and lambda of the sparsity controller."""
+        the L0 EMA and lambda of the sparsity controller, and the levels whose target L0 the
+        data cannot reach (``l0_unreachable``: lambda at its floor, L0 still under target)."""
         window = self.cfg.dead_window_tokens or self.step * self.cfg.batch_size
         window = min(window, self.step * self.cfg.batch_size)
         return {"step": self.step, "tokens": self.step * self.cfg.batch_size,
                 "dead_window_tokens": window,
                 "dead_frac_train": [float(d.double().mean()) for d in self.firing.dead(window)],
                 "l0_ema": self.controller.l0_ema.tolist(),
-                "lambda": self.controller.lambdas.tolist(), "hierarchy_updates": self.n_updates,
+                "lambda": self.controller.lambdas.tolist(),
+                "l0_unreachable": [l for l, u in enumerate(self.controller.unreachable.tolist())
+                                   if u],
+                "hierarchy_updates": self.n_updates,
                 "resampled": self.resampled}
 
     # ------------------------------------------------------------ state
@@ -363,6 +388,7 @@ class Trainer:
             "swap_gen": self.swap_gen.get_state(),
             "resample_gen": self.resample_gen.get_state(),
             "resampled": self.resampled,
+            "churn": self.churn,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -385,6 +411,7 @@ class Trainer:
         self.swap_gen.set_state(state["swap_gen"].cpu())
         self.resample_gen.set_state(state["resample_gen"].cpu())
         self.resampled = int(state["resampled"])
+        self.churn = state.get("churn")
 
 def _fast_adam_kwargs(device: torch.device) -> dict:
     """Fused Adam where this torch build has it for the device, else the foreach kernel."""

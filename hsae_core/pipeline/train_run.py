@@ -88,6 +88,10 @@ class TrainRunConfig:
 
 #: Per-level quantities of the curves (``pc`` and ``with_parent`` from level 1 on).
 LEVEL_CURVES = ("l0", "fve", "mse", "lambda", "dead", "pc", "with_parent")
+#: Logged at each hierarchy update, from level 1 on (the HSAE only): the fraction of the level's
+#: children assigned before and after whose parent changed, children gained and lost.
+CHURN_CURVES = ("churn", "gained", "lost")
+INTEGER_CURVES = ("dead", "with_parent", "gained", "lost", "l0_unreachable")
 
 
 class LiveCurves:
@@ -114,9 +118,13 @@ class LiveCurves:
         for l in range(self.n_levels):
             for q in LEVEL_CURVES[:5]:
                 row[f"level{l}/{q}"] = rec[f"level{l}/{q}"]
+            row[f"level{l}/l0_unreachable"] = int(rec[f"level{l}/l0_unreachable"])
             if l:
                 row[f"level{l}/pc"] = rec[f"pair{l - 1}/pc"]
                 row[f"level{l}/with_parent"] = rec[f"pair{l - 1}/assigned"]
+                for q in CHURN_CURVES:  # only at the first record after a hierarchy update
+                    if f"pair{l - 1}/{q}" in rec:
+                        row[f"level{l}/{q}"] = rec[f"pair{l - 1}/{q}"]
         row |= {"loss": rec["loss"], "lr": rec["lr"]}
         self.rows.append(row)
         if self.live is not None:
@@ -160,7 +168,7 @@ def curve_rows(folder: str | Path, name: str) -> list[dict]:
                 step = int(rec["step"])
                 value = float(rec[path.stem])
                 by_step.setdefault(step, {"step": step})[key] = (
-                    int(value) if key.endswith(("dead", "with_parent")) else value)
+                    int(value) if key.endswith(INTEGER_CURVES) else value)
     return [by_step[s] for s in sorted(by_step)]
 
 
@@ -197,8 +205,18 @@ def train_on_store(cfg: HSAEConfig, store: str | Path | StoreInfo, scale: float 
     del state
     t0, every = time.perf_counter(), run.log_every * max(1, cfg.total_steps // 20 // run.log_every)
 
+    warned: set[int] = set()
+
     def on_log(step: int, rec: dict) -> None:
         log(step, rec)
+        for l in range(cfg.n_levels):
+            if rec[f"level{l}/l0_unreachable"] and l not in warned:
+                warned.add(l)
+                print(f"{name} WARNING: level {l} cannot reach the target L0 {cfg.target_l0:g}: "
+                      f"L0 {rec[f'level{l}/l0']:.2f} with lambda at its floor "
+                      f"(sae.lambda_min = {cfg.lambda_min:g}), so the data's unpenalised L0 is "
+                      "below the target; lower sae.target_l0 (DVCLive curve "
+                      f"train/{name}/level{l}/l0_unreachable)", flush=True)
         if step % every == 0 or step == cfg.total_steps:
             l0 = " ".join(f"{rec[f'level{l}/l0']:.1f}" for l in range(cfg.n_levels))
             fve = " ".join(f"{rec[f'level{l}/fve']:.3f}" for l in range(cfg.n_levels))

@@ -291,15 +291,23 @@ TRAINING_ROWS = (("l0", "L0 (training batch)", ("hsae", "baseline")),
                  ("mse", "MSE", ("hsae", "baseline")),
                  ("lambda", "sparsity weight \u03bb", ("hsae", "baseline")),
                  ("pc", "parent-child loss", ("hsae",)),
-                 ("with_parent", "features with a parent", ("hsae",)))
+                 ("with_parent", "features with a parent", ("hsae",)),
+                 ("churn", "parent changed at an update", ("hsae",)),
+                 ("gained", "children gained at an update", ("hsae",)),
+                 ("lost", "children lost at an update", ("hsae",)))
+
+
+#: Rows logged at hierarchy updates only (points joined, not a per-step curve).
+UPDATE_ROWS = ("churn", "gained", "lost")
 
 
 def fig_training(out: Path, curves: dict[str, dict[str, tuple[list, list]]] | None) -> list[Path]:
     """The training curves, viewable offline (``dvc plots show`` needs a network for its
     charts): one row per quantity, one column per level, the HSAE beside the baseline.
     ``curves[model]["level<l>/<q>"] = (steps, values)`` (DVCLive's logs, hsae_core.pipeline.
-    train_run); the parent-child loss and forest size exist from level 1 on, and only for the
-    HSAE (the baseline's forest is built after training)."""
+    train_run); the parent-child loss, forest size and the forest's churn at each hierarchy
+    update exist from level 1 on, and only for the HSAE (the baseline's forest is built after
+    training)."""
     stem, title = "fig_training", "Training curves per level: HSAE vs independent baseline"
     if not curves or not any(curves.values()):
         return missing_figure(out, stem, title, "no training curves found (dvclive/<model>/): "
@@ -318,6 +326,7 @@ def fig_training(out: Path, curves: dict[str, dict[str, tuple[list, list]]] | No
                 steps, values = (curves.get(model) or {}).get(f"level{l}/{q}", ([], []))
                 if len(steps):
                     ax.plot(steps, values, color=colors[model], lw=1.1,
+                            marker="." if q in UPDATE_ROWS else None, ms=3,
                             label="HSAE" if model == "hsae" else "baseline")
                     drawn = True
             if not drawn:
