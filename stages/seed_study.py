@@ -92,15 +92,48 @@ def plan(seeds: List[int] = SEEDS_OPT, sets: Optional[List[str]] = SET_OPT) -> N
           ", ".join(f"{k} {v / 60:.0f} min" for k, v in est.items()))
 
 
+def _unlike_the_commit(shows: list[dict]) -> list[str]:
+    """Why the workspace would not run the committed run's configuration: uncommitted code
+    (``dvc exp run`` runs the workspace, not the commit), params differing in more than the
+    seed."""
+    problems = []
+    proc = subprocess.run(["git", "status", "--porcelain", "--", "hsae_core", "stages",
+                           "dvc.yaml"], capture_output=True, text=True)
+    changed = [line[3:] for line in proc.stdout.splitlines()]
+    if changed:
+        problems.append("uncommitted changes to " + ", ".join(changed[:5])
+                        + (f" and {len(changed) - 5} more" if len(changed) > 5 else ""))
+    work = [c for c in shows if c.get("rev") == "workspace" and c.get("data")]
+    committed = ex.commits(shows)
+    if work and committed:
+        mine = ex.flatten(ex.entry_params(work[0]))
+        base = ex.flatten(committed[0].params)
+        keys = sorted(k for k in set(mine) | set(base)
+                      if k != study.SEED_KEY and mine.get(k) != base.get(k))
+        if keys:
+            problems.append("params.yaml differs from the commit's in " + ", ".join(keys[:5]))
+    return problems
+
+
 @app.command()
 def run(
     queue: bool = typer.Option(False, help="put the runs in DVC's queue instead (`dvc queue "
                                            "start -j 1`): the same work, each in a temporary "
                                            "folder"),
     log: Path = LOG_OPT, seeds: List[int] = SEEDS_OPT, sets: Optional[List[str]] = SET_OPT,
+    allow_dirty: bool = typer.Option(False, help="run even when the workspace's code or params "
+                                                 "are not the committed run's"),
 ) -> None:
     try:
-        reference, todo = _plan(seeds, sets, ex.exp_show())
+        shows = ex.exp_show()
+        problems = [] if allow_dirty or sets else _unlike_the_commit(shows)
+        if problems:
+            raise ex.ExperimentError(
+                "; ".join(problems) + ": the new seeds would not run the committed seed 0's "
+                "code and params (dvc exp run runs the workspace). Commit and re-record the "
+                "reference run, or restore the workspace (`git checkout -- params.yaml`), or "
+                "pass --allow-dirty")
+        reference, todo = _plan(seeds, sets, shows)
         if reference in seeds and not sets:
             print(f"seed {reference}: the committed reference run, not re-run")
         ex.run_all(todo, target=study.TARGET, log=log, queue=queue,

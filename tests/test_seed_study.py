@@ -125,6 +125,30 @@ def test_plan_command_prints_the_runs_and_a_budget(tmp_path):
     assert "total 76 min" in lines[5]
 
 
+def test_run_refuses_a_workspace_unlike_the_commit(tmp_path, monkeypatch):
+    """`dvc exp run` runs the workspace: uncommitted code or params other than the commit's
+    (beyond the seed) would make seeds 1.. a different run from the committed seed 0."""
+    from stages.seed_study import _unlike_the_commit
+
+    (tmp_path / "hsae_core").mkdir()
+    (tmp_path / "hsae_core" / "x.py").write_text("A = 1\n")
+    git(tmp_path, "init", "-q")
+    git(tmp_path, "config", "user.email", "test@example.com")
+    git(tmp_path, "config", "user.name", "test")
+    git(tmp_path, "add", "-A")
+    git(tmp_path, "commit", "-q", "-m", "code")
+    monkeypatch.chdir(tmp_path)
+    shows = exp_show()
+    workspace = rev("workspace", 3, "workspace")  # a resumed study: only the seed differs
+    shows[0] = workspace | {"experiments": None}
+    assert _unlike_the_commit(shows) == []
+    shows[0]["data"]["params"]["params.yaml"]["data"]["rho"] = 0.5
+    (tmp_path / "hsae_core" / "x.py").write_text("A = 2\n")
+    problems = _unlike_the_commit(shows)
+    assert problems == ["uncommitted changes to hsae_core/x.py",
+                        "params.yaml differs from the commit's in rho"]
+
+
 def test_t_quantile_matches_tables_and_scipy():
     stats = pytest.importorskip("scipy.stats")
     assert study.t_quantile(0.975, 4) == pytest.approx(T4, abs=1e-6)
@@ -328,6 +352,12 @@ def test_micro_seed_study_runs_collects_resumes_and_judges(tmp_path):
     reference = json.loads((root / "metrics" / "metrics.json").read_text())
 
     cmd = ["python", "-m", "stages.seed_study", "run", "--seed", "0", "--seed", "1"]
+    (root / "params.yaml").write_text((root / "params.yaml").read_text().replace(
+        "rho: 0.01", "rho: 0.02"))
+    refused = subprocess.run(cmd, cwd=root, env=env(), capture_output=True, text=True)
+    assert refused.returncode == 2 and "differs from the commit's in rho" in refused.stdout
+    assert "Running stage" not in refused.stdout + refused.stderr
+    git(root, "checkout", "--", "params.yaml")
     out = subprocess.run(cmd, cwd=root, env=env(), capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
     log = out.stdout + out.stderr

@@ -77,6 +77,12 @@ def _file_data(data: dict, kind: str, path: str) -> dict:
     return ((data.get(kind) or {}).get(path) or {}).get("data") or {}
 
 
+def entry_params(entry: dict, params_file: str = PARAMS_FILE) -> dict:
+    """The params (nested) of one entry of ``dvc exp show --json`` (a commit, the workspace or
+    an experiment's rev)."""
+    return _file_data(entry.get("data") or {}, "params", params_file)
+
+
 def commits(exp_show: list[dict], params_file: str = PARAMS_FILE,
             metrics_file: str = METRICS_FILE) -> list[Experiment]:
     """The committed revisions of ``dvc exp show --json`` (not the workspace) that hold data:
@@ -214,6 +220,6 @@ def fmt(v, digits: int = 4) -> str:
     return f"{v:.{max(0, digits - 1 - e)}f}"
 
 
-__all__ = ["Experiment", "ExperimentError", "commits", "exp_run_command", "exp_show",
-           "experiments", "flatten", "fmt", "get", "names", "parse_sets", "read_log", "run_all",
-           "to_markdown", "write_table"]
+__all__ = ["Experiment", "ExperimentError", "commits", "entry_params", "exp_run_command",
+           "exp_show", "experiments", "flatten", "fmt", "get", "names", "parse_sets", "read_log",
+           "run_all", "to_markdown", "write_table"]

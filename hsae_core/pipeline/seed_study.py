@@ -212,7 +212,8 @@ def summarize(values: list[float], los: list[float | None] | None = None,
     """Mean, across-seed sd (n - 1), min, max, the document standard error (mean over seeds of
     the 95% document interval's width / 3.92) and the combined 95% interval ``mean +- t_{n-1,
     0.975} sqrt(sd^2 / n + se_doc^2)`` of one metric over seeds (module docstring). With one
-    seed there is no spread: sd, the interval and t are NaN."""
+    seed there is no spread: sd, the interval and t are NaN. Without document intervals
+    (``metrics.bootstrap: 0``) se_doc is 0: the interval is the seeds' alone."""
     n = len(values)
     mean = statistics.fmean(values)
     sd = statistics.stdev(values) if n >= 2 else math.nan
@@ -365,6 +366,8 @@ def verdict(result: dict, metrics: dict, params: dict | None = None
                 f"{k} ({study_params.get(k)!r} -> {flat.get(k)!r})" for k in keys[:8])
                 + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
                 + ": the study measured another configuration")
+    if len(result["seeds"]) < 2:
+        notes.append("the study has one seed: no spread to compare with (inside means equal)")
     run_eval = {k: metrics.get(k) for k in EVAL_KEYS}
     if result.get("eval") and run_eval != result["eval"]:
         notes.append(f"this run's eval split differs from the study's ({run_eval} vs "
