@@ -3,12 +3,17 @@
 Seeded, CPU. The generator (tests/synthetic.py) makes every child's activity imply its
 parent's. What the test holds HSAE to is what it optimises: a forest whose parents summarise
 their children (clearly lower Hamming distance, METHOD §4), at the same sparsity and
-reconstruction, with every level's L0 within 10% of target. P(parent | child) and the
+reconstruction, with every level's L0 within 10% of target. Over seeds 0-4
+(benchmarks/synthetic_recovery.py) the HSAE's Hamming is 18% under the baseline's with the
+sparsity controller of issue 21 (0.335 vs 0.410, lower in 4 of 5 seeds; 27% with the controller
+before it, whose thresholds froze with the schedule); one seed's ratio spreads from 0.61 to 1.06,
+and this test's seed 0 sits at 0.84, so it asks for 10% lower. P(parent | child) and the
 precision of the learned links against the true forest are measured and printed for both, and
-asserted only not to fall clearly below the baseline's. The precision is equal on average
-(benchmarks/synthetic_recovery.py, seeds 0-4: 0.865 vs 0.863): given well-recovered features the
-post-hoc cosine assignment is already near-perfect, and HSAE does not recover the leaves better
-(README, known limits), so a stronger assertion would claim what does not hold.
+asserted only not to fall clearly below the baseline's. The precision is close on average
+(seeds 0-4: 0.876 vs 0.850, higher in 3 of 5; 0.843 vs 0.865 before issue 21): given
+well-recovered features the post-hoc cosine assignment is already near-perfect, and HSAE does not
+recover the leaves better (docs/limits.md), so a stronger assertion would claim what does not
+hold.
 """
 
 import torch
@@ -23,8 +28,7 @@ from tests.synthetic import SyntheticForest, link_precision, match_features
 SYN = SyntheticForest.make(d=32, branching=(3, 3), n_roots=8, paths_per_token=2,
                            parent_weight=0.3, seed=0, leaf_only=False)
 COMMON = dict(d_model=32, level_sizes=SYN.sizes, target_l0=2.0, batch_size=256, total_steps=1500,
-              update_interval=100, lr=3e-3, bandwidth=0.05, lambda_rate=0.02,
-              dead_window_tokens=50_000, seed=0)
+              update_interval=100, lr=3e-3, bandwidth=0.05, dead_window_tokens=50_000, seed=0)
 
 
 def evaluate(model, forest, x, truth):
@@ -61,7 +65,7 @@ def test_hsae_forest_is_more_consistent_than_posthoc_baseline():
     for res in (h, b):
         for l0 in res["l0"]:
             assert abs(l0 - 2.0) <= 0.2, res["l0"]
-    assert h["hamming"] < 0.8 * b["hamming"]
+    assert h["hamming"] < 0.9 * b["hamming"]
     assert h["p_parent_given_child"] > b["p_parent_given_child"] - 0.03
     for fh, fb in zip(h["fve"], b["fve"]):
         assert fh > fb - 0.03
