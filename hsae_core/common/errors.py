@@ -63,15 +63,6 @@ def is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-DEVICE = re.compile(r"cpu|cuda(:[0-9]+)?|mps")
-
-
-def is_device(value: object) -> bool:
-    """``cpu``, ``cuda``, ``cuda:N`` or ``mps`` (whether this machine has it is checked by
-    ``hsae_core.pipeline.params.check_device``)."""
-    return isinstance(value, str) and DEVICE.fullmatch(value) is not None
-
-
 # -- strict typing of config fields ----------------------------------------------------------
 
 #: A number as YAML 1.2 writes it. PyYAML reads YAML 1.1, where ``3e-3`` (no dot) is a string:
@@ -196,4 +187,4 @@ def coerce_fields(cfg: object) -> None:
             object.__setattr__(cfg, name, new)
 
 
-__all__ = ["ConfigError", "check_field", "coerce_fields", "is_device", "is_int", "show"]
+__all__ = ["ConfigError", "check_field", "coerce_fields", "is_int", "show"]

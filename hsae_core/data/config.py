@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hsae_core.common.errors import ConfigError, check_field, coerce_fields, is_device
+from hsae_core.common.device import resolve_device_field
+from hsae_core.common.errors import ConfigError, check_field, coerce_fields
 
 DTYPES = ("float32", "float16", "bfloat16")
 PACKINGS = ("pack", "cut")
@@ -36,7 +37,8 @@ class ExtractConfig:
     """Hook site: the residual stream after block ``layer`` (0-based, =
     ``hidden_states[layer + 1]``; paper: 13 of gemma-2-2b). Blocks after it are never computed."""
     device: str = "cpu"
-    """Torch device of the forward pass."""
+    """Torch device of the forward pass: cpu, cuda, cuda:N, mps or auto (cuda if
+    torch sees one, else cpu)."""
     compute_dtype: str = "float32"
     """Torch dtype of the forward pass (float32 makes stored float32 activations exact)."""
 
@@ -97,7 +99,7 @@ class ExtractConfig:
     def __post_init__(self) -> None:
         coerce_fields(self)  # every field of its annotated type, or a ConfigError naming it
         check_field(self, "model", bool(self.model), "a non-empty model name or path")
-        check_field(self, "device", is_device(self.device), "cpu, cuda, cuda:N or mps")
+        resolve_device_field(self)
         check_field(self, "layer", isinstance(self.layer, int) and self.layer >= 0,
                     "an integer >= 0")
         check_field(self, "compute_dtype", self.compute_dtype in DTYPES, f"one of {DTYPES}")

@@ -33,7 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
-from hsae_core.common.errors import check_field, coerce_fields, is_device, is_int
+from hsae_core.common.device import resolve_device_field
+from hsae_core.common.errors import check_field, coerce_fields, is_int
 from hsae_core.data.reader import EvalActivations
 from hsae_core.data.store import StoreInfo
 from hsae_core.evaluation.bootstrap import doc_weights, interval
@@ -78,7 +79,8 @@ class MetricsConfig:
     """Seed of the bootstrap's document resamples (shared by both models: paired) and of the
     semantic scores' random control."""
     device: str = "cpu"
-    """Torch device of the evaluation (SAEs and language model)."""
+    """Torch device of the evaluation (SAEs and language model): cpu, cuda, cuda:N, mps or
+    auto (cuda if torch sees one, else cpu)."""
 
     def __post_init__(self) -> None:
         coerce_fields(self)
@@ -100,7 +102,7 @@ class MetricsConfig:
         check_field(self, "link_min_docs", is_int(self.link_min_docs) and self.link_min_docs >= 1,
                     "an integer >= 1")
         check_field(self, "seed", is_int(self.seed) and self.seed >= 0, "an integer >= 0")
-        check_field(self, "device", is_device(self.device), "cpu, cuda, cuda:N or mps")
+        resolve_device_field(self)
 
     @property
     def boot(self) -> Bootstrap:

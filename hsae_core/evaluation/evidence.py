@@ -69,7 +69,8 @@ import torch
 from safetensors.numpy import load_file
 
 from hsae_core.common import fsio
-from hsae_core.common.errors import check_field, coerce_fields, is_device
+from hsae_core.common.device import resolve_device_field
+from hsae_core.common.errors import check_field, coerce_fields
 from hsae_core.model.hsae import HSAE
 
 FORMAT, FORMAT_VERSION = "hsae-evidence", 1
@@ -93,7 +94,8 @@ class EvidenceConfig:
     seed: int = 0
     """Seed of the activation-proportional draw."""
     device: str = "cpu"
-    """Torch device of the encoders."""
+    """Torch device of the encoders: cpu, cuda, cuda:N, mps or auto (cuda if torch
+    sees one, else cpu)."""
 
     def __post_init__(self) -> None:
         coerce_fields(self)
@@ -102,7 +104,7 @@ class EvidenceConfig:
             check_field(self, name, getattr(self, name) >= low, f"an integer >= {low}")
         check_field(self, "eval_tokens", self.eval_tokens is None or self.eval_tokens >= 1,
                     "null or an integer >= 1")
-        check_field(self, "device", is_device(self.device), "cpu, cuda, cuda:N or mps")
+        resolve_device_field(self)
 
     @property
     def window(self) -> int:

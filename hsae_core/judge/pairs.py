@@ -30,7 +30,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from hsae_core.common.errors import check_field, coerce_fields, is_device
+from hsae_core.common.device import resolve_device_field
+from hsae_core.common.errors import check_field, coerce_fields
 from hsae_core.evaluation.evidence import Evidence
 from hsae_core.judge.backends import Backend, Completion, Messages, ResponseCache, complete_cached
 from hsae_core.model.forest import Forest
@@ -111,7 +112,8 @@ class JudgeConfig:
     small model answers in the format; recorded as part of the raw answer. A departure from
     Appendix C's protocol for the 135M stand-in; null for a capable judge."""
     device: str = "cpu"
-    """Local backend: torch device."""
+    """Local backend: torch device, cpu, cuda, cuda:N, mps or auto (cuda if torch
+    sees one, else cpu)."""
     seed: int = 0
     """Seed of pair sampling and presentation order."""
     max_failed_share: float = 0.1
@@ -149,7 +151,7 @@ class JudgeConfig:
               f"a number >= timeout_s ({self.timeout_s})")
         check("temperature", 0 <= self.temperature <= 2, "a number in [0, 2]")
         check("max_failed_share", 0 <= self.max_failed_share <= 1, "a fraction in [0, 1]")
-        check("device", is_device(self.device), "cpu, cuda, cuda:N or mps")
+        resolve_device_field(self)
 
 
 class Pair(NamedTuple):

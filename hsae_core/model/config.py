@@ -16,7 +16,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from hsae_core.common.errors import ConfigError, check_field, coerce_fields, is_device
+from hsae_core.common.device import resolve_device_field
+from hsae_core.common.errors import ConfigError, check_field, coerce_fields
 
 SIMILARITIES = ("encoder", "decoder", "coactivation")
 TREES = ("partial", "full", "binary", "fixed")
@@ -111,7 +112,7 @@ class HSAEConfig:
     seed: int = 0
     """Seeds initialisation and the perturbation draws."""
     device: str = "cpu"
-    """Torch device, e.g. cpu or cuda."""
+    """Torch device: cpu, cuda, cuda:N, mps or auto (cuda if torch sees one, else cpu)."""
     autocast_dtype: str | None = None
     """bfloat16 or float16 runs the encoder matmuls under autocast; thresholds stay fp32."""
 
@@ -159,7 +160,7 @@ class HSAEConfig:
         check_field(self, "dead_window_tokens", self.dead_window_tokens >= 0,
                     ">= 0 (0 = no ghost grads)")
         check_field(self, "resample_interval", self.resample_interval >= 0, ">= 0 (0 = never)")
-        check_field(self, "device", is_device(self.device), "cpu, cuda, cuda:N or mps")
+        resolve_device_field(self)
         check_field(self, "autocast_dtype", self.autocast_dtype in AUTOCAST_DTYPES,
                     f"one of {AUTOCAST_DTYPES}")
 

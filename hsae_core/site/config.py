@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hsae_core.common.errors import check_field, coerce_fields, is_device
+from hsae_core.common.device import resolve_device_field
+from hsae_core.common.errors import check_field, coerce_fields
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,8 @@ class ReportConfig:
     seed: int = 0
     """Seed of UMAP and of the sampling of activations."""
     device: str = "cpu"
-    """Torch device of the encoding pass."""
+    """Torch device of the encoding pass: cpu, cuda, cuda:N, mps or auto (cuda if
+    torch sees one, else cpu)."""
 
     def __post_init__(self) -> None:
         coerce_fields(self)
@@ -35,4 +37,4 @@ class ReportConfig:
             check_field(self, name, getattr(self, name) >= low, f"an integer >= {low}")
         check_field(self, "eval_tokens", self.eval_tokens is None or self.eval_tokens >= 2,
                     "null or an integer >= 2")
-        check_field(self, "device", is_device(self.device), "cpu, cuda, cuda:N or mps")
+        resolve_device_field(self)

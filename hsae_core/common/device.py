@@ -1,0 +1,49 @@
+"""Torch devices as params.yaml names them, ``auto`` resolved in one place.
+
+A ``device`` key of params.yaml (``extract``, ``sae``, ``metrics``, ``evidence``, ``judge``,
+``report``) takes ``cpu``, ``cuda``, ``cuda:N``, ``mps`` or ``auto``. ``auto`` is ``cuda`` when
+torch sees a CUDA device and ``cpu`` otherwise (never ``mps``: that path is untested). Each
+config class resolves it when it is built (:func:`resolve_device_field`), so every use site,
+the device checks of check-params (``hsae_core.pipeline.params.check_device``) and the memory
+limits get a concrete device; a saved config, a checkpoint's config and a store's attributes
+record the device that ran. Under ``torchrun`` ``cuda`` then becomes each rank's
+``cuda:LOCAL_RANK`` (``hsae_core.common.distributed.rank_device``).
+"""
+
+from __future__ import annotations
+
+import re
+
+from hsae_core.common.errors import check_field
+
+DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?|mps")
+#: What a device key accepts, as error messages say it.
+ALLOWED = "auto, cpu, cuda, cuda:N or mps"
+
+
+def is_device_name(value: object) -> bool:
+    """``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps`` (whether this machine has it is checked
+    by ``hsae_core.pipeline.params.check_device``)."""
+    return isinstance(value, str) and DEVICE.fullmatch(value) is not None
+
+
+def resolve_device(device: str) -> str:
+    """``device`` itself, or for ``auto`` ``cuda`` when torch sees a CUDA device, else ``cpu``.
+    torch is imported only for ``auto``."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_device_field(cfg: object, name: str = "device") -> None:
+    """Check the device field ``name`` of the frozen config dataclass ``cfg`` (a
+    :class:`~hsae_core.common.errors.ConfigError` naming it otherwise) and replace ``auto`` by
+    the device it resolves to, in place."""
+    value = getattr(cfg, name)
+    check_field(cfg, name, is_device_name(value), ALLOWED)
+    object.__setattr__(cfg, name, resolve_device(value))
+
+
+__all__ = ["ALLOWED", "is_device_name", "resolve_device", "resolve_device_field"]
