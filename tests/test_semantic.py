@@ -1,5 +1,6 @@
 """Judge-free semantic scores of links (issue 14): topic coherence and document co-occurrence
-against a brute-force recomputation, on a planted case, and their bootstrap replicates."""
+against a brute-force recomputation, on a planted case, and their resampling rows with the
+links fixed on the full sample (issue 22)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from hsae_core.evaluation.bootstrap import doc_weights
+from hsae_core.evaluation.bootstrap import doc_weights, replicate_weights
 from hsae_core.evaluation.metrics import EvalCounts
 from hsae_core.evaluation.semantic import (
     SemanticConfig,
@@ -106,37 +107,46 @@ def test_control_parents_are_other_features_of_similar_frequency():
     assert ((ctrl - parents).abs() <= 11).all()  # same decile of 100 evenly spread values
 
 
-def test_bootstrap_replicate_equals_the_resampled_documents():
+def test_every_row_equals_the_resampled_documents_with_links_fixed():
     counts, labels, act0, act1, topic = planted()
     cfg = SemanticConfig(min_docs=3, seed=1)
     w = doc_weights(N_DOCS, 4, seed=3)
+    w = torch.cat([w, torch.from_numpy(np.where(topic == 0, 0.0, 1.0))[None]])  # no topic 0
     r, links = pair_semantics(counts, 0, w, labels, TOPICS, cfg, torch.Generator().manual_seed(1))
-    # replicate 2 by hand: each document counted as often as it was drawn, links fixed
-    reps = w[2].numpy()
     fires = lambda act, f: np.array([act[d * TOKENS:(d + 1) * TOKENS, f].any()  # noqa: E731
                                      for d in range(N_DOCS)])
-    onehot = np.eye(TOPICS)[topic] * reps[:, None]  # [docs, topics], weighted
-    base = onehot.sum(0) / onehot.sum()
 
-    def lift(f):
-        n = f @ onehot
-        return (n + base) / (n.sum() + 1.0) / base
+    def scores(reps):  # per link by hand: each document counted as often as it was drawn
+        onehot = np.eye(TOPICS)[topic] * reps[:, None]  # [docs, topics], weighted
+        base = onehot.sum(0) / onehot.sum()
 
-    co, coh = [], []
-    for p, c in zip(links["parents"], links["children"]):
-        fp, fc = fires(act0, p), fires(act1, c)
-        if fc @ reps:
-            co.append(((fp & fc) @ reps) / (fc @ reps))
-        a, b = lift(fp), lift(fc)
-        if np.ptp(a) > 1e-9 and np.ptp(b) > 1e-9:
-            coh.append(np.corrcoef(a, b)[0, 1])
-    assert float(r["doc_cooccurrence"][2]) == pytest.approx(np.mean(co))
-    assert float(r["topic_coherence"][2]) == pytest.approx(np.mean(coh))
+        def lift(f):
+            n = f @ onehot
+            return (n + base) / (n.sum() + 1.0) / base
+
+        co, coh = [], []
+        for p, c in zip(links["parents"], links["children"]):
+            fp, fc = fires(act0, p), fires(act1, c)
+            co.append(((fp & fc) @ reps) / (fc @ reps) if fc @ reps else np.nan)
+            a, b = lift(fp), lift(fc)
+            coh.append(np.corrcoef(a, b)[0, 1] if np.ptp(a) > 1e-9 and np.ptp(b) > 1e-9
+                       else np.nan)
+        return np.array(co), np.array(coh)
+
+    co0, coh0 = scores(np.ones(N_DOCS))
+    for row in (2, 5):
+        co, coh = scores(w[row].numpy())
+        # an undefined score keeps its full-sample value; a link undefined there stays out
+        co, coh = np.where(np.isnan(co), co0, co), np.where(np.isnan(coh), coh0, coh)
+        assert float(r["doc_cooccurrence"][row]) == pytest.approx(np.nanmean(co))
+        assert float(r["topic_coherence"][row]) == pytest.approx(np.nanmean(coh))
+    # row 5 holds no topic-0 document: the topic-0 children's scores were undefined there
+    assert np.isnan(scores(w[5].numpy())[0]).any()
 
 
 def test_without_labels_only_cooccurrence_is_reported():
     counts, _, _, _, _ = planted()
-    res, _ = link_semantics(counts, doc_weights(N_DOCS, 10, 0), None, 0, SemanticConfig(3))
+    res, _ = link_semantics(counts, replicate_weights(N_DOCS, 100, 0), None, 0, SemanticConfig(3))
     assert "doc_cooccurrence" in res["mean"] and "doc_cooccurrence_random" in res["mean"]
     assert not [k for k in res["mean"] if k.startswith("topic")]
-    assert res["mean"]["doc_cooccurrence_lo"] <= res["mean"]["doc_cooccurrence_hi"]
+    assert res["mean"]["doc_cooccurrence_lo"] < res["mean"]["doc_cooccurrence_hi"]

@@ -37,7 +37,7 @@ from hsae_core.common.device import resolve_device_field
 from hsae_core.common.errors import check_field, coerce_fields, is_int
 from hsae_core.data.reader import EvalActivations
 from hsae_core.data.store import StoreInfo
-from hsae_core.evaluation.bootstrap import doc_weights, interval
+from hsae_core.evaluation.bootstrap import interval, replicate_weights
 from hsae_core.evaluation.evaluate import (
     Bootstrap,
     count_model,
@@ -174,7 +174,8 @@ def compute_metrics(models: dict[str, HSAE], store: StoreInfo, scale: float,
         reps[name] = replicate_metrics(counts, cfg.boot)
         docs = counts.documents()
         labels, n_labels = eval_labels(store, docs)
-        sem, _ = semantic_replicates(counts, doc_weights(docs.numel(), cfg.bootstrap, cfg.seed),
+        sem, _ = semantic_replicates(counts, replicate_weights(docs.numel(), cfg.bootstrap,
+                                                               cfg.seed),
                                      labels, n_labels, SemanticConfig(cfg.link_min_docs,
                                                                       seed=cfg.seed))
         reps[name].update(sem)

@@ -1,7 +1,9 @@
 """Streaming evaluation of a trained HSAE (or post-hoc baseline) on the eval split (§4.2,
 Appendix D, METHOD §4): per level L0, FVE and dead fraction; per level pair the hierarchy
 metrics of :mod:`hsae_core.evaluation.metrics` and the forest's branching statistics; every
-metric with a 95% document-bootstrap interval (:mod:`hsae_core.evaluation.bootstrap`).
+metric with a 95% interval over eval documents (:mod:`hsae_core.evaluation.bootstrap`: the
+bias-corrected jackknife over documents, the links and features that enter each average decided
+once on the full eval sample; issue 22).
 
 Batches are encoded one at a time and only per-document sums are kept, so memory is one batch
 plus the sums whatever the split's size.
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hsae_core.evaluation.bootstrap import doc_weights, interval
+from hsae_core.evaluation.bootstrap import interval, replicate_weights
 from hsae_core.evaluation.metrics import (
     EvalCounts,
     branching_stats,
@@ -31,9 +33,11 @@ LEVEL_MEANS = ("l0", "fve", "dead_frac")
 
 @dataclass(frozen=True)
 class Bootstrap:
-    """Document-bootstrap settings: ``n_boot`` replicates (0: point estimates only), ``seed``
-    (the same seed resamples the same documents for every model, so differences are paired),
-    and the firing count ``min_fires`` of the restricted macro averages."""
+    """Interval settings: ``n_boot`` resampling rows (0: point estimates only; otherwise the
+    jackknife's ``min(documents, n_boot)`` leave-a-group-out rows, :mod:`.bootstrap`), ``seed``
+    (how documents are grouped when they outnumber the rows; the same seed resamples the same
+    documents for every model, so differences are paired), and the firing count ``min_fires``
+    of the restricted macro averages."""
 
     n_boot: int = 1000
     seed: int = 0
@@ -75,10 +79,12 @@ def count_model(model: HSAE, batches: Iterable) -> EvalCounts:
 
 
 def replicate_metrics(counts: EvalCounts, boot: Bootstrap) -> dict[str, torch.Tensor]:
-    """Every metric as a ``[1 + n_boot]`` tensor (replicate 0: the point estimate), keyed
-    ``level<l>/<name>``, ``pair<l>/<name>`` and ``mean/<name>``."""
+    """Every metric as a tensor of replicate values keyed ``level<l>/<name>``, ``pair<l>/<name>``
+    and ``mean/<name>``: the point estimate, then one value per jackknife row
+    (:func:`~hsae_core.evaluation.bootstrap.replicate_weights`). The same seed gives the same
+    rows for every model, so a difference of two models' values is paired."""
     docs = counts.documents()
-    totals = counts.totals(doc_weights(len(docs), boot.n_boot, boot.seed))
+    totals = counts.totals(replicate_weights(len(docs), boot.n_boot, boot.seed))
     out: dict[str, torch.Tensor] = {}
     L = counts.n_levels
     for l in range(L):
@@ -95,18 +101,26 @@ def replicate_metrics(counts: EvalCounts, boot: Bootstrap) -> dict[str, torch.Te
 
 
 #: Metrics that are counts or fractions of the forest's own structure: no interval.
-NO_INTERVAL = ("pc_skipped", "cp_skipped", "links_", "dead_frac")
+NO_INTERVAL = ("pc_skipped", "cp_skipped", "pc_imputed", "cp_imputed", "links_", "dead_frac")
+#: Counts over the resampling rows (summed over them; :func:`~.metrics.pair_metrics`).
+ROW_SUMS = ("pc_imputed", "cp_imputed")
 
 
 def summarize(reps: dict[str, torch.Tensor], with_intervals: bool) -> dict:
     """Nested ``{"level0": {"l0": v, "l0_lo": lo, "l0_hi": hi, ...}, ...}`` from replicate
-    metrics (``_lo``/``_hi``: the 95% percentile interval)."""
+    metrics (``_lo``/``_hi``: the 95% interval of
+    :func:`~hsae_core.evaluation.bootstrap.interval`)."""
     out: dict = {}
     for key, values in reps.items():
         group, name = key.split("/")
         point, lo, hi = interval(values)
         dest = out.setdefault(group, {})
-        dest[name] = int(point) if name.startswith(("pc_", "cp_", "links_")) else point
+        if name in ROW_SUMS:
+            dest[name] = int(values[1:].sum())
+        elif name.startswith(("pc_", "cp_", "links_")):
+            dest[name] = int(point)
+        else:
+            dest[name] = point
         if with_intervals and not name.startswith(NO_INTERVAL):
             dest[f"{name}_lo"], dest[f"{name}_hi"] = lo, hi
     return out

@@ -1,9 +1,10 @@
-"""Level and hierarchy-consistency metrics (§4.2, Appendix D, METHOD §4), with document-bootstrap
-intervals (:mod:`hsae_core.evaluation.bootstrap`).
+"""Level and hierarchy-consistency metrics (§4.2, Appendix D, METHOD §4), with intervals over eval
+documents (:mod:`hsae_core.evaluation.bootstrap`).
 
 :class:`EvalCounts` streams batches of per-level boolean activity ``[tokens, n_l]`` with each
 token's document id and keeps per-document sums; :func:`level_metrics` and :func:`pair_metrics`
-turn reweighted sums (one row per bootstrap replicate) into metrics.
+turn reweighted sums (one row per replicate; row 0 the full eval sample, unit weights) into
+metrics.
 
 The paper's forms (METHOD §4):
 
@@ -22,13 +23,24 @@ Beside them, robust forms, clearly named:
 - ``*_min<k>``: the macro averages over links both of whose endpoints fire at least ``k`` times
   (``links_min<k>`` counts them): a child firing once no longer weighs as much as one firing
   500 times.
+
+Eligibility (issue 22): which links enter a macro average ("fired", "fire at least k times")
+is decided on row 0, the full eval sample, and every resampling row averages over that same set.
+A link whose ratio is undefined in a row (its conditioning feature fires in none of the row's
+documents) keeps its full-sample ratio there (:func:`~.bootstrap.keep_point`): it adds no
+variance, as no resampling of these documents can show how a ratio resting on one document
+would vary. ``pc_imputed`` / ``cp_imputed`` count such (link, row) cases over the rows; with
+the delete-one jackknife, the eligible links whose conditioning feature fires in a single
+document. Dropping them instead, as before, re-decided eligibility per resample and biased the
+bootstrap. Hamming and the pooled forms are ratios of sums over a fixed structure (the forest's
+links and parents) and need no rule.
 """
 
 from __future__ import annotations
 
 import torch
 
-from hsae_core.evaluation.bootstrap import DocSums, totals
+from hsae_core.evaluation.bootstrap import DocSums, keep_point, totals
 from hsae_core.model.forest import Forest
 
 
@@ -98,7 +110,7 @@ class EvalCounts:
             scal.add(docs, torch.full((b,), self.col("mismatch", l), dtype=torch.int64), mismatch)
 
     def documents(self) -> torch.Tensor:
-        """The sorted ids of the documents seen (the bootstrap's columns)."""
+        """The sorted ids of the documents seen (the resampling weights' columns)."""
         return self.scalars.doc_ids()
 
     def totals(self, weights: torch.Tensor) -> "Totals":
@@ -135,7 +147,8 @@ def level_metrics(t: Totals, level: int) -> dict[str, torch.Tensor]:
 
 
 def pair_metrics(t: Totals, pair: int, min_fires: int) -> dict[str, torch.Tensor]:
-    """Per replicate, the hierarchy metrics of level pair ``pair`` (module docstring)."""
+    """Per replicate, the hierarchy metrics of level pair ``pair`` (module docstring; row 0 of
+    ``t`` must be the full eval sample, on which eligibility is decided)."""
     forest = t.counts.forest
     parent_of = forest.parent_of[pair]
     assigned = (parent_of >= 0).nonzero(as_tuple=True)[0]
@@ -145,27 +158,39 @@ def pair_metrics(t: Totals, pair: int, min_fires: int) -> dict[str, torch.Tensor
     n_parents = int(forest.has_children(pair).sum())
     hamming = t.scalar("mismatch", pair) / t.scalar("tokens").clamp_min(1)
     k = f"min{min_fires}"
-    strong = (kid >= min_fires) & (par >= min_fires)
+    strong = (kid[0] >= min_fires) & (par[0] >= min_fires)
+    pc, cp = _ratio(joint, kid), _ratio(joint, par)
     return {
         "hamming": hamming,
         "hamming_per_parent": hamming / max(1, n_parents),
-        "p_parent_given_child": _macro(joint, kid, kid > 0),
-        "p_child_given_parent": _macro(joint, par, par > 0),
+        "p_parent_given_child": _macro(pc, kid[0] > 0),
+        "p_child_given_parent": _macro(cp, par[0] > 0),
         "p_parent_given_child_pooled": joint.sum(1) / kid.sum(1),
         "p_child_given_parent_pooled": joint.sum(1) / par.sum(1),
-        f"p_parent_given_child_{k}": _macro(joint, kid, strong),
-        f"p_child_given_parent_{k}": _macro(joint, par, strong),
+        f"p_parent_given_child_{k}": _macro(pc, strong),
+        f"p_child_given_parent_{k}": _macro(cp, strong),
         "pc_skipped": (kid == 0).sum(1).double(),
         "cp_skipped": (par == 0).sum(1).double(),
-        f"links_{k}": strong.sum(1).double(),
+        "pc_imputed": ((kid == 0) & (kid[0] > 0)).sum(1).double(),
+        "cp_imputed": ((par == 0) & (par[0] > 0)).sum(1).double(),
+        f"links_{k}": torch.full_like(hamming, float(strong.sum())),
     }
 
 
-def _macro(joint: torch.Tensor, count: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
-    """Per replicate, the mean of ``joint / count`` over the links where ``ok`` (NaN if none)."""
-    ratio = torch.where(ok, joint / count.clamp_min(1), torch.zeros_like(joint))
-    n = ok.sum(1).double()
-    return torch.where(n > 0, ratio.sum(1) / n.clamp_min(1), torch.full_like(n, float("nan")))
+def _ratio(joint: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """Per replicate and link ``joint / count``; where ``count`` is 0 in a replicate, the full
+    sample's ratio (row 0; NaN where it is 0 there too)."""
+    ratio = torch.where(count > 0, joint / count.clamp_min(1), torch.nan)
+    return keep_point(ratio, count > 0)
+
+
+def _macro(ratio: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
+    """Per replicate, the mean of ``ratio [R, links]`` over the ``eligible`` links (decided on
+    the full sample; NaN if none)."""
+    n = int(eligible.sum())
+    if n == 0:
+        return torch.full(ratio.shape[:1], float("nan"), dtype=torch.float64)
+    return ratio[:, eligible].sum(1) / n
 
 
 def branching_stats(forest: Forest) -> list[dict[str, float]]:

@@ -1,5 +1,5 @@
 """Does a link mean something? Two judge-free semantic scores of parent-child links, each
-against a frequency-matched random control, with document-bootstrap intervals.
+against a frequency-matched random control, with intervals over eval documents.
 
 Both read which eval documents each feature fires in (at least once), so they rest on document
 identity, not on the token-level co-firing the consistency metrics (§4.2) already reward.
@@ -18,8 +18,19 @@ A link is scored when both its features fire in at least ``min_docs`` eval docum
 control keeps each scored link's child and replaces its parent by a random other feature of the
 same level from the same decile of document frequency (firing frequency matched), so a forest's
 score is read against what its features' frequencies alone would give. A score is the mean over
-a forest's scored links; its 95% interval resamples documents (:mod:`.bootstrap`), the links and
-the control pairs staying fixed.
+a forest's scored links; its 95% interval resamples documents (:mod:`.bootstrap`).
+
+Eligibility is decided once, on the full eval sample (issue 22): the scored links, their control
+pairs, and for topic coherence the links whose coherence is defined there (neither lift flat)
+stay the same in every replicate. A link whose score is undefined in a replicate (its child in
+none of the drawn documents, or a lift gone flat) keeps its full-sample score there
+(:func:`~.bootstrap.keep_point`) rather than leaving that replicate's mean, which would
+re-decide eligibility and bias the interval.
+
+Topic coherence's point estimate is biased towards 0 where links rest on few documents: a lift
+estimated from a handful of documents is noisy, and noise attenuates a correlation. Its interval
+is shifted by the jackknife's bias estimate, which catches part of that bias; the coverage
+measured at ``min_docs`` 5 and 20 is in docs/intervals.md.
 """
 
 from __future__ import annotations
@@ -29,7 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from hsae_core.evaluation.bootstrap import interval
+from hsae_core.evaluation.bootstrap import interval, keep_point
 from hsae_core.evaluation.metrics import EvalCounts
 
 #: Replicates whose per-feature label counts are held at once (memory: chunk x n x labels).
@@ -115,22 +126,33 @@ def pair_semantics(counts: EvalCounts, pair: int, weights: torch.Tensor,
     nan = torch.full((weights.shape[0],), float("nan"), dtype=torch.float64)
     for name, ps in (("", parents), ("_random", control)):
         both = (par_ind[ps] & kid_ind[kids]).double() @ w  # [links, R]
-        kid_w = kid_ind[kids].double() @ w  # a resample may hold none of a child's documents
+        kid_w = kid_ind[kids].double() @ w  # a row may hold none of a child's documents
         ratio = torch.where(kid_w > 0, both / kid_w.clamp_min(1e-12), torch.nan)
-        out[f"doc_cooccurrence{name}"] = torch.nanmean(ratio, 0) if kids.numel() else nan
+        ratio = keep_point(ratio.t(), (kid_w > 0).t())  # [R, links]
+        out[f"doc_cooccurrence{name}"] = ratio.mean(1) if kids.numel() else nan
         if name == "":
-            per_link["doc_cooccurrence"] = ratio[:, 0].tolist()
+            per_link["doc_cooccurrence"] = ratio[0].tolist()
         if labels is None:
             continue
-        onehot = label_onehot(labels, n_labels)
-        coh = []
+        # label counts per feature and replicate, one matmul per label over its documents
+        # (each document has one label, so this is the one-hot product without its zeros)
+        by_label = [torch.nonzero(labels == t).flatten() for t in range(n_labels)]
+        p_ind = [par_ind[ps][:, d].double() for d in by_label]
+        c_ind = [kid_ind[kids][:, d].double() for d in by_label]
+        coh, point = [], None
         for s in range(0, weights.shape[0], CHUNK):
-            wl = w[:, s:s + CHUNK].t()[:, :, None] * onehot[None]  # [r, n_docs, T]
-            base = wl.sum(1) / wl.sum((1, 2))[:, None]  # [r, T]
-            np_ = torch.einsum("ld,rdt->rlt", par_ind[ps].double(), wl)
-            nc = torch.einsum("ld,rdt->rlt", kid_ind[kids].double(), wl)
-            corr = lift_correlation(np_, nc, base[:, None, :], cfg.alpha)  # [r, links]
-            coh.append(torch.nanmean(corr, 1) if kids.numel() else nan[: corr.shape[0]])
+            wc = w[:, s:s + CHUNK]  # [n_docs, r]
+            per_label = torch.stack([wc[d].sum(0) for d in by_label], 1)  # [r, T]
+            base = per_label / per_label.sum(1, keepdim=True)
+            np_ = torch.stack([m @ wc[d] for m, d in zip(p_ind, by_label)], 2)  # [links, r, T]
+            nc = torch.stack([m @ wc[d] for m, d in zip(c_ind, by_label)], 2)
+            corr = lift_correlation(np_.transpose(0, 1), nc.transpose(0, 1), base[:, None, :],
+                                    cfg.alpha)  # [r, links]
+            point = corr[0] if point is None else point  # the first chunk holds row 0
+            corr = torch.where(torch.isnan(corr), point.expand_as(corr), corr)
+            coherent = ~torch.isnan(point)
+            coh.append(corr[:, coherent].mean(1) if bool(coherent.any())
+                       else nan[: corr.shape[0]])
             if s == 0 and name == "":
                 per_link["topic_coherence"] = corr[0].tolist()
         out[f"topic_coherence{name}"] = torch.cat(coh)
@@ -159,7 +181,9 @@ def semantic_replicates(counts: EvalCounts, weights: torch.Tensor,
 def link_semantics(counts: EvalCounts, weights: torch.Tensor, doc_labels: torch.Tensor | None,
                    n_labels: int, cfg: SemanticConfig = SemanticConfig()) -> tuple[dict, list]:
     """:func:`semantic_replicates` summarised: each score as ``value``, ``value_lo``,
-    ``value_hi`` per pair and on average; plus the per-link point scores."""
+    ``value_hi`` (the 95% interval of :func:`~.bootstrap.interval`; ``weights``: the rows of
+    :func:`~.bootstrap.replicate_weights`) per pair and on average; plus the per-link point
+    scores."""
     reps, links = semantic_replicates(counts, weights, doc_labels, n_labels, cfg)
     out: dict = {}
     for key, values in reps.items():
