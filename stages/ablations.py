@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich import print as rprint
+from hsae_core.common.console import rprint
 
 from hsae_core.pipeline.ablations import ABLATIONS, experiment_rows, frame, queue_command, shown
 from hsae_core.pipeline.experiments import ExperimentError, exp_show, to_markdown, write_table

@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich import print as rprint
+from hsae_core.common.console import rprint
 
 from hsae_core.data.reader import TrainActivations
 from hsae_core.model.posthoc import (

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import typer
-from rich import print as rprint
+from hsae_core.common.console import rprint
 
 from hsae_core.data.normalize import resolve_scale
 from hsae_core.data.reader import EvalActivations

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich import print as rprint
+from hsae_core.common.console import rprint
 
 from hsae_core.common import fsio
 from hsae_core.data.normalize import resolve_scale

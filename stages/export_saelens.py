@@ -20,7 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich import print as rprint
+from hsae_core.common.console import rprint
 
 from hsae_core.common import fsio
 from hsae_core.data.normalize import resolve_scale

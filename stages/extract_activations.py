@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich import print as rprint
+from hsae_core.common.console import rprint
 
 from hsae_core.common.distributed import init_from_env, shutdown
 from hsae_core.data.config import ExtractConfig, read_params_section

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import typer
-from rich import print as rprint
+from hsae_core.common.console import rprint
 
 from hsae_core.common import fsio
 from hsae_core.common.errors import ConfigError

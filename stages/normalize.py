@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich import print as rprint
+from hsae_core.common.console import rprint
 
 from hsae_core.data.config import ExtractConfig, NormalizeConfig, read_params_section
 from hsae_core.data.normalize import estimate_normalization

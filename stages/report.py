@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import typer
-from rich import print as rprint
+from hsae_core.common.console import rprint
 
 from hsae_core.common.errors import ConfigError
 from hsae_core.data.normalize import resolve_scale

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 import typer
-from rich import print as rprint
+from hsae_core.common.console import rprint
 
 from hsae_core.interop.saebench import EVALS, run_saebench, saebench_selection
 

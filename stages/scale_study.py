@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich import print as rprint
+from hsae_core.common.console import rprint
 
 from hsae_core.common import fsio
 from hsae_core.data.store import open_store

@@ -30,7 +30,7 @@ from typing import List, Optional
 
 import typer
 import yaml
-from rich import print as rprint
+from hsae_core.common.console import rprint
 
 from hsae_core.common import fsio
 from hsae_core.pipeline import experiments as ex

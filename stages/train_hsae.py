@@ -20,7 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich import print as rprint
+from hsae_core.common.console import rprint
 
 from hsae_core.common.distributed import init_from_env, shutdown
 from hsae_core.data.store import open_store

@@ -70,7 +70,8 @@ def test_resumed_training_equals_uninterrupted_with_the_same_curves(store, tmp_p
     assert [r["step"] for r in curves] == list(range(5, 31, 5))
     assert set(curves[0]) == {"step", "loss", "lr"} | {
         f"level{l}/{q}" for l in range(3)
-        for q in ("l0", "fve", "mse", "lambda", "dead", *(("pc", "with_parent") if l else ()))}
+        for q in ("l0", "fve", "mse", "lambda", "dead", "l0_unreachable",
+                   *(("pc", "with_parent") if l else ()))}
     # the files DVCLive wrote: the latest values (`dvc exp show`) and one TSV per quantity
     latest = json.loads((tmp_path / "b" / "metrics.json").read_text())
     assert latest["step"] == 30 and latest["train"]["hsae"]["level2"]["l0"] == curves[-1][
