@@ -4,8 +4,9 @@ Appendix D).
 
 JSON layout (short, stable names: ``p_pc`` = P(parent|child), ``p_cp`` = P(child|parent); the
 restricted forms are ``*_min`` whatever k, which ``min_fires`` records), per model name
-(``hsae``, ``posthoc``); every metric ``m`` that is not a count carries its 95%
-document-bootstrap interval as ``m_lo`` / ``m_hi``, right after it::
+(``hsae``, ``posthoc``); every metric ``m`` that is not a count carries its 95% interval over
+eval documents (hsae_core.evaluation.bootstrap: the bias-corrected jackknife, links fixed on
+the full sample; docs/intervals.md) as ``m_lo`` / ``m_hi``, right after it::
 
     <model>.mean.{hamming, p_pc, p_cp, fve, l0, then the rest below, averaged over level pairs;
                   l0, fve, dead_frac over levels}
@@ -68,7 +69,9 @@ class MetricsConfig:
     lm_batch_sequences: int = 8
     """Sequences per forward pass of the language model."""
     bootstrap: int = 1000
-    """Document-bootstrap replicates behind every interval (0: point estimates only)."""
+    """Resampling rows behind every interval (0: point estimates only): the jackknife over eval
+    documents in min(documents, this) leave-a-group-out rows (one document each when they are
+    fewer; hsae_core.evaluation.bootstrap)."""
     min_fires: int = 20
     """k of the restricted macro averages: links whose parent and child each fire at least k
     times on the eval tokens (``p_pc_min``, ``p_cp_min``, ``links_min`` in metrics.json)."""
@@ -76,7 +79,7 @@ class MetricsConfig:
     """Eval documents each endpoint of a link must fire in for its semantic scores (topic
     coherence, document co-occurrence; hsae_core.evaluation.semantic)."""
     seed: int = 0
-    """Seed of the bootstrap's document resamples (shared by both models: paired) and of the
+    """Seed of the jackknife's document groups (shared by both models: paired) and of the
     semantic scores' random control."""
     device: str = "cpu"
     """Torch device of the evaluation (SAEs and language model): cpu, cuda, cuda:N, mps or
@@ -314,9 +317,10 @@ def format_table(metrics: dict, models: tuple[str, ...] = ("hsae", "posthoc")) -
         rows.append(f"\nclean next-token loss {metrics['lm']['loss_clean']:.4f}, zero-ablated "
                     f"{metrics['lm']['loss_zero']:.4f}, over {metrics['lm']['tokens']} "
                     f"predictions; {metrics['eval_tokens']} eval tokens in "
-                    f"{metrics.get('eval_documents', '?')} documents; [95% document-bootstrap "
-                    "intervals]; \u2020 an interval that misses its point estimate (a biased "
-                    "bootstrap: read the pooled and min-k forms)")
+                    f"{metrics.get('eval_documents', '?')} documents; [95% intervals over "
+                    "documents, bias-corrected jackknife]; \u2020 an interval that misses its "
+                    "point estimate: the point is biased by more than 1.96 standard errors and "
+                    "the interval is shifted by the estimated bias (docs/intervals.md)")
     if metrics.get("doc_labels") == 0:
         rows.append("\ntopic coherence: unavailable, the corpus has no document label column "
                     "(name one in extract.label_column and re-extract); document co-occurrence "
@@ -326,8 +330,8 @@ def format_table(metrics: dict, models: tuple[str, ...] = ("hsae", "posthoc")) -
 
 def _cell(group: dict, key: str) -> str:
     """``value [lo, hi]``; a dagger marks an interval that misses its own point estimate: the
-    bootstrap is biased there (the plain macro averages, whose set of links changes between
-    resamples as rarely firing children drop in and out)."""
+    jackknife's bias estimate exceeds 1.96 standard errors there, so the point is biased and
+    the interval corrected (topic coherence of links resting on few documents)."""
     if key not in group:
         return ""
     text = _fmt(group[key])
