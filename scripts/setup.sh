@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Create .venv (if missing) and install the project with its test tools.
-# torch is pinned to the CPU wheel first when no torch is present, so the range in
-# pyproject.toml never pulls a multi-GB CUDA build on a CPU-only machine. On a GPU
-# machine install your CUDA build of torch into .venv before running this.
+# torch, when .venv has none, is installed first: the pinned CPU wheel on a machine without
+# nvidia-smi (the range in pyproject.toml would pull a multi-GB CUDA build), the CUDA build
+# where nvidia-smi runs (HSAE_TORCH_INDEX_URL: the index to take it from, e.g. a
+# download.pytorch.org/whl/cuXXX matching the driver; default: pip's own index, whose Linux
+# wheels are CUDA builds). A torch already in .venv is kept.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -22,7 +24,16 @@ if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ]; then
 fi
 $VPY -m pip install -q --upgrade pip
 if ! $VPY -c "import torch" 2>/dev/null; then
-  $VPY -m pip install -q "torch==${HSAE_TORCH_VERSION:-2.13.0}"
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    echo "setup: nvidia-smi found: installing a CUDA build of torch" >&2
+    $VPY -m pip install -q ${HSAE_TORCH_INDEX_URL:+--index-url "$HSAE_TORCH_INDEX_URL"} \
+      "torch>=2.4,<3"
+    $VPY -c "import torch; assert torch.cuda.is_available(), 'torch sees no CUDA device'" \
+      || echo "setup: the torch installed sees no GPU (set HSAE_TORCH_INDEX_URL to the" \
+              "CUDA index matching your driver and remove .venv)" >&2
+  else
+    $VPY -m pip install -q "torch==${HSAE_TORCH_VERSION:-2.13.0}"
+  fi
 fi
 $VPY -m pip install -q -e ".[dev]"
 # Offline assets of the embedded default (METHOD §6): SmolLM2 GGUF and the wiki summaries.
