@@ -28,7 +28,10 @@ Two limits of any such controller (METHOD §1), and what this one does about the
 - **A target the data cannot reach.** A non-negative L0 penalty can only lower L0: on data whose
   unpenalised L0 lies below the target, lambda falls to ``lambda_min`` and L0 stays under.
   :attr:`unreachable` flags each such level (lambda at its floor and L0_ema more than 2% under
-  target), so the run says so instead of missing the target silently.
+  target), so the run says so instead of missing the target silently. A schedule too short for
+  the thresholds to fall to the target raises the same flag (measured at the paper's sizes in
+  250 steps, docs/l0-control.md): the flag says L0 is under target with nothing left to lower,
+  not why.
 
 benchmarks/l0_control.py measures where each level ends; docs/l0-control.md holds the numbers.
 """

@@ -212,11 +212,12 @@ def train_on_store(cfg: HSAEConfig, store: str | Path | StoreInfo, scale: float 
         for l in range(cfg.n_levels):
             if rec[f"level{l}/l0_unreachable"] and l not in warned:
                 warned.add(l)
-                print(f"{name} WARNING: level {l} cannot reach the target L0 {cfg.target_l0:g}: "
-                      f"L0 {rec[f'level{l}/l0']:.2f} with lambda at its floor "
-                      f"(sae.lambda_min = {cfg.lambda_min:g}), so the data's unpenalised L0 is "
-                      "below the target; lower sae.target_l0 (DVCLive curve "
-                      f"train/{name}/level{l}/l0_unreachable)", flush=True)
+                print(f"{name} WARNING: level {l} is under the target L0 {cfg.target_l0:g} "
+                      f"with nothing left to lower: L0 {rec[f'level{l}/l0']:.2f} with lambda at "
+                      f"its floor (sae.lambda_min = {cfg.lambda_min:g}). Either the data's "
+                      "unpenalised L0 is below the target (lower sae.target_l0) or the "
+                      "schedule is too short for the thresholds to fall that far (more steps; "
+                      f"DVCLive curve train/{name}/level{l}/l0_unreachable)", flush=True)
         if step % every == 0 or step == cfg.total_steps:
             l0 = " ".join(f"{rec[f'level{l}/l0']:.1f}" for l in range(cfg.n_levels))
             fve = " ".join(f"{rec[f'level{l}/fve']:.3f}" for l in range(cfg.n_levels))
