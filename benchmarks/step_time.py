@@ -9,6 +9,10 @@ initialised at the target L0 and the HSAE gets a real forest (a hierarchy update
 coupling terms and swaps run at their steady-state size. The hierarchy update itself is timed
 separately and amortised over the paper's update interval.
 
+Beside them, in the same interleaved steps on the same batches, the plain dense JumpReLU step of
+the same levels (benchmarks/dense_floor.py: what a user would write instead, issue 23's floor to
+beat) in fp32 and under bf16 autocast, and HSAE / dense for each (``--no-dense`` leaves it out).
+
 Also reported: tokens/s, latent-tokens/s, achieved GFLOP/s counted as 6 * d * latents per token
 (the dense forward+backward work an SAE step stands for) against the measured fp32 matmul rate
 of the encoder's shapes, and step time versus dictionary size for single levels.
@@ -28,6 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hsae_core.model.config import HSAEConfig  # noqa: E402
 from hsae_core.model.trainer import Trainer  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from dense_floor import build as build_dense_floor  # noqa: E402
 
 
 def make_trainer(d, sizes, batch, device, independent: bool, target_l0=50.0) -> Trainer:
@@ -50,10 +57,12 @@ def batches(d, batch, n, device, seed=0):
 CLOCK = time.perf_counter
 
 
-def timed_step(trainer: Trainer, x, device) -> float:
+def timed_step(trainer, x, device) -> float:
+    """One step of a :class:`Trainer` or a :class:`dense_floor.DenseFloor`."""
+    step = getattr(trainer, "train_step", None) or trainer.step
     sync(device)
     t0 = CLOCK()
-    trainer.train_step(x)
+    step(x)
     sync(device)
     return CLOCK() - t0
 
@@ -77,28 +86,29 @@ def paper_density_l0(sizes) -> float:
     return 50.0 * sizes[0] / 2048
 
 
-def compare(d, sizes, batch, steps, warmup, device, target_l0=50.0):
+def compare(d, sizes, batch, steps, warmup, device, target_l0=50.0, dense=True):
     data = batches(d, batch, 4, device)
     hsae = make_trainer(d, sizes, batch, device, independent=False, target_l0=target_l0)
     indep = make_trainer(d, sizes, batch, device, independent=True, target_l0=target_l0)
-    for t in (hsae, indep):
-        t.train_step(data[0])  # threshold init at the target L0
+    runners = {"hsae": hsae, "independent": indep}
+    if dense:  # the floor to beat, fp32 and bf16 autocast (issue 23)
+        for prec in ("fp32", "bf16"):
+            runners[f"dense {prec}"] = build_dense_floor(d, sizes, batch, device,
+                                                         target_l0=target_l0, autocast=prec)
+    for t in runners.values():
+        timed_step(t, data[0], device)  # threshold init at the target L0
     t0 = time.perf_counter()
     forest = hsae.update_hierarchy()
     update_s = time.perf_counter() - t0
     for i in range(warmup):
-        hsae.train_step(data[i % 4])
-        indep.train_step(data[i % 4])
-    th, ti = [], []
-    for i in range(steps):
+        for t in runners.values():
+            timed_step(t, data[i % 4], device)
+    times = {name: [] for name in runners}
+    for i in range(steps):  # interleaved, the order reversed every other step (ABCD DCBA ...)
         x = data[i % 4]
-        if i % 2:
-            ti.append(timed_step(indep, x, device))
-            th.append(timed_step(hsae, x, device))
-        else:
-            th.append(timed_step(hsae, x, device))
-            ti.append(timed_step(indep, x, device))
-    mh, mi = statistics.median(th), statistics.median(ti)
+        for name in (list(runners) if i % 2 == 0 else list(reversed(runners))):
+            times[name].append(timed_step(runners[name], x, device))
+    mh, mi = statistics.median(times["hsae"]), statistics.median(times["independent"])
     latents = sum(sizes)
     l0 = [round(float(v), 1) for v in hsae.controller.l0_ema]
     assigned = [forest.n_assigned(l) for l in range(forest.n_pairs)]
@@ -110,7 +120,19 @@ def compare(d, sizes, batch, steps, warmup, device, target_l0=50.0):
     print(f"  HSAE step         {mh * 1e3:8.1f} ms   {batch / mh:9.0f} tok/s   "
           f"{batch * latents / mh / 1e6:7.1f} M latent-tok/s   "
           f"{6 * d * latents * batch / mh / 1e9:6.1f} GFLOP/s-equiv")
+    for prec in ("fp32", "bf16") if dense else ():
+        md = statistics.median(times[f"dense {prec}"])
+        print(f"  dense floor {prec}  {md * 1e3:8.1f} ms   {batch / md:9.0f} tok/s   "
+              f"{batch * latents / md / 1e6:7.1f} M latent-tok/s   "
+              f"{6 * d * latents * batch / md / 1e9:6.1f} GFLOP/s-equiv   "
+              f"L0 ema {[round(float(v), 1) for v in runners[f'dense {prec}'].l0_ema]}")
     print(f"  ratio HSAE / independent (median of {steps} interleaved steps): {mh / mi:.3f}")
+    if dense:
+        r = {p: mh / statistics.median(times[f"dense {p}"]) for p in ("fp32", "bf16")}
+        print(f"  ratio HSAE / dense floor: fp32 {r['fp32']:.3f}, bf16 {r['bf16']:.3f}; "
+              f"independent / dense floor: fp32 "
+              f"{mi / statistics.median(times['dense fp32']):.3f}, bf16 "
+              f"{mi / statistics.median(times['dense bf16']):.3f} (below 1: ours faster)")
     print(f"  hierarchy update {update_s * 1e3:.0f} ms, amortised over 5000 steps: "
           f"+{update_s / 5000 / mi * 100:.2f}% -> ratio {(mh + update_s / 5000) / mi:.3f}")
     rate = statistics.mean(matmul_gflops(d, n, batch, device) for n in sizes)
@@ -148,6 +170,8 @@ def main():
                     help="target L0: a number, or 'paper' for the paper's L0 per latent (50 on a "
                          "first level of 2048: 12.5 for 512..4096, 25 for 1024..8192)")
     ap.add_argument("--no-scaling", action="store_true")
+    ap.add_argument("--no-dense", action="store_true",
+                    help="leave out the plain dense floor (benchmarks/dense_floor.py)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="cpu: this process's CPU time (robust on a shared machine with "
@@ -163,7 +187,8 @@ def main():
           f"{args.clock} clock")
     for sizes in ladders:
         l0 = paper_density_l0(sizes) if args.l0 == "paper" else float(args.l0)
-        compare(args.d, sizes, args.batch, args.steps, args.warmup, args.device, l0)
+        compare(args.d, sizes, args.batch, args.steps, args.warmup, args.device, l0,
+                dense=not args.no_dense)
     if not args.no_scaling:
         scaling(args.d, args.batch, args.device, max(5, args.steps // 4))
 

@@ -33,10 +33,12 @@ def test_gpu_check_runs_every_phase_on_the_cpu(tmp_path):
 
     for mode in ("fp32", "bf16"):
         st = report[f"step_time_{mode}"]
-        for name in ("hsae", "independent"):
+        for name in ("hsae", "independent", "dense"):
             assert st[name]["ms_per_step"] > 0 and st[name]["tokens_per_s"] > 0
         assert st["ratio"] > 0 and all(st["forest_assigned"])
-    assert report["goals"]["hsae_over_independent"]["goal"] == 1.10
+        assert st["hsae_over_dense"] > 0 and len(st["dense"]["l0"]) == 4
+    assert report["goals"]["hsae_over_independent"]["goal"] == 1.25  # issue 23
+    assert set(report["goals"]["hsae_over_dense"]) == {"fp32", "bf16", "goal", "met"}
 
     prof = report["profile"]
     assert 0 < prof["syncs_per_step_patched"] <= 34
