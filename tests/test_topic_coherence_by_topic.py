@@ -56,9 +56,10 @@ def topical_store(path: Path):
         for start in range(0, len(x), layout.shard_rows):
             s = slice(start, start + layout.shard_rows)
             n = len(x[s])
+            positions = np.tile(np.arange(1, TOKENS + 1, dtype=np.int32), n // TOKENS + 1)[:n]
             writer.write_shard(split, start, x[s], {
                 "token_ids": np.zeros(n, np.int32), "doc_ids": doc_ids[s],
-                "positions": np.tile(np.arange(1, TOKENS + 1, dtype=np.int32), n // TOKENS + 1)[:n],
+                "positions": positions,
                 "sequence_ids": doc_ids[s], "outlier": np.zeros(n, np.uint8)})
         writer.mark(split, len(x), int(docs[-1]), done=True)
     writer.write_documents((np.arange(n_docs) >= TRAIN_DOCS).astype(np.uint8), label, LABELS)
