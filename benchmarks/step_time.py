@@ -120,19 +120,19 @@ def compare(d, sizes, batch, steps, warmup, device, target_l0=50.0, dense=True):
     print(f"  HSAE step         {mh * 1e3:8.1f} ms   {batch / mh:9.0f} tok/s   "
           f"{batch * latents / mh / 1e6:7.1f} M latent-tok/s   "
           f"{6 * d * latents * batch / mh / 1e9:6.1f} GFLOP/s-equiv")
-    for prec in ("fp32", "bf16") if dense else ():
-        md = statistics.median(times[f"dense {prec}"])
+    dense_ms = {p: statistics.median(times[f"dense {p}"]) for p in ("fp32", "bf16")} if dense \
+        else {}
+    for prec, md in dense_ms.items():
         print(f"  dense floor {prec}  {md * 1e3:8.1f} ms   {batch / md:9.0f} tok/s   "
               f"{batch * latents / md / 1e6:7.1f} M latent-tok/s   "
               f"{6 * d * latents * batch / md / 1e9:6.1f} GFLOP/s-equiv   "
               f"L0 ema {[round(float(v), 1) for v in runners[f'dense {prec}'].l0_ema]}")
     print(f"  ratio HSAE / independent (median of {steps} interleaved steps): {mh / mi:.3f}")
     if dense:
-        r = {p: mh / statistics.median(times[f"dense {p}"]) for p in ("fp32", "bf16")}
-        print(f"  ratio HSAE / dense floor: fp32 {r['fp32']:.3f}, bf16 {r['bf16']:.3f}; "
-              f"independent / dense floor: fp32 "
-              f"{mi / statistics.median(times['dense fp32']):.3f}, bf16 "
-              f"{mi / statistics.median(times['dense bf16']):.3f} (below 1: ours faster)")
+        print(f"  ratio HSAE / dense floor: fp32 {mh / dense_ms['fp32']:.3f}, bf16 "
+              f"{mh / dense_ms['bf16']:.3f}; independent / dense floor: fp32 "
+              f"{mi / dense_ms['fp32']:.3f}, bf16 {mi / dense_ms['bf16']:.3f} "
+              f"(below 1: ours faster)")
     print(f"  hierarchy update {update_s * 1e3:.0f} ms, amortised over 5000 steps: "
           f"+{update_s / 5000 / mi * 100:.2f}% -> ratio {(mh + update_s / 5000) / mi:.3f}")
     rate = statistics.mean(matmul_gflops(d, n, batch, device) for n in sizes)
