@@ -1,6 +1,8 @@
 """The seed study (issue 22) as DVC experiments: the embedded default trained with several
-``sae.seed`` values, every headline metric and paired difference over seeds with an interval
-that combines training and document noise (hsae_core.pipeline.seed_study, docs/seed-study.md).
+``sae.seed`` values, every headline metric of each arm (HSAE, post-hoc, Matryoshka where the runs
+have it) and each paired difference (HSAE - post-hoc, HSAE - Matryoshka) over seeds with an
+interval that combines training and document noise (hsae_core.pipeline.seed_study,
+docs/seed-study.md).
 
     python -m stages.seed_study plan              # the runs and a CPU budget
     python -m stages.seed_study run [--queue]     # dvc exp run -n seed-<s> -S sae.seed=<s>
@@ -17,12 +19,16 @@ committed run's seed, and appends each run's wall time to ``results/seed_study_r
 leaves the workspace at the last run's state: ``git checkout -- params.yaml dvc.lock dvclive
 metrics && dvc checkout`` restores the committed run. ``verdict`` reads only files (no DVC):
 without results/seed_study.json it says so and prints ``dvc metrics diff`` instead.
-Not a DVC stage: it drives ``dvc exp`` and needs a committed reference run.
+Not a DVC stage: it drives ``dvc exp`` and needs a committed reference run. dvc is this
+interpreter's (``.venv/bin/dvc`` beside ``.venv/bin/python``) when it has one, else the one on
+PATH, so ``.venv/bin/python -m stages.seed_study`` works without an activated venv.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -49,9 +55,30 @@ RAW_DIFF = "dvc metrics diff"
 
 
 def _dvc() -> str:
-    """This interpreter's dvc (the project's .venv) when it has one, else the one on PATH."""
+    """This interpreter's dvc (the project's .venv/bin) when it has one, else the one on PATH;
+    :class:`~hsae_core.pipeline.experiments.ExperimentError` naming the fix when neither has."""
     mine = Path(sys.executable).parent / "dvc"
-    return str(mine) if mine.is_file() else "dvc"
+    if mine.is_file() and os.access(mine, os.X_OK):
+        return str(mine)
+    found = shutil.which("dvc")
+    if found:
+        return found
+    raise ex.ExperimentError(
+        f"dvc not found: not beside this Python ({sys.executable}) nor on PATH. Install the "
+        "project with `make setup` (scripts/setup.sh puts dvc in .venv/bin) and run "
+        "`.venv/bin/python -m stages.seed_study ...`, or put a dvc on PATH")
+
+
+def _use_dvc() -> str:
+    """:func:`_dvc`; when PATH would find another dvc (or none), its folder is put first on this
+    process's PATH: the ``dvc`` that hsae_core.pipeline.experiments runs (``dvc exp show``,
+    ``dvc exp run``), and the ``python`` of the stages those experiments run, are then the ones
+    beside this interpreter."""
+    dvc = _dvc()
+    if shutil.which("dvc") != dvc:
+        path = os.environ.get("PATH", "")
+        os.environ["PATH"] = str(Path(dvc).parent) + (os.pathsep + path if path else "")
+    return dvc
 
 
 def fail(message: str) -> typer.Exit:
@@ -73,8 +100,21 @@ def _plan(seeds: list[int], sets: list[str] | None, shows: list[dict] | None):
     return reference, study.runs(seeds, reference, ex.parse_sets(sets))
 
 
+def _has_matryoshka(dvc_yaml: Path = Path("dvc.yaml")) -> bool:
+    """Whether a seed's run trains the Matryoshka too (issue 26's train-matryoshka stage in
+    dvc.yaml; without a dvc.yaml, the embedded default's pipeline: yes)."""
+    if not dvc_yaml.is_file():
+        return True
+    return "train-matryoshka" in ((yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages")
+                                  or {})
+
+
 @app.command()
 def plan(seeds: List[int] = SEEDS_OPT, sets: Optional[List[str]] = SET_OPT) -> None:
+    try:
+        _use_dvc()
+    except ex.ExperimentError as e:
+        raise fail(str(e))
     try:
         shows = ex.exp_show()
     except ex.ExperimentError:
@@ -87,7 +127,7 @@ def plan(seeds: List[int] = SEEDS_OPT, sets: Optional[List[str]] = SET_OPT) -> N
         print(f"seed {reference}: the committed reference run (read from the commit, not run)")
     for name, overrides in todo:
         print(" ".join(study.run_command(name, overrides)))
-    est = study.budget(len(todo))
+    est = study.budget(len(todo), matryoshka=_has_matryoshka())
     print("estimated CPU wall time (2 cores): " +
           ", ".join(f"{k} {v / 60:.0f} min" for k, v in est.items()))
 
@@ -125,6 +165,7 @@ def run(
                                                  "are not the committed run's"),
 ) -> None:
     try:
+        _use_dvc()
         shows = ex.exp_show()
         problems = [] if allow_dirty or sets else _unlike_the_commit(shows)
         if problems:
@@ -152,6 +193,8 @@ def collect(
                                             "--json` output to read instead of running it"),
 ) -> None:
     try:
+        if not exp_json:
+            _use_dvc()
         shows = json.loads(exp_json.read_text()) if exp_json else ex.exp_show(rev)
         entries = study.seed_runs(ex.commits(shows), ex.experiments(shows, study.PREFIX), seeds)
         if not entries:
@@ -169,6 +212,9 @@ def collect(
     missing = sorted(set(seeds) - set(result["seeds"]))
     if missing:
         rprint(f"[yellow]seed-study: no run yet for seeds {missing}[/yellow]")
+    for group, lacking in (result.get("incomplete") or {}).items():
+        rprint(f"[yellow]seed-study: {study.GROUP_LABELS[group]} is missing from the metrics of "
+               f"seeds {lacking}: its rows are over the other seeds only[/yellow]")
     if len(result["seeds"]) < 5:
         rprint(f"[yellow]seed-study: {len(result['seeds'])} seeds; the study wants at least 5"
                "[/yellow]")
@@ -190,10 +236,14 @@ def _write_table(result: dict, table: Path) -> None:
     shown = study.shown(frame)
     ex.write_table(frame, table, shown, preface=_preface(result))
     print(ex.to_markdown(shown))
-    leads = [f"{result['metrics'][k]['label']} ({result['metrics'][k]['favours'] or 'either'})"
-             for k in result["leads"]]
-    print(f"leads (combined interval excludes 0, same sign in every seed): "
-          f"{', '.join(leads) or 'none'}")
+    metrics = result["metrics"]
+    for group in study.DIFF_GROUPS:
+        if not any(r["group"] == group for r in metrics.values()):
+            continue  # a difference the runs do not have (the Matryoshka before issue 26)
+        leads = [f"{metrics[k]['label']} ({metrics[k]['favours'] or 'either'})"
+                 for k in result["leads"] if metrics[k]["group"] == group]
+        print(f"leads, {study.GROUP_LABELS[group]} (combined interval excludes 0, same sign in "
+              f"every seed): {', '.join(leads) or 'none'}")
 
 
 def _preface(result: dict) -> str:
@@ -201,7 +251,8 @@ def _preface(result: dict) -> str:
     return (f"Seed study: {len(result['seeds'])} training seeds ({seeds}; "
             + ", ".join(f"{r['seed']}: {r['source']} {r['name']}" for r in result["runs"])
             + f"). {result['method'][0].upper()}{result['method'][1:]}. Values per seed, "
-            "their mean, sd and min - max; doc se: the document-bootstrap standard error. "
+            "their mean, sd and min - max; doc se: the document standard error (from each "
+            "run's jackknife interval over eval documents). "
             "Full precision: the CSV beside this file; the method: docs/seed-study.md.")
 
 
@@ -218,7 +269,11 @@ def verdict(
         print(f"seed-study verdict: no {results} (the seed study has not been collected: "
               "`python -m stages.seed_study run`, then `collect`), so no verdict; the raw "
               f"difference from the committed run follows (`{RAW_DIFF}`):", flush=True)
-        raise typer.Exit(subprocess.run([_dvc(), *RAW_DIFF.split()[1:]]).returncode)
+        try:
+            dvc = _dvc()
+        except ex.ExperimentError as e:
+            raise fail(str(e))
+        raise typer.Exit(subprocess.run([dvc, *RAW_DIFF.split()[1:]]).returncode)
     if not metrics.is_file():
         raise fail(f"{metrics} is missing: run `dvc repro` first")
     result = json.loads(results.read_text())

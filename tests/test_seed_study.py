@@ -2,7 +2,8 @@
 here: the committed run as seed 0, experiments for the others) with the combined interval
 against a hand computation and the lead rule, the verdict that ends `make repro`, the studies'
 tables as frames whose CSV reads back as the frame, and (slow) a micro study of real `dvc exp
-run`s."""
+run`s; issue 26's third arm (the Matryoshka and HSAE - Matryoshka) where the runs' metrics
+have it, absent where they do not; dvc found beside the interpreter when it is not on PATH."""
 
 from __future__ import annotations
 
@@ -44,6 +45,15 @@ DIFFS = {
     # all positive: a lead, but L0 is a target: it favours neither model
     "l0": [0.5, 0.6, 0.4, 0.5, 0.55],
 }
+#: Per seed 0..4: HSAE - Matryoshka, where the runs have the third arm.
+DIFFS_MAT = {
+    # all negative, far from 0: a lead for the HSAE
+    "hamming": [-0.50, -0.60, -0.40, -0.55, -0.45],
+    # seed 1 has the other sign: no lead
+    "p_pc": [0.05, -0.05, 0.04, 0.06, 0.05],
+    # all negative: a lead for the Matryoshka (higher FVE is better)
+    "fve": [-0.020, -0.021, -0.019, -0.020, -0.022],
+}
 DOC_HALF = {"hamming": (0.02, 0.03)}  # (below, above) the value; default 0.001 each side
 EVAL = {"eval_tokens": 1000, "eval_documents": 40, "doc_labels": 0}
 
@@ -53,9 +63,10 @@ def repo_env() -> dict:
     return env() | {"PYTHONPATH": str(REPO)}
 
 
-def metrics_json(seed: int, *, labels: bool = False) -> dict:
+def metrics_json(seed: int, *, labels: bool = False, matryoshka: bool = False) -> dict:
     """A metrics.json of one seed: every study metric (topic coherence only with ``labels``),
-    each with a document interval."""
+    each with a document interval; with ``matryoshka`` the third arm's blocks too (``matryoshka``
+    like ``posthoc``, ``diff_matryoshka`` like ``diff``)."""
     def entry(key: str, value: float) -> dict:
         below, above = DOC_HALF.get(key, (0.001, 0.001))
         return {key: value, f"{key}_lo": value - below, f"{key}_hi": value + above}
@@ -69,6 +80,10 @@ def metrics_json(seed: int, *, labels: bool = False) -> dict:
         out["posthoc"]["mean"] |= entry(key, post)
         out["hsae"]["mean"] |= entry(key, post + diff)
         out["diff"] |= entry(key, diff)
+        if matryoshka:
+            d_mat = DIFFS_MAT.get(key, [0.2 * (1 + s) for s in range(5)])[seed % 5]
+            out.setdefault("matryoshka", {"mean": {}})["mean"] |= entry(key, post + diff - d_mat)
+            out.setdefault("diff_matryoshka", {}).update(entry(key, d_mat))
     return out
 
 
@@ -82,18 +97,22 @@ def rev(name: str, seed: int, sha: str, metrics: dict | None = None, **extra) ->
         "metrics": {"metrics/metrics.json": {"data": metrics or metrics_json(seed)}}}}
 
 
-def exp_show(seeds=(1, 2, 3, 4), extra: dict | None = None) -> list[dict]:
+def exp_show(seeds=(1, 2, 3, 4), extra: dict | None = None, matryoshka=()) -> list[dict]:
     """`dvc exp show --json` of a study: the committed run (seed 0), experiments seed-<s>, a
-    running one (the workspace's metrics: must not count) and an unrelated experiment."""
+    running one (the workspace's metrics: must not count) and an unrelated experiment. The seeds
+    in ``matryoshka`` have the third arm's blocks."""
+    def of(s: int) -> dict:
+        return metrics_json(s, matryoshka=s in matryoshka)
+
     exps = [{"executor": None, "name": study.run_name(s),
-             "revs": [rev(study.run_name(s), s, f"{s}" * 40)]} for s in seeds]
+             "revs": [rev(study.run_name(s), s, f"{s}" * 40, of(s))]} for s in seeds]
     exps.append({"executor": {"state": "running", "name": "workspace"}, "name": "seed-9",
                  "revs": [rev("seed-9", 9, "workspace")]})
     ablation = rev("rho-0.1", 0, "e" * 40, **(extra or {}))
     ablation["data"]["params"]["params.yaml"]["data"]["rho"] = 0.1
     exps.append({"executor": None, "name": "rho-0.1", "revs": [ablation]})
     return [{"rev": "workspace", "name": None, "data": {}, "experiments": None},
-            rev("main", 0, "a" * 40) | {"experiments": exps}]
+            rev("main", 0, "a" * 40, of(0)) | {"experiments": exps}]
 
 
 def test_plan_skips_the_committed_seed_and_stops_after_compute_metrics():
@@ -109,8 +128,12 @@ def test_plan_skips_the_committed_seed_and_stops_after_compute_metrics():
                                                                                 "seed-1"]
     # no committed run: every seed is an experiment
     assert [n for n, _ in study.runs((0, 1), None)] == ["seed-0", "seed-1"]
-    est = study.budget(4)
-    assert est["total"] == pytest.approx(4 * (300 + 300 + 60 + 480))  # 76 min on 2 cores
+    est = study.budget(4)  # with issue 26's Matryoshka: its training and its forest too
+    assert est["train_matryoshka"] == 4 * 300 and est["matryoshka_forest"] == 4 * 60
+    assert est["total"] == pytest.approx(4 * (300 + 300 + 300 + 60 + 60 + 480))  # 100 min
+    two = study.budget(4, matryoshka=False)
+    assert "train_matryoshka" not in two
+    assert two["total"] == pytest.approx(4 * (300 + 300 + 60 + 480))  # 76 min on 2 cores
 
 
 def test_plan_command_prints_the_runs_and_a_budget(tmp_path):
@@ -121,7 +144,41 @@ def test_plan_command_prints_the_runs_and_a_budget(tmp_path):
     assert lines[0].startswith("seed 0: the committed reference run")
     assert lines[1:5] == [f"dvc exp run -n seed-{s} -S sae.seed={s} compute-metrics"
                           for s in (1, 2, 3, 4)]
-    assert "total 76 min" in lines[5]
+    assert "train_matryoshka 20 min" in lines[5] and "total 100 min" in lines[5]
+    # a pipeline without the Matryoshka's stage: no Matryoshka in the budget
+    (tmp_path / "dvc.yaml").write_text("stages:\n  train-hsae:\n    cmd: echo\n")
+    out = subprocess.run([sys.executable, "-m", "stages.seed_study", "plan"], cwd=tmp_path,
+                         env=repo_env(), capture_output=True, text=True)
+    assert out.returncode == 0 and "total 76 min" in out.stdout
+    assert "matryoshka" not in out.stdout
+
+
+def test_plan_finds_dvc_beside_the_interpreter_without_it_on_path(tmp_path):
+    """`.venv/bin/python -m stages.seed_study plan` with .venv/bin not on PATH used to end in
+    FileNotFoundError for `dvc`: dvc is looked for beside the interpreter first."""
+    bare = repo_env() | {"PATH": str(tmp_path)}  # no dvc (nor anything else) on PATH
+    out = subprocess.run([sys.executable, "-m", "stages.seed_study", "plan"], cwd=tmp_path,
+                         env=bare, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[1] == "dvc exp run -n seed-1 -S sae.seed=1 compute-metrics"
+
+
+def test_without_any_dvc_the_commands_say_how_to_get_one(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import stages.seed_study as stage
+
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "python"))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(ex.ExperimentError, match="dvc not found"):
+        stage._dvc()
+    for args in (["plan"], ["run"], ["collect"]):
+        res = CliRunner().invoke(stage.app, args)
+        text = " ".join(res.output.split())
+        assert res.exit_code == 2 and "dvc not found" in text and "make setup" in text, args
+    (tmp_path / "dvc").write_text("#!/bin/sh\n")
+    (tmp_path / "dvc").chmod(0o755)
+    assert stage._dvc() == str(tmp_path / "dvc")  # beside the interpreter
 
 
 def test_run_refuses_a_workspace_unlike_the_commit(tmp_path, monkeypatch):
@@ -233,13 +290,100 @@ def test_collect_command_writes_json_csv_and_markdown(tmp_path):
     cells = [c.strip() for c in row.strip("|").split(" | ")]
     assert cells[2:7] == ["-1.00", "-0.90", "-1.10", "-0.95", "-1.05"]
     assert cells[-1] == "yes: HSAE" and cells[-3] == "[-1.10, -0.90]"
-    assert "leads (combined interval excludes 0, same sign in every seed): Hamming (hsae)" \
-        in out.stdout
+    assert "leads, HSAE - post-hoc (combined interval excludes 0, same sign in every seed): " \
+        "Hamming (hsae)" in out.stdout
+    # runs without the Matryoshka's blocks: no such group anywhere, not a row of NaN
+    assert result["groups"] == ["hsae", "posthoc", "diff"] and result["incomplete"] == {}
+    assert "Matryoshka" not in md + out.stdout and "matryoshka" not in set(table["group"])
+    assert not table[[c for c in table.columns if c.startswith("seed ")]].isna().any().any()
+
+    # runs with them: the same files hold the Matryoshka and HSAE - Matryoshka
+    (tmp_path / "shows.json").write_text(json.dumps(exp_show(matryoshka=range(5))))
+    out = subprocess.run(
+        [sys.executable, "-m", "stages.seed_study", "collect", "--exp-show", "shows.json",
+         "--out", "m/s.json", "--table", "m/s.md", "--log", "runs.jsonl"],
+        cwd=tmp_path, env=repo_env(), capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    result = json.loads((tmp_path / "m" / "s.json").read_text())
+    assert result["groups"][-1] == "diff_matryoshka" and "diff_matryoshka.fve" in result["leads"]
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "m" / "s.csv"), study.frame(result),
+                                  check_dtype=False)
+    md = (tmp_path / "m" / "s.md").read_text()
+    row = next(line for line in md.splitlines() if "HSAE - Matryoshka | FVE " in line)
+    assert row.rstrip(" |").endswith("yes: Matryoshka")
+    assert "leads, HSAE - Matryoshka (combined interval excludes 0, same sign in every seed): " \
+        "Hamming (hsae)" in out.stdout and "FVE (matryoshka)" in out.stdout
 
 
-def study_result() -> dict:
-    shows = exp_show()
+def study_result(matryoshka=()) -> dict:
+    shows = exp_show(matryoshka=matryoshka)
     return study.study(study.seed_runs(ex.commits(shows), ex.experiments(shows, study.PREFIX)))
+
+
+def test_the_matryoshka_arm_and_its_difference_when_the_runs_have_them(tmp_path):
+    result = study_result(matryoshka=range(5))
+    m = result["metrics"]
+    assert result["groups"] == ["hsae", "posthoc", "matryoshka", "diff", "diff_matryoshka"]
+    assert result["incomplete"] == {}
+    assert len(m) == 5 * (len(study.METRICS) - 1)  # no topic coherence: no labels
+    h = m["diff_matryoshka.hamming"]
+    assert h["values"] == {str(s): v for s, v in enumerate(DIFFS_MAT["hamming"])}
+    assert (h["n"], h["mean"]) == (5, pytest.approx(-0.5))
+    # the same lead rule and directions as HSAE - post-hoc, the other arm named
+    assert (h["lead"], h["favours"]) == (True, "hsae")
+    assert m["diff_matryoshka.p_pc"]["lead"] is False
+    assert (m["diff_matryoshka.fve"]["lead"], m["diff_matryoshka.fve"]["favours"]) == (
+        True, "matryoshka")
+    assert (m["diff_matryoshka.l0"]["lead"], m["diff_matryoshka.l0"]["favours"]) == (True, None)
+    assert "lead" not in m["matryoshka.hamming"]
+    assert m["matryoshka.fve"]["mean"] == pytest.approx(
+        m["hsae.fve"]["mean"] - m["diff_matryoshka.fve"]["mean"])
+    # HSAE - post-hoc is what it was without the third arm
+    plain = study_result()["metrics"]
+    assert {k: m[k]["mean"] for k in plain} == {k: r["mean"] for k, r in plain.items()}
+    # the tables
+    frame = study.frame(result)
+    shown = study.shown(frame)
+    by = {(r["model"], r["metric"]): r for _, r in shown.iterrows()}
+    assert by[("HSAE - Matryoshka", "Hamming")]["lead"] == "yes: HSAE"
+    assert by[("HSAE - Matryoshka", "FVE")]["lead"] == "yes: Matryoshka"
+    assert by[("HSAE - Matryoshka", "P(p|c) macro")]["lead"] == "no"
+    assert by[("Matryoshka", "Hamming")]["lead"] == ""
+    assert list(dict.fromkeys(shown["model"])) == ["HSAE", "post-hoc", "Matryoshka",
+                                                   "HSAE - post-hoc", "HSAE - Matryoshka"]
+    md, csv = ex.write_table(frame, tmp_path / "t.md", shown)
+    pd.testing.assert_frame_equal(pd.read_csv(csv), frame, check_dtype=False)
+    # the verdict judges the third arm too
+    run = metrics_json(0, matryoshka=True)
+    run["diff_matryoshka"]["hamming"] = 0.4  # the other sign than every seed's
+    table, notes = study.verdict(result, run, params_json(0))
+    assert len(table) == len(m) and not notes
+    verdicts = {(r["model"], r["metric"]): r["verdict"] for _, r in table.iterrows()}
+    assert verdicts[("HSAE - Matryoshka", "Hamming")] == "OUTSIDE"
+    assert verdicts[("Matryoshka", "FVE")] == "inside"
+    assert list(table["verdict"]).count("OUTSIDE") == 1
+    # a run without the arm: its rows are not judged, the others are
+    table, _ = study.verdict(result, metrics_json(0))
+    mat_rows = table[table["model"].isin(["Matryoshka", "HSAE - Matryoshka"])]
+    assert len(mat_rows) == 2 * 11 and set(mat_rows["verdict"]) == {"-"}
+    assert set(table[~table.index.isin(mat_rows.index)]["verdict"]) == {"inside"}
+
+
+def test_a_run_with_the_matryoshka_against_a_study_without_it_says_so():
+    result = study_result()
+    table, notes = study.verdict(result, metrics_json(0, matryoshka=True), params_json(0))
+    assert "Matryoshka" not in set(table["model"]) and "HSAE - Matryoshka" not in set(
+        table["model"])
+    assert notes == ["this run has Matryoshka, HSAE - Matryoshka, which the study has not "
+                     "measured: not judged (re-run the seed study)"]
+
+
+def test_a_group_only_some_seeds_have_is_over_those_seeds_and_named():
+    result = study_result(matryoshka=(1, 2, 3, 4))  # the reference run predates the arm
+    assert result["incomplete"] == {"matryoshka": [0], "diff_matryoshka": [0]}
+    h = result["metrics"]["diff_matryoshka.hamming"]
+    assert h["n"] == 4 and set(h["values"]) == {"1", "2", "3", "4"}
+    assert result["metrics"]["diff.hamming"]["n"] == 5
 
 
 def test_verdict_inside_outside_and_notes():

@@ -1,21 +1,25 @@
 """The seed study (issue 22): how much of a result is training noise? Every headline metric of
-both models and every paired difference (HSAE - post-hoc) over several training seeds at the
-embedded default, with an interval that covers both sources of noise, and the verdict that ends
-``make repro``.
+each arm (the HSAE, the post-hoc baseline and, where a run's metrics.json has it, issue 26's
+Matryoshka) and every paired difference of the HSAE with another arm (HSAE - post-hoc, HSAE -
+Matryoshka) over several training seeds at the embedded default, with an interval that covers
+both sources of noise, and the verdict that ends ``make repro``.
 
 **Runs.** Each seed is a DVC experiment ``seed-<s>`` that changes ``sae.seed`` alone and stops
 after compute-metrics (``dvc exp run -n seed-<s> -S sae.seed=<s> compute-metrics``). The seed
-drives everything random in training, for both models: the initialisation (``HSAE.__init__``),
-the perturbation's swap draws and dead-feature resampling (``Trainer``: ``seed + 1``, ``seed +
-2``), the train reader's data order (``train_on_store`` passes ``cfg.seed`` to
-``TrainActivations``, whose order is fixed by ``(seed, epoch)``) and the post-hoc forest's token
-streams (``build-posthoc-trees``: the baseline's ``cfg.seed``). The extraction, the eval
-documents and the bootstrap's resamples (``metrics.seed``) stay those of the reference run, so
-every seed is scored on the same documents with the same resamples. The committed reference run
-is the seed ``params.yaml`` holds (0): it is read from the commit, not re-run.
+drives everything random in training, for every arm: the initialisation (``HSAE.__init__``;
+the Matryoshka's through ``MatryoshkaConfig.from_hsae``), the perturbation's swap draws and
+dead-feature resampling (``Trainer``: ``seed + 1``, ``seed + 2``), the train reader's data order
+(``train_on_store`` and the Matryoshka's training pass ``cfg.seed`` to ``TrainActivations``,
+whose order is fixed by ``(seed, epoch)``) and the post-hoc forests' token streams
+(``build-posthoc-trees``: the baseline's ``cfg.seed``; the Matryoshka's groups carry the same).
+The extraction, the eval documents and the jackknife's grouping of documents (``metrics.seed``)
+stay those of the reference run, so every seed is scored on the same documents with the same
+replicates. The committed reference run is the seed ``params.yaml`` holds (0): it is read from
+the commit, not re-run.
 
 **Combined interval.** For a metric with per-seed values ``x_1..x_n`` (mean ``m``, sample sd
-``s``) and per-seed 95% document-bootstrap intervals ``[lo_i, hi_i]``:
+``s``) and per-seed 95% document intervals ``[lo_i, hi_i]`` (compute-metrics' bias-corrected
+jackknife over eval documents, hsae_core.evaluation.bootstrap):
 
     se_doc = mean_i (hi_i - lo_i) / (2 * 1.96)
     m +- t_{n-1, 0.975} * sqrt(s^2 / n + se_doc^2)
@@ -23,16 +27,22 @@ is the seed ``params.yaml`` holds (0): it is read from the commit, not re-run.
 The eval documents are the same for every seed, so their noise is common to all seeds: it does
 not average out over seeds (its variance enters whole, not divided by n) and the across-seed
 spread ``s`` does not contain it (``s^2 / n`` is the seeds' share). Each run keeps only its
-interval's ends, not its bootstrap replicates, so a two-level bootstrap is not available; the
-normal-theory sum of the two variances is. Student's t with n - 1 degrees of freedom (the
-seeds' share's; the document share's are many) makes it wider than a normal interval when the
-seeds dominate and is the conservative choice of the Welch-Satterthwaite degrees of freedom.
+interval's ends, not its jackknife replicates, so a two-level resampling over seeds and
+documents is not available; the normal-theory sum of the two variances is. Student's t with
+n - 1 degrees of freedom (the seeds' share's; the document share's are many) makes it wider
+than a normal interval when the seeds dominate and is the conservative choice of the
+Welch-Satterthwaite degrees of freedom.
 
 **Lead.** A paired difference is a lead only when its combined interval excludes 0 and its sign
 is the same (and not zero) in every seed: the direction holds for every training seed, not only
 on average. Whether the lead favours the HSAE follows from the metric's direction
 (:data:`METRICS`: lower Hamming, higher P, FVE, coherence and co-occurrence are better; L0 is a
-target, neither).
+target, neither), the same rule for HSAE - post-hoc and HSAE - Matryoshka (:data:`DIFF_GROUPS`).
+
+**Groups a run lacks.** A run whose metrics.json has no ``matryoshka`` / ``diff_matryoshka``
+block (one from before issue 26) gives those groups no values: with no seed having them they are
+absent from the study (no rows, no NaN), and :func:`study` lists in ``incomplete`` a group that
+only some seeds have.
 
 **Verdict.** A new run (``make repro``; another CPU is another floating-point order, which moves
 training like another seed) is *inside* when its value lies within the 95% prediction interval
@@ -83,9 +93,15 @@ METRICS = (
     ("topic_coherence", "topic coherence", 1),
     ("doc_cooccurrence", "document co-occurrence", 1),
 )
-#: The models' groups and the paired difference, in the tables' order.
-GROUPS = ("hsae", "posthoc", "diff")
-GROUP_LABELS = {"hsae": "HSAE", "posthoc": "post-hoc", "diff": "HSAE - post-hoc"}
+#: The arms: metrics.json's ``<arm>.mean`` blocks.
+MODELS = ("hsae", "posthoc", "matryoshka")
+#: The paired differences (metrics.json's flat blocks): group -> (first, second) arm of
+#: ``first - second``; a lead favours the first or the second by the metric's direction.
+DIFF_GROUPS = {"diff": ("hsae", "posthoc"), "diff_matryoshka": ("hsae", "matryoshka")}
+#: The models' groups and the paired differences, in the tables' order.
+GROUPS = (*MODELS, *DIFF_GROUPS)
+GROUP_LABELS = {"hsae": "HSAE", "posthoc": "post-hoc", "matryoshka": "Matryoshka",
+                "diff": "HSAE - post-hoc", "diff_matryoshka": "HSAE - Matryoshka"}
 #: Per run: what must be the same in every seed for the document noise to be common.
 EVAL_KEYS = ("eval_tokens", "eval_documents", "doc_labels")
 #: z of a two-sided 95% interval: a percentile interval's width is about 2 * 1.96 se.
@@ -114,13 +130,21 @@ def run_command(name: str, overrides: dict[str, object], queue: bool = False) ->
 
 
 def budget(new_runs: int = len(SEEDS) - 1, train_s: float = 300.0, posthoc_s: float = 60.0,
-           metrics_s: float = 480.0) -> dict[str, float]:
+           metrics_s: float = 480.0, matryoshka: bool = True,
+           matryoshka_s: float = 300.0) -> dict[str, float]:
     """Estimated CPU wall time (seconds) of ``new_runs`` seeds on the 2-core reference machine:
-    each retrains both models (~5 min each at 1000 steps), rebuilds the post-hoc forest (~1
-    min) and computes the metrics with 1000 bootstrap replicates (~8 min); the extraction is the
+    each retrains the HSAE and the baseline (~5 min each at 1000 steps), rebuilds the post-hoc
+    forest (~1 min) and computes the metrics with 1000 jackknife rows (~8 min, measured with
+    two arms); with ``matryoshka`` (the pipeline has issue 26's train-matryoshka) also trains
+    the Matryoshka (~5 min) and builds its groups' forest (``posthoc_s``). The extraction is the
     committed run's and is never redone."""
-    out = {"train_hsae": new_runs * train_s, "train_baseline": new_runs * train_s,
-           "posthoc": new_runs * posthoc_s, "metrics": new_runs * metrics_s}
+    out = {"train_hsae": new_runs * train_s, "train_baseline": new_runs * train_s}
+    if matryoshka:
+        out["train_matryoshka"] = new_runs * matryoshka_s
+    out["posthoc"] = new_runs * posthoc_s
+    if matryoshka:
+        out["matryoshka_forest"] = new_runs * posthoc_s
+    out["metrics"] = new_runs * metrics_s
     out["total"] = sum(out.values())
     return out
 
@@ -155,12 +179,16 @@ def seed_runs(commits: list[Experiment], exps: list[Experiment], seeds=SEEDS) ->
 
 
 def values_of(metrics: dict) -> dict[str, list[float | None]]:
-    """``{"<group>.<key>": [value, lo, hi]}`` of metrics.json for every :data:`METRICS` key
-    (None where the run lacks it: topic coherence without document labels)."""
+    """``{"<group>.<key>": [value, lo, hi]}`` of metrics.json for every :data:`METRICS` key of
+    every group the run has (None where it lacks a metric: topic coherence without document
+    labels); a group whose block metrics.json lacks (the Matryoshka before issue 26) has no
+    keys."""
     out = {}
     for group in GROUPS:
-        source = metrics.get(group) or {}
-        source = source if group == "diff" else source.get("mean") or {}
+        if not metrics.get(group):
+            continue
+        source = metrics[group]
+        source = source if group in DIFF_GROUPS else source.get("mean") or {}
         for key, _, _ in METRICS:
             out[f"{group}.{key}"] = [source.get(key), source.get(f"{key}_lo"),
                                      source.get(f"{key}_hi")]
@@ -213,7 +241,8 @@ def summarize(values: list[float], los: list[float | None] | None = None,
     the 95% document interval's width / 3.92) and the combined 95% interval ``mean +- t_{n-1,
     0.975} sqrt(sd^2 / n + se_doc^2)`` of one metric over seeds (module docstring). With one
     seed there is no spread: sd, the interval and t are NaN. Without document intervals
-    (``metrics.bootstrap: 0``) se_doc is 0: the interval is the seeds' alone."""
+    (``metrics.bootstrap: 0``: no jackknife rows) se_doc is 0: the interval is the seeds'
+    alone."""
     n = len(values)
     mean = statistics.fmean(values)
     sd = statistics.stdev(values) if n >= 2 else math.nan
@@ -237,42 +266,59 @@ def is_lead(values: list[float], summary: dict) -> bool:
 def study(entries: list[dict]) -> dict:
     """The study's result from :func:`seed_runs`' entries: ``{"seeds", "runs", "params",
     "eval", "metrics": {"<group>.<key>": {group, key, label, direction, values: {seed: v},
-    n, mean, sd, min, max, se_doc, t, lo, hi[, lead, favours]}}, "leads"}``. Per metric only the
-    seeds that have it count (topic coherence needs document labels)."""
+    n, mean, sd, min, max, se_doc, t, lo, hi[, lead, favours]}}, "leads", "groups",
+    "incomplete"}``. Per metric only the seeds that have it count (topic coherence needs
+    document labels); a group no seed has is left out (``groups``: those present), one only
+    some seeds have is summarised over those and named in ``incomplete`` (group -> the seeds
+    without it)."""
     if not entries:
         raise ExperimentError("no seed of the study has metrics yet")
     out: dict[str, dict] = {}
+    none = [None, None, None]
     for group in GROUPS:
         for key, label, direction in METRICS:
             name = f"{group}.{key}"
-            have = [(e["seed"], *e["values"][name]) for e in entries
-                    if e["values"][name][0] is not None]
+            have = [(e["seed"], *e["values"].get(name, none)) for e in entries
+                    if e["values"].get(name, none)[0] is not None]
             if not have:
                 continue
             seeds, vals, los, his = (list(x) for x in zip(*have))
             row = {"group": group, "key": key, "label": label, "direction": direction,
                    "values": {str(s): v for s, v in zip(seeds, vals)}} | summarize(vals, los,
                                                                                     his)
-            if group == "diff":
+            if group in DIFF_GROUPS:
                 row["lead"] = is_lead(vals, row)
                 row["favours"] = _favours(row, direction) if row["lead"] else None
             out[name] = row
+    groups = [g for g in GROUPS if any(r["group"] == g for r in out.values())]
+    incomplete = {}
+    for g in groups:
+        lacking = [e["seed"] for e in entries
+                   if not any(k.startswith(f"{g}.") and v[0] is not None
+                              for k, v in e["values"].items())]
+        if lacking:
+            incomplete[g] = lacking
     return {"method": METHOD, "seeds": [e["seed"] for e in entries],
             "runs": [{k: e[k] for k in ("seed", "name", "source", "rev")} for e in entries],
             "params": entries[0]["params"], "eval": entries[0]["eval"], "metrics": out,
-            "leads": [k for k, r in out.items() if r.get("lead")]}
+            "leads": [k for k, r in out.items() if r.get("lead")], "groups": groups,
+            "incomplete": incomplete}
 
 
 METHOD = ("combined 95% interval: mean +- t_{n-1,0.975} * sqrt(sd^2/n + se_doc^2), sd the "
           "across-seed sd, se_doc the mean over seeds of (hi - lo) / 3.92 of the 95% "
-          "document-bootstrap interval (the documents are the same for every seed); lead: the "
-          "combined interval excludes 0 and every seed has the same sign")
+          "document interval (the jackknife over eval documents; the documents are the same "
+          "for every seed); lead: the combined interval excludes 0 and every seed has the same "
+          "sign")
 
 
 def _favours(row: dict, direction: int) -> str | None:
+    """The arm a lead favours: the difference's first arm when its sign is the metric's
+    better direction, else its second; None for a target (L0)."""
     if direction == 0:
         return None
-    return "hsae" if (row["mean"] > 0) == (direction > 0) else "posthoc"
+    first, second = DIFF_GROUPS[row["group"]]
+    return first if (row["mean"] > 0) == (direction > 0) else second
 
 
 # ----- tables -------------------------------------------------------------------------------
@@ -308,7 +354,7 @@ def shown(table: pd.DataFrame) -> pd.DataFrame:
                   "doc se": f(r["se_doc"])}
         favours = r["favours"] if isinstance(r["favours"], str) else None
         cells["lead"] = (("yes: " + GROUP_LABELS[favours] if favours else "yes")
-                         if r["lead"] else ("no" if r["group"] == "diff" else ""))
+                         if r["lead"] else ("no" if r["group"] in DIFF_GROUPS else ""))
         rows.append(cells)
     return pd.DataFrame(rows)
 
@@ -368,6 +414,12 @@ def verdict(result: dict, metrics: dict, params: dict | None = None
                 + ": the study measured another configuration")
     if len(result["seeds"]) < 2:
         notes.append("the study has one seed: no spread to compare with (inside means equal)")
+    extra = sorted({name.split(".")[0] for name in mine} - {r["group"] for r in
+                                                            result["metrics"].values()},
+                   key=GROUPS.index)
+    if extra:
+        notes.append("this run has " + ", ".join(GROUP_LABELS[g] for g in extra) + ", which "
+                     "the study has not measured: not judged (re-run the seed study)")
     run_eval = {k: metrics.get(k) for k in EVAL_KEYS}
     if result.get("eval") and run_eval != result["eval"]:
         notes.append(f"this run's eval split differs from the study's ({run_eval} vs "
@@ -375,6 +427,7 @@ def verdict(result: dict, metrics: dict, params: dict | None = None
     return pd.DataFrame(rows), notes
 
 
-__all__ = ["GROUPS", "METHOD", "METRICS", "PREFIX", "SEEDS", "SEED_KEY", "TARGET", "band",
-           "budget", "frame", "is_lead", "run_command", "run_name", "runs", "seed_runs",
-           "shown", "study", "summarize", "t_quantile", "values_of", "verdict"]
+__all__ = ["DIFF_GROUPS", "GROUPS", "GROUP_LABELS", "METHOD", "METRICS", "MODELS", "PREFIX",
+           "SEEDS", "SEED_KEY", "TARGET", "band", "budget", "frame", "is_lead", "run_command",
+           "run_name", "runs", "seed_runs", "shown", "study", "summarize", "t_quantile",
+           "values_of", "verdict"]
