@@ -1,7 +1,8 @@
 """Stage report: the feature-forest browser and the paper's figures (issue 6) -> data/report/.
 
     python -m stages.report [--params params.yaml] [--hsae data/hsae] [--posthoc data/posthoc]
-        [--evidence data/evidence] [--judge data/judge/hsae/pairs.jsonl
+        [--matryoshka data/matryoshka_forest] [--evidence data/evidence]
+        [--judge data/judge/hsae/pairs.jsonl
         --judge data/judge/baseline/pairs.jsonl] [--curves dvclive]
         [--metrics metrics/metrics.json] [--ablations metrics/ablations.json]
         [--scale-study results/scale_study.json] [--out data/report]
@@ -15,6 +16,11 @@ data/report/figures/fig*.{png,svg} (with fig_training: the training curves of
 dvclive/{hsae,baseline}, viewable offline) and data/report/summary.json. The judge's pairs, the
 curves and the ablation results are optional: where one is missing, the site and the figures
 say so.
+The Matryoshka arm (issue 26) is optional too: where ``--matryoshka`` (its groups as levels with
+their post-hoc forest, build-matryoshka-forest) exists, it is the site's third forest (evidence
+from ``<evidence>/matryoshka``, curves from ``<curves>/matryoshka``) and, where metrics.json has
+its block, Figure 3's and fig_semantic's third series; where it does not (older runs), the
+report is the two-arm one and says nothing of it.
 ``--ablations`` is either ``dvc exp show --json`` output (``dvc exp show --json >
 metrics/ablations.json`` once the queued ablations have run) or a JSON list of the rows of
 ``hsae_core.pipeline.ablations.experiment_rows``.
@@ -67,13 +73,17 @@ def main(
     hsae: Path = typer.Option(Path("data/hsae"), help="trained HSAE"),
     posthoc: Path = typer.Option(Path("data/posthoc"),
                                  help="baseline SAEs with their post-hoc forest"),
+    matryoshka: Path = typer.Option(Path("data/matryoshka_forest"),
+                                    help="the Matryoshka's groups with their post-hoc forest "
+                                         "(optional: absent, two forests)"),
     evidence: Path = typer.Option(Path("data/evidence"),
-                                  help="collected evidence (hsae/, baseline/)"),
+                                  help="collected evidence (hsae/, baseline/, matryoshka/)"),
     judge: list[Path] = typer.Option([Path("data/judge/hsae/pairs.jsonl"),
                                       Path("data/judge/baseline/pairs.jsonl")],
                                      help="the judge's verdicts, one file per side (optional)"),
     curves: Path = typer.Option(Path("dvclive"),
-                                help="DVCLive folders <curves>/hsae, <curves>/baseline"),
+                                help="DVCLive folders <curves>/hsae, <curves>/baseline "
+                                     "(<curves>/matryoshka)"),
     metrics: Path = typer.Option(Path("metrics/metrics.json"),
                                  help="compute-metrics output (Figure 3)"),
     ablations: Path = typer.Option(Path("metrics/ablations.json"),
@@ -94,8 +104,10 @@ def main(
         label_arr = info.group["documents/label"]  # names: [] when the corpus has no labels
         names = [str(n) for n in label_arr.attrs.get("label_names", [])]
         scale = resolve_scale(normalization, info)
-        models = load_for_store({"hsae": hsae, "baseline": posthoc}, info.d_model, store,
-                                cfg.device)
+        folders = {"hsae": hsae, "baseline": posthoc}
+        if matryoshka.exists():
+            folders["matryoshka"] = matryoshka
+        models = load_for_store(folders, info.d_model, store, cfg.device)
         ev = {}
         for name in models:
             folder = evidence / name
@@ -118,11 +130,13 @@ def main(
         rows, how = read_ablations(ablations)
         study = json.loads(scale_study.read_text()) if scale_study.is_file() else None
         reference = {k: float(all_params[k]) for k in ("rho", "r") if k in all_params}
-        logged = {name: read_curves(curves / name, name) for name in ("hsae", "baseline")}
+        logged = {name: read_curves(curves / name, name) for name in models}
     except (ValueError, FileNotFoundError, ConfigError) as err:
         rprint(f"[red]report: {err}[/red]")
         raise typer.Exit(2) from err
     note = f" ({judge_note})" if judge_note else ""
+    print(f"report: forests: {', '.join(models)}"
+          + ("" if "matryoshka" in models else f" (no Matryoshka: {matryoshka} absent)"))
     print(f"report: judge: {len(judge_pairs or [])} pairs{note}"
           f"; ablations: {how}; curves: "
           + ", ".join(f"{k} {len(v)} series" for k, v in logged.items()))

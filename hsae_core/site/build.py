@@ -48,7 +48,9 @@ JudgeVerdicts = dict[tuple[int, int, int, int], list[tuple[str, str, str]]]
 class ModelView:
     """What the browser shows of one model: ``contexts(level, id)`` gives a feature's
     top-activating contexts, best first (empty list when none were collected); ``semantic``
-    its labels and link scores (None: not computed, the site says so)."""
+    its labels and link scores (None: not computed, the site says so); ``about`` what the
+    overview says of the model (empty: nothing); ``judge_how`` how to get verdicts when there
+    are none."""
 
     name: str
     label: str
@@ -58,6 +60,8 @@ class ModelView:
     judge: JudgeVerdicts | None = None
     notes: list[str] = field(default_factory=list)
     semantic: SemanticView | None = None
+    about: str = ""
+    judge_how: str = "run the judge stage"
 
 
 @dataclass
@@ -275,9 +279,10 @@ def _write_model(folder: Path, view: ModelView, limit: int) -> dict:
     semantic = None if sem is None else {"labels": sem.names, "min_docs": sem.min_docs,
                                          "documents": sem.documents,
                                          "scored": sum(len(p) for p in sem.links)}
-    return {"name": view.name, "label": view.label, "level_sizes": list(sizes),
+    return {"name": view.name, "label": view.label, "about": view.about,
+            "level_sizes": list(sizes),
             "tokens": stats.tokens, "single_chunk": SINGLE_CHUNK, "n_lone": int(lone.sum()),
-            "judge": view.judge is not None,
+            "judge": view.judge is not None, "judge_how": view.judge_how,
             "judged_links": judged, "notes": view.notes, "semantic": semantic, "trees": cols}
 
 

@@ -1,7 +1,8 @@
 """The paper's figures as PNG + SVG (matplotlib, Agg): hierarchy metrics HSAE vs post-hoc
-baseline (Figure 3), ablations (Figures 4, 7, 9), the rho / r trade-off (Figure 8), UMAP of
-sibling features against an unrelated one (Figures 5, 10), AutoInterp by branching (Figure 11)
-and the training curves per level (HSAE beside the baseline).
+baseline (Figure 3; the Matryoshka arm as a third series where metrics.json has it),
+ablations (Figures 4, 7, 9), the rho / r trade-off (Figure 8), UMAP of sibling features against
+an unrelated one (Figures 5, 10), AutoInterp by branching (Figure 11) and the training curves
+per level (HSAE beside the baseline, and the Matryoshka's prefixes and groups where logged).
 
 Every function takes plain data (metrics dicts, ablation rows, judge pairs, arrays) and writes
 ``<out>/<stem>.png`` and ``.svg``. Where an input is missing, the figure is still written and
@@ -20,6 +21,12 @@ import numpy as np
 from hsae_core.common import fsio
 
 HSAE_C, BASE_C, RAND_C, MISSING_C = "#e07b00", "#4c72b0", "#999999", "#dddddd"
+MATR_C, MATR_LIGHT_C = "#2a9d8f", "#9fd8cf"  # the Matryoshka arm (issue 26)
+
+#: metrics.json's blocks drawn in Figure 3 and fig_semantic: (block, colour, legend label); the
+#: Matryoshka's only where metrics.json has its block
+FIG3_SERIES = (("hsae", HSAE_C, "HSAE"), ("posthoc", BASE_C, "post-hoc baseline"),
+               ("matryoshka", MATR_C, "Matryoshka"))
 
 
 def _plt():
@@ -62,6 +69,12 @@ def missing_figure(out: Path, stem: str, title: str, reason: str) -> list[Path]:
     return _save(fig, out, stem)
 
 
+def _aside(ax, text: str, width: int = 34) -> None:
+    """A small explanatory text in a spare (axis-off) panel: not a warning."""
+    ax.text(0.02, 0.95, textwrap.fill(text, width), ha="left", va="top", fontsize=8,
+            color="#333333", transform=ax.transAxes)
+
+
 def _ok(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -69,7 +82,8 @@ def _ok(v) -> bool:
 # ----- Figure 3 -------------------------------------------------------------------------------
 
 def judge_rates(pairs: Sequence[dict] | None) -> dict[str, dict]:
-    """Yes rate per source (hsae, posthoc, random) over parseable verdicts (Appendix C)."""
+    """Yes rate per source (hsae, posthoc, matryoshka, random) over parseable verdicts
+    (Appendix C)."""
     out: dict[str, dict] = {}
     for p in pairs or []:
         d = out.setdefault(p["source"], {"yes": 0, "no": 0, "unparseable": 0})
@@ -86,11 +100,18 @@ def fig3_hierarchy(out: Path, metrics: dict | None, judge_pairs: Sequence[dict] 
     """Figure 3: (a) Hamming, (b) P(p|c), (c) P(c|p) per level pair and their mean, HSAE vs the
     post-hoc baseline (metrics/metrics.json), with 95% document-bootstrap intervals as error
     bars; below them the robust forms (Hamming per parent with children, P(p|c) and P(c|p)
-    pooled over tokens); (d) the judge's Yes rate per source."""
+    pooled over tokens); (d) the judge's Yes rate per source. Where ``metrics`` has a
+    ``matryoshka`` block (the third arm: its nested groups as levels, its forest built post hoc
+    like the baseline's), it is a third series; without one the figure is the two-arm one."""
     title = "Figure 3: hierarchy consistency, HSAE vs post-hoc baseline (95% intervals)"
     if not metrics or "hsae" not in metrics or "posthoc" not in metrics:
         return missing_figure(out, "fig3_hierarchy", title,
                               "metrics/metrics.json is missing: run `dvc repro compute-metrics`")
+    series = [s for s in FIG3_SERIES if s[0] in metrics]
+    width = 0.76 / len(series)
+    if len(series) > 2:
+        title = ("Figure 3: hierarchy consistency, HSAE vs post-hoc baseline vs Matryoshka "
+                 "(95% intervals)")
     plt = _plt()
     fig, grid = plt.subplots(2, 4, figsize=(15, 6.8))
     pairs = sorted(int(k[4:]) for k in metrics["hsae"] if k.startswith("pair"))
@@ -103,8 +124,7 @@ def fig3_hierarchy(out: Path, metrics: dict | None, judge_pairs: Sequence[dict] 
               (grid[1, 1], "p_pc_pooled", "P(parent | child), pooled \u2191"),
               (grid[1, 2], "p_cp_pooled", "P(child | parent), pooled \u2191"))
     for ax, key, name in panels:
-        for k, (model, color, label) in enumerate((("hsae", HSAE_C, "HSAE"),
-                                                    ("posthoc", BASE_C, "post-hoc baseline"))):
+        for k, (model, color, label) in enumerate(series):
             groups = [metrics[model].get(f"pair{p}", {}) for p in pairs]
             groups.append(metrics[model].get("mean", {}))
             vals = np.array([g.get(key) if _ok(g.get(key)) else np.nan for g in groups])
@@ -113,15 +133,21 @@ def fig3_hierarchy(out: Path, metrics: dict | None, judge_pairs: Sequence[dict] 
             hi = np.array([g.get(f"{key}_hi") if _ok(g.get(f"{key}_hi")) else np.nan
                            for g in groups])
             err = np.nan_to_num(np.vstack([vals - lo, hi - vals]), nan=0.0).clip(min=0)
-            bars = ax.bar(x + (k - 0.5) * 0.38, vals, 0.38, color=color, label=label,
-                          yerr=err, capsize=2, error_kw={"elinewidth": 0.8})
-            ax.bar_label(bars, fmt="%.3g", fontsize=7, padding=2)
+            bars = ax.bar(x + (k - (len(series) - 1) / 2) * width, vals, width, color=color,
+                          label=label, yerr=err, capsize=2, error_kw={"elinewidth": 0.8})
+            ax.bar_label(bars, fmt="%.3g", fontsize=7 if len(series) < 3 else 5.5, padding=2)
         ax.set_xticks(x, labels)
         ax.set_xlabel("level pair")
         ax.set_title(name, fontsize=10)
-        ax.set_ylim(0, ax.get_ylim()[1] * 1.25)  # room for the legend above the bars
-        ax.legend(fontsize=7, loc="upper left", ncol=2)
+        # room for the legend above the bars
+        ax.set_ylim(0, ax.get_ylim()[1] * (1.25 if len(series) < 3 else 1.3))
+        ax.legend(fontsize=7, loc="upper left", ncol=len(series),
+                  **({} if len(series) < 3 else {"columnspacing": 0.8, "handlelength": 1.2}))
     grid[1, 3].axis("off")
+    if len(series) > 2:
+        _aside(grid[1, 3], "Matryoshka: the Matryoshka BatchTopK SAE (issue 26), its nested "
+               "groups as the levels (a level pair is group l \u2192 group l+1), its forest built "
+               "post hoc by the baseline's rule.")
     axes = grid[0]
     ax = axes[3]
     ax.set_title("(d) AutoInterp: judge's Yes rate \u2191", fontsize=10)
@@ -130,8 +156,8 @@ def fig3_hierarchy(out: Path, metrics: dict | None, judge_pairs: Sequence[dict] 
         _note(ax, judge_note or ("no judge output yet (data/judge/pairs.jsonl): "
                                  "run the judge stage"), width=30)
     else:
-        names = [s for s in ("hsae", "posthoc", "random") if s in rates]
-        colors = {"hsae": HSAE_C, "posthoc": BASE_C, "random": RAND_C}
+        names = [s for s in ("hsae", "posthoc", "matryoshka", "random") if s in rates]
+        colors = {"hsae": HSAE_C, "posthoc": BASE_C, "matryoshka": MATR_C, "random": RAND_C}
         bars = ax.bar(names, [rates[s]["rate"] for s in names], color=[colors[s] for s in names])
         ax.bar_label(bars, labels=[f"{rates[s]['rate']:.2f}\n(n={rates[s]['n']})" for s in names],
                      fontsize=7)
@@ -150,20 +176,25 @@ def fig_semantic(out: Path, metrics: dict | None) -> list[Path]:
     """Beside Figure 3: do links mean something? (a) topic coherence and (b) document
     co-occurrence of the HSAE's and the post-hoc forest's links, each beside frequency-matched
     random pairs of its own features, per level pair and on average, with 95% intervals
-    (metrics/metrics.json, hsae_core.evaluation.semantic)."""
+    (metrics/metrics.json, hsae_core.evaluation.semantic); the Matryoshka's links and random
+    pairs as a third pair of series where metrics.json has its block."""
     title = "Semantic scores of links vs frequency-matched random pairs (95% intervals)"
     if not metrics or "doc_cooccurrence" not in metrics.get("hsae", {}).get("mean", {}):
         return missing_figure(out, "fig_semantic", title,
                               "no semantic scores in metrics/metrics.json: run "
                               "`dvc repro compute-metrics`")
-    plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
-    pairs = sorted(int(k[4:]) for k in metrics["hsae"] if k.startswith("pair"))
-    labels = [f"{p}\u2192{p + 1}" for p in pairs] + ["mean"]
-    x = np.arange(len(labels))
     series = (("hsae", "", HSAE_C, "HSAE links"), ("hsae", "_random", "#f3c27f", "HSAE random"),
               ("posthoc", "", BASE_C, "post-hoc links"),
               ("posthoc", "_random", "#a9bcdd", "post-hoc random"))
+    if "matryoshka" in metrics:
+        series += (("matryoshka", "", MATR_C, "Matryoshka links"),
+                   ("matryoshka", "_random", MATR_LIGHT_C, "Matryoshka random"))
+    width = 0.8 / len(series)
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(12 if len(series) < 6 else 14, 3.8))
+    pairs = sorted(int(k[4:]) for k in metrics["hsae"] if k.startswith("pair"))
+    labels = [f"{p}\u2192{p + 1}" for p in pairs] + ["mean"]
+    x = np.arange(len(labels))
     for ax, key, name in ((axes[0], "topic_coherence", "(a) topic coherence \u2191"),
                           (axes[1], "doc_cooccurrence", "(b) P(parent in doc | child) \u2191")):
         if key not in metrics["hsae"]["mean"]:
@@ -178,13 +209,13 @@ def fig_semantic(out: Path, metrics: dict | None) -> list[Path]:
             lo = np.array([g.get(f"{m}_lo") if _ok(g.get(f"{m}_lo")) else np.nan for g in groups])
             hi = np.array([g.get(f"{m}_hi") if _ok(g.get(f"{m}_hi")) else np.nan for g in groups])
             err = np.nan_to_num(np.vstack([vals - lo, hi - vals]), nan=0.0).clip(min=0)
-            ax.bar(x + (k - 1.5) * 0.2, vals, 0.2, color=color, label=label, yerr=err,
-                   capsize=2, error_kw={"elinewidth": 0.8})
+            ax.bar(x + (k - (len(series) - 1) / 2) * width, vals, width, color=color,
+                   label=label, yerr=err, capsize=2, error_kw={"elinewidth": 0.8})
         ax.axhline(0, color="black", lw=0.6)
         ax.set_xticks(x, labels)
         ax.set_xlabel("level pair")
         ax.set_title(name, fontsize=10)
-        ax.legend(fontsize=7, ncol=2)
+        ax.legend(fontsize=7, ncol=2 if len(series) < 6 else 3)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     return _save(fig, out, "fig_semantic")
@@ -286,9 +317,9 @@ def fig8_tradeoff(out: Path, rows: Sequence[dict] | None,
 # ----- training curves ------------------------------------------------------------------------
 
 #: (quantity, row title, models drawn) of the training-curves figure.
-TRAINING_ROWS = (("l0", "L0 (training batch)", ("hsae", "baseline")),
-                 ("fve", "FVE (training batch)", ("hsae", "baseline")),
-                 ("mse", "MSE", ("hsae", "baseline")),
+TRAINING_ROWS = (("l0", "L0 (training batch)", ("hsae", "baseline", "matryoshka")),
+                 ("fve", "FVE (training batch)", ("hsae", "baseline", "matryoshka")),
+                 ("mse", "MSE", ("hsae", "baseline", "matryoshka")),
                  ("lambda", "sparsity weight \u03bb", ("hsae", "baseline")),
                  ("pc", "parent-child loss", ("hsae",)),
                  ("with_parent", "features with a parent", ("hsae",)),
@@ -300,6 +331,28 @@ TRAINING_ROWS = (("l0", "L0 (training batch)", ("hsae", "baseline")),
 #: Rows logged at hierarchy updates only (points joined, not a per-step curve).
 UPDATE_ROWS = ("churn", "gained", "lost")
 
+#: The Matryoshka's curve (hsae_core.pipeline.matryoshka_run) for a row's quantity at level
+#: (group) g: its group's own L0, its prefix's (groups 0..g together) FVE and MSE
+MATRYOSHKA_CURVES = {"l0": "group{}/l0", "fve": "prefix{}/fve", "mse": "prefix{}/mse"}
+CURVE_LABELS = {"hsae": "HSAE", "baseline": "baseline",
+                "matryoshka": "Matryoshka (L0: group; FVE, MSE: prefix)"}
+
+
+def _curve_key(model: str, level: int, q: str) -> str | None:
+    if model == "matryoshka":
+        key = MATRYOSHKA_CURVES.get(q)
+        return key.format(level) if key else None
+    return f"level{level}/{q}"
+
+
+def _curve_level(key: str) -> int | None:
+    """The level (group) of a per-level curve key: ``level2/l0``, ``prefix2/fve`` -> 2."""
+    head = key.split("/")[0]
+    for prefix in ("level", "group", "prefix"):
+        if head.startswith(prefix) and head[len(prefix):].isdigit() and "/" in key:
+            return int(head[len(prefix):])
+    return None
+
 
 def fig_training(out: Path, curves: dict[str, dict[str, tuple[list, list]]] | None) -> list[Path]:
     """The training curves, viewable offline (``dvc plots show`` needs a network for its
@@ -307,27 +360,34 @@ def fig_training(out: Path, curves: dict[str, dict[str, tuple[list, list]]] | No
     ``curves[model]["level<l>/<q>"] = (steps, values)`` (DVCLive's logs, hsae_core.pipeline.
     train_run); the parent-child loss, forest size and the forest's churn at each hierarchy
     update exist from level 1 on, and only for the HSAE (the baseline's forest is built after
-    training)."""
+    training). ``curves["matryoshka"]`` (its run's ``group<g>/l0``, ``prefix<g>/{fve,mse}``,
+    hsae_core.pipeline.matryoshka_run), where given, adds the Matryoshka to the L0, FVE and MSE
+    rows: column g is group g's own L0 and the FVE and MSE of the prefix of groups 0..g."""
     stem, title = "fig_training", "Training curves per level: HSAE vs independent baseline"
+    if curves and "matryoshka" in curves:
+        title += (" vs Matryoshka (groups as levels)" if curves["matryoshka"] else
+                  "\n(Matryoshka: no curves found in dvclive/matryoshka/: run its training "
+                  "stage)")
     if not curves or not any(curves.values()):
         return missing_figure(out, stem, title, "no training curves found (dvclive/<model>/): "
                                                 "run the training stages")
-    levels = sorted({int(k.split("/")[0][5:]) for c in curves.values() for k in c
-                     if k.startswith("level")})
+    levels = sorted({lv for c in curves.values() for k in c
+                     if (lv := _curve_level(k)) is not None})
     plt = _plt()
     fig, axes = plt.subplots(len(TRAINING_ROWS), len(levels), squeeze=False,
                              figsize=(3.3 * len(levels), 2.1 * len(TRAINING_ROWS)))
-    colors = {"hsae": HSAE_C, "baseline": BASE_C}
+    colors = {"hsae": HSAE_C, "baseline": BASE_C, "matryoshka": MATR_C}
     for r, (q, label, models) in enumerate(TRAINING_ROWS):
         for c, l in enumerate(levels):
             ax = axes[r, c]
             drawn = False
             for model in models:
-                steps, values = (curves.get(model) or {}).get(f"level{l}/{q}", ([], []))
+                key = _curve_key(model, l, q)
+                steps, values = (curves.get(model) or {}).get(key, ([], []))
                 if len(steps):
                     ax.plot(steps, values, color=colors[model], lw=1.1,
                             marker="." if q in UPDATE_ROWS else None, ms=3,
-                            label="HSAE" if model == "hsae" else "baseline")
+                            label=CURVE_LABELS[model])
                     drawn = True
             if not drawn:
                 ax.axis("off")
@@ -440,5 +500,6 @@ def fig11_branching(out: Path, pairs: Sequence[dict] | None, n_children_root: np
     return _save(fig, out, "fig11_branching")
 
 
-__all__ = ["TRAINING_ROWS", "fig11_branching", "fig3_hierarchy", "fig8_tradeoff", "fig_ablation",
+__all__ = ["FIG3_SERIES", "MATRYOSHKA_CURVES", "TRAINING_ROWS", "fig11_branching",
+           "fig3_hierarchy", "fig8_tradeoff", "fig_ablation",
            "fig_training", "fig_umap", "find_row", "judge_rates", "missing_figure", "root_scores"]

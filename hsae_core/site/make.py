@@ -28,6 +28,20 @@ from .stats import ForestStats, feature_inputs, forest_stats
 #: The eval batches, fresh on each call: EvalBatches (document ids: the semantic scores), or
 #: tensors (every token its own document)
 Batches = Callable[[], Iterable]
+#: The browser's name of each model (others: their key)
+LABELS = {"hsae": "HSAE", "baseline": "Baseline (independent SAEs + post-hoc forest)",
+          "matryoshka": "Matryoshka (groups as levels, post-hoc forest)"}
+#: The judge's ``source`` of each model's verdicts (others: their key)
+JUDGE_SOURCES = {"hsae": "hsae", "baseline": "posthoc", "matryoshka": "matryoshka"}
+#: What the overview says of a model before its trees (none: nothing)
+ABOUT = {"matryoshka": "The third arm (issue 26): a Matryoshka BatchTopK SAE trained on the same "
+                       "store, its nested groups shown as levels (level l = group l, not the "
+                       "prefix of groups 0..l), its forest built after training by the "
+                       "baseline's post-hoc rule."}
+#: How to get a model's judge verdicts, where the judge stage is not the answer (others: "run the
+#: judge stage")
+JUDGE_HOW = {"matryoshka": "the pipeline does not judge this forest; give the report a pairs "
+                           "file with source \"matryoshka\" (--judge) to show verdicts"}
 #: The store's document labels: ``documents/label`` (label index per document id, -1 none) and
 #: its ``label_names`` (empty: the corpus has no label column)
 DocLabels = tuple[np.ndarray, list[str]]
@@ -149,16 +163,15 @@ def build_report(out: Path, models: dict[str, HSAE], batches: Batches, cfg: Repo
                  semantic: SemanticConfig = SemanticConfig(), scale_study: dict | None = None,
                  log: Callable[[str], None] = print) -> dict:
     """Write ``out/site`` (the browser) and ``out/figures``; return a summary (also written to
-    ``out/summary.json``). ``models`` maps "hsae" and "baseline" (the post-hoc forest) to models;
+    ``out/summary.json``). ``models`` maps "hsae" and "baseline" (the post-hoc forest), and
+    optionally "matryoshka" (the third arm, groups as levels, its post-hoc forest), to models;
     ``evidence`` the same names to collected evidence (None: contexts are absent, the site says
     so); ``curves`` the same names to their training curves (:func:`read_curves`);
     ``doc_labels`` the store's document labels, from which, with ``semantic`` (compute-metrics'
     ``min_docs``), the site shows each feature's top labels, each link's scores and each tree's
     mean (None or no names: no labels, topic coherence unavailable; co-occurrence is shown)."""
     out = Path(out)
-    labels = labels or {"hsae": "HSAE",
-                        "baseline": "Baseline (independent SAEs + post-hoc forest)"}
-    sources = {"hsae": "hsae", "baseline": "posthoc"}
+    labels = labels or LABELS
     stats: dict[str, ForestStats] = {}
     views = []
     for name, model in models.items():
@@ -171,8 +184,9 @@ def build_report(out: Path, models: dict[str, HSAE], batches: Batches, cfg: Repo
                          f"(run `dvc repro evidence-{name}`).")
         views.append(ModelView(name, labels.get(name, name), model.forest.to("cpu"), stats[name],
                                evidence_contexts(evidence.get(name)),
-                               judge_verdicts(judge_pairs, sources.get(name, name)),
-                               notes, sem))
+                               judge_verdicts(judge_pairs, JUDGE_SOURCES.get(name, name)),
+                               notes, sem, ABOUT.get(name, ""),
+                               JUDGE_HOW.get(name, "run the judge stage")))
         log(f"report: {name}: counted firings over {stats[name].tokens} eval tokens in "
             f"{sem.documents} documents; {sum(len(p) for p in sem.links)} links scored, "
             + (f"{len(sem.names)} document labels" if sem.has_labels
@@ -229,7 +243,8 @@ def build_report(out: Path, models: dict[str, HSAE], batches: Batches, cfg: Repo
         data, cfg.seed, why))
     keep("fig11", figures.fig11_branching(fig_dir, judge_pairs,
                                           hsae.forest.n_children(0).cpu().numpy(), judge_note))
-    summary = {"site": str(index), "figures": written, "judge": judge_note or "present",
+    summary = {"site": str(index), "models": list(models), "figures": written,
+               "judge": judge_note or "present",
                "ablation_rows": len(ablation_rows or []),
                "umap_panels": [{"parent": p.parent, "siblings": p.siblings,
                                 "unrelated": p.unrelated} for p in panels],
@@ -242,5 +257,6 @@ def build_report(out: Path, models: dict[str, HSAE], batches: Batches, cfg: Repo
     return summary
 
 
-__all__ = ["UmapPanel", "build_report", "choose_umap_panels", "evidence_contexts",
+__all__ = ["ABOUT", "JUDGE_HOW", "JUDGE_SOURCES", "LABELS", "UmapPanel", "build_report",
+           "choose_umap_panels", "evidence_contexts",
            "judge_verdicts", "read_curves", "read_judge"]

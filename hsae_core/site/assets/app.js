@@ -102,7 +102,8 @@
       el("h2", { text: `${m.label}: ${rows.length} trees over ${sizes.toLocaleString()} features` }),
       el("p", { class: "note", text: `Levels ${m.level_sizes.join(" / ")}; ${m.n_lone.toLocaleString()} features belong to no tree ` +
         `(search finds them). Firing frequencies and P(parent|child) over ${m.tokens.toLocaleString()} eval tokens.` }));
-    if (!m.judge) info.append(el("p", { class: "warn", text: "No judge output for this model: link verdicts are not shown (run the judge stage)." }));
+    if (m.about) info.append(el("p", { class: "note about", text: m.about }));
+    if (!m.judge) info.append(el("p", { class: "warn", text: `No judge output for this model: link verdicts are not shown (${m.judge_how || "run the judge stage"}).` }));
     else info.append(el("p", { class: "note", text: `${m.judged_links} judge answers (yes or no) about this forest's links; the last column counts them per tree.` }));
     for (const n of m.notes || []) info.append(el("p", { class: "warn", text: n }));
     info.append(semanticNote(m));
@@ -323,9 +324,9 @@
     renderModels(r);
     document.title = `${ov.title}`;
     if (r.view === "compare") {
-      const [a, b] = ov.models;
+      // every forest side by side (two or three panes)
       main.replaceChildren(el("div", { class: "panes" },
-        el("iframe", { src: `index.html?embed#/${a.name}`, title: a.label }), el("iframe", { src: `index.html?embed#/${b.name}`, title: b.label })));
+        ...ov.models.map(m => el("iframe", { src: `index.html?embed#/${m.name}`, title: m.label }))));
       return;
     }
     if (r.view === "overview") { renderOverview(r); return; }
