@@ -113,7 +113,7 @@ def stage(run, out: Path, *extra: str, store: str = "store.zarr",
 
     root = run["root"]
     args = ["--params", root / "params.yaml", "--hsae", root / "hsae",
-            "--posthoc", root / "posthoc",
+            "--posthoc", root / "posthoc", "--matryoshka", root / "no-matryoshka",
             "--evidence", root / "evidence", "--metrics", root / "metrics.json",
             "--store", root / store, "--normalization", root / normalization,
             "--out", out,
