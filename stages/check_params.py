@@ -30,6 +30,7 @@ from hsae_core.evaluation.evidence import EvidenceConfig
 from hsae_core.judge.pairs import JudgeConfig
 from hsae_core.model.posthoc import PosthocConfig
 from hsae_core.pipeline.limits import check_limits
+from hsae_core.pipeline.matryoshka_run import MatryoshkaParams
 from hsae_core.pipeline.params import (
     check_unchanged,
     load_params,
@@ -41,8 +42,8 @@ from hsae_core.site.config import ReportConfig
 
 #: Each section's class; ``sae``, ``hierarchy``, ``rho`` and ``r`` are HSAEConfig's (params.py).
 SECTIONS = {"extract": ExtractConfig, "normalize": NormalizeConfig, "train": TrainRunConfig,
-            "posthoc": PosthocConfig, "metrics": MetricsConfig, "evidence": EvidenceConfig,
-            "judge": JudgeConfig, "report": ReportConfig}
+            "posthoc": PosthocConfig, "matryoshka": MatryoshkaParams, "metrics": MetricsConfig,
+            "evidence": EvidenceConfig, "judge": JudgeConfig, "report": ReportConfig}
 MARK = ("params.yaml passed stages/check_params.py. Every stage depends on this file, so DVC runs "
         "that check first; its text never changes.\n")
 RESTORE = ("Nothing was run and no output was removed. (Outputs that an earlier, interrupted run "

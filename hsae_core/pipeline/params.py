@@ -16,6 +16,8 @@ Top-level keys, the class that documents each, and the stages that read them::
                 exclude_quantile, tree, coactivation_*)
     train:      TrainRunConfig (hsae_core.pipeline.train_run)    train-hsae, train-baselines
     posthoc:    PosthocConfig (hsae_core.model.posthoc)          build-posthoc-trees
+    matryoshka: MatryoshkaParams (hsae_core.pipeline.            train-matryoshka
+                matryoshka_run): the third arm's own knobs
     metrics:    MetricsConfig (hsae_core.evaluation.compute)     compute-metrics
     evidence:   EvidenceConfig (hsae_core.evaluation.evidence)   evidence-hsae, evidence-baseline
     judge:      JudgeConfig (hsae_core.judge.pairs)              judge-hsae, judge-baseline
@@ -63,8 +65,8 @@ SAE_FIELDS = tuple(f.name for f in dataclasses.fields(HSAEConfig)
                    if f.name not in (*HIERARCHY_FIELDS, *PAPER_KEYS.values(), "d_model"))
 
 #: The sections of params.yaml (the table above).
-SECTIONS = ("extract", "normalize", "sae", "hierarchy", "train", "posthoc", "metrics", "evidence",
-            "judge", "report")
+SECTIONS = ("extract", "normalize", "sae", "hierarchy", "train", "posthoc", "matryoshka",
+            "metrics", "evidence", "judge", "report")
 #: Where a key of an older params.yaml went.
 MOVED = {"hierarchy.rho": "rho", "hierarchy.swap_rate": "r", "swap_rate": "r"}
 
