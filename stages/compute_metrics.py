@@ -1,11 +1,14 @@
-"""Stage compute-metrics: the HSAE and the post-hoc baseline on the eval split (§4.2, App. D)
--> metrics/metrics.json (every metric), metrics/headline.json (the paper's headline numbers;
-both read by ``dvc metrics show/diff``) and metrics/table.md (printed at the end). Layout and
-names: hsae_core.evaluation.compute.
+"""Stage compute-metrics: the HSAE, the post-hoc baseline and the Matryoshka arm (issue 26) on the
+eval split (§4.2, App. D) -> metrics/metrics.json (every metric), metrics/headline.json (the
+paper's headline numbers; both read by ``dvc metrics show/diff``) and metrics/table.md (printed
+at the end). Layout and names: hsae_core.evaluation.compute.
 
     python -m stages.compute_metrics [--params params.yaml] [--hsae data/hsae]
-        [--posthoc data/posthoc] [--out metrics/metrics.json]
+        [--posthoc data/posthoc] [--matryoshka data/matryoshka_forest
+        --matryoshka-prefixes data/matryoshka/prefixes] [--out metrics/metrics.json]
         [--headline metrics/headline.json]
+
+Without ``--matryoshka`` only the HSAE and the baseline are evaluated (as before issue 26).
 
 Reads ``metrics:``. Streams the eval split (one batch in memory); the spliced next-token loss
 reloads the store's language model whole (hsae_core.evaluation.splice).
@@ -40,6 +43,10 @@ def main(
     params: Path = typer.Option(Path("params.yaml"), help="params file (section metrics)"),
     hsae: Path = typer.Option(Path("data/hsae"), help="trained HSAE"),
     posthoc: Path = typer.Option(Path("data/posthoc"), help="baseline with its post-hoc forest"),
+    matryoshka: Optional[Path] = typer.Option(None, help="the Matryoshka's groups with their "
+                                                         "post-hoc forest (optional)"),
+    matryoshka_prefixes: Optional[Path] = typer.Option(None, help="the Matryoshka's prefixes "
+                                                                  "(with --matryoshka)"),
     store: str = typer.Option("data/activations.zarr",
                               help="activation store (eval split) (path or fsspec URL)"),
     normalization: Path = typer.Option(Path("data/normalization.json"), help="normalisation JSON"),
@@ -56,10 +63,22 @@ def main(
         cfg = section_config(load_params(params), "metrics", MetricsConfig)
         info = open_store(store)
         scale = resolve_scale(normalization, info)
-        models = load_for_store({"hsae": hsae, "posthoc": posthoc}, info.d_model, store,
-                                cfg.device)
-        training = {"hsae": load_training(hsae), "posthoc": load_training(posthoc)}
-        metrics = compute_metrics(models, info, scale, cfg, training)
+        folders = {"hsae": hsae, "posthoc": posthoc}
+        prefixes = {}
+        if matryoshka is not None:
+            if matryoshka_prefixes is None:
+                raise ValueError("--matryoshka needs --matryoshka-prefixes (the prefixes "
+                                 "folder train-matryoshka wrote: data/matryoshka/prefixes)")
+            folders["matryoshka"] = matryoshka
+            prefixes = load_for_store({"matryoshka": matryoshka_prefixes}, info.d_model, store,
+                                      cfg.device)
+        models = load_for_store(folders, info.d_model, store, cfg.device)
+        if prefixes and (prefixes["matryoshka"].n_levels != models["matryoshka"].n_levels):
+            raise ValueError(f"{matryoshka_prefixes} has {prefixes['matryoshka'].n_levels} "
+                             f"prefixes, {matryoshka} {models['matryoshka'].n_levels} groups: "
+                             "both must come from one train-matryoshka run")
+        training = {name: load_training(folder) for name, folder in folders.items()}
+        metrics = compute_metrics(models, info, scale, cfg, training, prefixes)
     except (ValueError, FileNotFoundError) as err:
         rprint(f"[red]compute-metrics: {err}[/red]")
         raise typer.Exit(2) from err

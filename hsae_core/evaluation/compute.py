@@ -1,10 +1,11 @@
-"""compute-metrics: evaluate the HSAE and the post-hoc baseline on the eval split and write one
-metrics JSON (read by ``dvc metrics show/diff``), a headline JSON and a human table (§4.2,
-Appendix D).
+"""compute-metrics: evaluate the HSAE, the post-hoc baseline and (issue 26) the Matryoshka arm on
+the eval split and write one metrics JSON (read by ``dvc metrics show/diff``), a headline JSON
+and a human table (§4.2, Appendix D).
 
 JSON layout (short, stable names: ``p_pc`` = P(parent|child), ``p_cp`` = P(child|parent); the
 restricted forms are ``*_min`` whatever k, which ``min_fires`` records), per model name
-(``hsae``, ``posthoc``); every metric ``m`` that is not a count carries its 95% interval over
+(``hsae``, ``posthoc``, ``matryoshka``); every metric ``m`` that is not a count carries its 95%
+interval over
 eval documents (hsae_core.evaluation.bootstrap: the bias-corrected jackknife, links fixed on
 the full sample; docs/intervals.md) as ``m_lo`` / ``m_hi``, right after it::
 
@@ -19,11 +20,20 @@ the full sample; docs/intervals.md) as ``m_lo`` / ``m_hi``, right after it::
                    (hsae_core.evaluation.semantic; topic coherence needs document labels)
     diff.<metric>: hsae minus posthoc of each mean, with a paired interval (both models are
                    resampled with the same documents)
+    diff_matryoshka.<metric>: hsae minus matryoshka; diff_matryoshka_posthoc.<metric>:
+                   matryoshka minus posthoc (both paired, as diff)
     lm.{loss_clean, loss_zero, tokens}; eval_tokens; eval_documents; min_fires
+
+The Matryoshka arm is evaluated as the baseline is: its nested groups are its levels (L0, dead
+fraction and every hierarchy and semantic metric of its post-hoc forest per group), except that a
+group alone reconstructs nothing the model ever outputs, so its ``level<l>`` FVE, pooled FVE and
+spliced loss are those of prefix l (the first l + 1 groups together; ``prefixes`` in
+:func:`compute_metrics`).
 
 The headline JSON (:func:`headline`) holds the paper's headline numbers alone, listed first by
 ``dvc exp show`` and ``dvc metrics diff``: per model the mean Hamming, P(p|c), P(c|p), FVE and
-L0, and ``delta`` (hsae minus posthoc) of the first four with its interval.
+L0, and ``delta`` (hsae minus posthoc; ``delta_matryoshka``: hsae minus matryoshka) of the first
+four with its interval.
 """
 
 from __future__ import annotations
@@ -164,17 +174,36 @@ def lm_metrics(models: dict[str, HSAE], store: StoreInfo, scale: float,
     return out
 
 
+#: The paired differences of metrics.json: key -> (minuend, subtrahend).
+DIFFS = {"diff": ("hsae", "posthoc"), "diff_matryoshka": ("hsae", "matryoshka"),
+         "diff_matryoshka_posthoc": ("matryoshka", "posthoc")}
+#: Level metrics that a model's ``prefixes`` replace (module docstring).
+PREFIX_KEYS = ("fve", "fve_pooled")
+
+
 def compute_metrics(models: dict[str, HSAE], store: StoreInfo, scale: float,
-                    cfg: MetricsConfig, training: dict[str, dict | None] | None = None) -> dict:
+                    cfg: MetricsConfig, training: dict[str, dict | None] | None = None,
+                    prefixes: dict[str, HSAE] | None = None) -> dict:
     """Every metric of every model, streamed over the eval split (one batch in memory), and the
-    paired difference hsae - posthoc of each mean metric. ``training[name]``: where that
-    model's training ended (``Trainer.summary``), whose train-stream dead fractions are
-    reported beside the eval split's (``dead_frac_train``)."""
+    paired differences of :data:`DIFFS` whose two models are present. ``training[name]``: where
+    that model's training ended (``Trainer.summary``), whose train-stream dead fractions are
+    reported beside the eval split's (``dead_frac_train``). ``prefixes[name]``: a model whose
+    level l reconstructs as ``name`` does from its levels 0..l together (the Matryoshka's
+    prefixes): its FVE and spliced loss stand for ``name``'s per level."""
     out: dict = {}
     reps = {}
+    prefixes = prefixes or {}
     for name, model in models.items():
         counts = count_model(model.to(cfg.device), eval_batches(store, scale, cfg))
         reps[name] = replicate_metrics(counts, cfg.boot)
+        if name in prefixes:
+            whole = replicate_metrics(count_model(prefixes[name].to(cfg.device),
+                                                  eval_batches(store, scale, cfg)), cfg.boot)
+            for key in list(reps[name]):
+                group, metric = key.split("/")
+                if metric in PREFIX_KEYS and group != "mean":
+                    reps[name][key] = whole[key]
+            reps[name]["mean/fve"] = whole["mean/fve"]
         docs = counts.documents()
         labels, n_labels = eval_labels(store, docs)
         sem, _ = semantic_replicates(counts, replicate_weights(docs.numel(), cfg.bootstrap,
@@ -193,17 +222,18 @@ def compute_metrics(models: dict[str, HSAE], store: StoreInfo, scale: float,
         out["eval_tokens"] = counts.tokens
         out["eval_documents"] = int(counts.documents().numel())
         out["doc_labels"] = n_labels  # 0: no label column, topic coherence unavailable
-    if {"hsae", "posthoc"} <= set(reps):
-        out["diff"] = {}
-        for key, value in reps["hsae"].items():
-            if key.startswith("mean/"):
-                point, lo, hi = interval(value - reps["posthoc"][key])
-                name = key.split("/")[1]
-                out["diff"][name] = point
-                if cfg.bootstrap:
-                    out["diff"][f"{name}_lo"], out["diff"][f"{name}_hi"] = lo, hi
+    for diff, (a, b) in DIFFS.items():
+        if {a, b} <= set(reps):
+            out[diff] = {}
+            for key, value in reps[a].items():
+                if key.startswith("mean/") and key in reps[b]:
+                    point, lo, hi = interval(value - reps[b][key])
+                    name = key.split("/")[1]
+                    out[diff][name] = point
+                    if cfg.bootstrap:
+                        out[diff][f"{name}_lo"], out[diff][f"{name}_hi"] = lo, hi
     if cfg.lm_loss_tokens:
-        lm = lm_metrics(models, store, scale, cfg)
+        lm = lm_metrics({**models, **prefixes}, store, scale, cfg)
         out["lm"] = lm.pop("lm")
         for name, levels in lm.items():
             for level, vals in levels.items():
@@ -217,8 +247,10 @@ SHORT = {"p_parent_given_child": "p_pc", "p_child_given_parent": "p_cp"}
 #: The paper's headline numbers, first in every group.
 HEADLINE = ("hamming", "p_pc", "p_cp", "fve", "l0")
 #: Top-level order of metrics.json.
-TOP = ("hsae", "posthoc", "diff", "lm", "eval_tokens", "eval_documents", "doc_labels",
-       "min_fires")
+TOP = ("hsae", "posthoc", "matryoshka", *DIFFS, "lm", "eval_tokens", "eval_documents",
+       "doc_labels", "min_fires")
+#: The models of metrics.json, in order.
+MODELS = ("hsae", "posthoc", "matryoshka")
 
 
 def short_name(name: str, min_fires: int) -> str:
@@ -255,9 +287,9 @@ def short_names(metrics: dict, min_fires: int) -> dict:
     out = {}
     for key in sorted(metrics, key=lambda k: TOP.index(k) if k in TOP else len(TOP)):
         value = metrics[key]
-        if key in ("hsae", "posthoc"):
+        if key in MODELS:
             value = model(value)
-        elif key == "diff":
+        elif key in DIFFS:
             value = group(value)
         out[key] = value
     return out
@@ -265,13 +297,14 @@ def short_names(metrics: dict, min_fires: int) -> dict:
 
 def headline(metrics: dict) -> dict:
     """The paper's headline numbers from :func:`compute_metrics`' output: per model the mean
-    of each :data:`HEADLINE` metric, and ``delta`` (hsae minus posthoc, from ``diff``) of the
-    hierarchy metrics and FVE with their 95% intervals."""
-    out = {m: {k: metrics[m]["mean"].get(k) for k in HEADLINE}
-           for m in ("hsae", "posthoc") if m in metrics}
-    if "diff" in metrics:
-        out["delta"] = {f"{k}{e}": metrics["diff"][f"{k}{e}"] for k in HEADLINE[:4]
-                        for e in ("", "_lo", "_hi") if f"{k}{e}" in metrics["diff"]}
+    of each :data:`HEADLINE` metric, and ``delta`` (hsae minus posthoc, from ``diff``) and
+    ``delta_matryoshka`` (hsae minus matryoshka) of the hierarchy metrics and FVE with their
+    95% intervals."""
+    out = {m: {k: metrics[m]["mean"].get(k) for k in HEADLINE} for m in MODELS if m in metrics}
+    for delta, diff in (("delta", "diff"), ("delta_matryoshka", "diff_matryoshka")):
+        if diff in metrics:
+            out[delta] = {f"{k}{e}": metrics[diff][f"{k}{e}"] for k in HEADLINE[:4]
+                          for e in ("", "_lo", "_hi") if f"{k}{e}" in metrics[diff]}
     return out
 
 
@@ -283,20 +316,20 @@ PAIR_ROWS = ("hamming", "p_pc", "p_cp", "hamming_per_parent", "p_pc_pooled", "p_
              "parents_with_children", "children_assigned", "children_mean", "children_max")
 
 
-def format_table(metrics: dict, models: tuple[str, ...] = ("hsae", "posthoc")) -> str:
+def format_table(metrics: dict, models: tuple[str, ...] = MODELS) -> str:
     """A markdown table of :func:`compute_metrics`' output: the means first (the headline
     metrics leading), then per level L0 / FVE / dead / spliced loss and per pair the hierarchy
     metrics (the paper's forms and the robust ones), each with its 95% interval; and the paired
-    difference hsae - posthoc."""
+    differences (:data:`DIFFS`) of the means."""
     names = [m for m in models if m in metrics]
+    diffs = [d for d, (a, b) in DIFFS.items() if d in metrics and {a, b} <= set(names)]
     n_levels = sum(1 for k in metrics[names[0]] if k.startswith("level"))
-    head = names + (["hsae - posthoc"] if "diff" in metrics else [])
+    head = names + [f"{DIFFS[d][0]} - {DIFFS[d][1]}" for d in diffs]
     rows = ["| metric | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
 
     def row(label: str, group: str, key: str) -> None:
         cells = [_cell(metrics[m].get(group, {}), key) for m in names]
-        if "diff" in metrics:
-            cells.append(_cell(metrics["diff"], key) if group == "mean" else "")
+        cells += [_cell(metrics[d], key) if group == "mean" else "" for d in diffs]
         rows.append(f"| {label} | " + " | ".join(cells) + " |")
 
     restricted = [k for k in metrics[names[0]].get("mean", {})
@@ -321,6 +354,10 @@ def format_table(metrics: dict, models: tuple[str, ...] = ("hsae", "posthoc")) -
                     "documents, bias-corrected jackknife]; \u2020 an interval that misses its "
                     "point estimate: the point is biased by more than 1.96 standard errors and "
                     "the interval is shifted by the estimated bias (docs/intervals.md)")
+    if "matryoshka" in names:
+        rows.append("\nmatryoshka: its nested groups are its levels (L0, dead, the post-hoc "
+                    "forest's pairs); its level FVE and spliced loss are those of the prefix "
+                    "ending with that group")
     if metrics.get("doc_labels") == 0:
         rows.append("\ntopic coherence: unavailable, the corpus has no document label column "
                     "(name one in extract.label_column and re-extract); document co-occurrence "
@@ -366,5 +403,5 @@ def _fmt(v) -> str:
     return f"{v:.4g}" if abs(v) >= 10 else f"{v:.4f}"
 
 
-__all__ = ["HEADLINE", "MetricsConfig", "compute_metrics", "eval_batches", "format_table",
-           "headline", "json_safe", "lm_metrics", "short_name", "short_names"]
+__all__ = ["DIFFS", "HEADLINE", "MODELS", "MetricsConfig", "compute_metrics", "eval_batches",
+           "format_table", "headline", "json_safe", "lm_metrics", "short_name", "short_names"]
