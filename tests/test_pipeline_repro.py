@@ -25,7 +25,10 @@ from tests.pipeline_helpers import (
 
 ALL = {"check-params", "extract-activations", "normalize", "train-hsae", "train-baselines",
        "build-posthoc-trees", "compute-metrics", "export-hsae", "export-baseline", "evidence-hsae",
-       "evidence-baseline", "judge-hsae", "judge-baseline", "report"}
+       "evidence-baseline", "judge-hsae", "judge-baseline", "report",
+       # issue 26's third arm
+       "train-matryoshka", "build-matryoshka-forest", "export-matryoshka",
+       "evidence-matryoshka"}
 #: What an ablation of rho or r re-runs: the HSAE's side (check-params sees the new params.yaml).
 HSAE_SIDE = {"check-params", "train-hsae", "compute-metrics", "export-hsae", "evidence-hsae",
              "judge-hsae", "report"}
@@ -38,7 +41,7 @@ def test_repro_ablation_and_metrics_diff(tmp_path):
 
     assert ran_stages(dvc(root, "repro").stdout) == ALL
     metrics = json.loads((root / "metrics" / "metrics.json").read_text())
-    for name in ("hsae", "posthoc"):
+    for name in ("hsae", "posthoc", "matryoshka"):
         for l in range(4):
             level = metrics[name][f"level{l}"]
             assert 0 < level["l0"] < 8 and level["fve"] < 1 and 0 <= level["dead_frac"] <= 1
@@ -47,17 +50,31 @@ def test_repro_ablation_and_metrics_diff(tmp_path):
             assert metrics[name][f"pair{l}"]["children_assigned"] > 0
             assert metrics[name][f"pair{l}"]["hamming"] >= 0
     assert metrics["eval_tokens"] > 0 and metrics["lm"]["tokens"] >= 120
-    for name in ("hsae", "posthoc"):  # intervals, robust forms, the train-stream dead fraction
+    # the Matryoshka's L0 is per group (BatchTopK's k = 4 x 3 spread over them), its FVE per
+    # prefix: non-decreasing as groups are added
+    mat = metrics["matryoshka"]
+    assert abs(sum(mat[f"level{l}"]["l0"] for l in range(4)) - 12) < 6
+    fves = [mat[f"level{l}"]["fve"] for l in range(4)]
+    assert all(a <= b + 1e-6 for a, b in zip(fves, fves[1:])), fves
+    for name in ("hsae", "posthoc", "matryoshka"):  # intervals, robust forms, train-stream dead
         mean = metrics[name]["mean"]
         assert list(mean)[:9] == ["hamming", "hamming_lo", "hamming_hi", "p_pc", "p_pc_lo",
                                   "p_pc_hi", "p_cp", "p_cp_lo", "p_cp_hi"]
         for key in ("hamming", "hamming_per_parent", "p_pc_pooled", "fve"):
             assert mean[f"{key}_lo"] <= mean[f"{key}_hi"], key
         assert 0 <= metrics[name]["level0"]["dead_frac_train"] <= 1
-    assert {"hamming", "hamming_lo", "hamming_hi"} <= set(metrics["diff"])
+    for diff in ("diff", "diff_matryoshka", "diff_matryoshka_posthoc"):
+        assert {"hamming", "hamming_lo", "hamming_hi"} <= set(metrics[diff])
+    assert math.isclose(metrics["diff_matryoshka"]["hamming"], metrics["hsae"]["mean"]["hamming"]
+                        - metrics["matryoshka"]["mean"]["hamming"], rel_tol=1e-9, abs_tol=1e-12)
     headline = json.loads((root / "metrics" / "headline.json").read_text())
     assert list(headline["hsae"]) == ["hamming", "p_pc", "p_cp", "fve", "l0"]
     assert headline["delta"]["hamming"] == metrics["diff"]["hamming"]
+    assert headline["delta_matryoshka"]["hamming"] == metrics["diff_matryoshka"]["hamming"]
+    assert {"hsae", "posthoc", "matryoshka"} <= set(headline)
+    exported = json.loads((root / "data" / "export" / "matryoshka" / "export.json").read_text())
+    assert exported["kind"] == "matryoshka"
+    assert (root / "data" / "report" / "site" / "index.html").is_file()
     shown = dvc(root, "metrics", "show").stdout
     assert shown.index("metrics/headline.json") < shown.index("metrics/metrics.json")
     # DVCLive's curves: latest values for `dvc exp show`, one TSV per quantity for `dvc plots`
@@ -80,7 +97,12 @@ def test_repro_ablation_and_metrics_diff(tmp_path):
     changed = dict(params, sae=params["sae"] | {"lr": 1e-3})
     (root / "params.yaml").write_text(yaml.safe_dump(changed, sort_keys=False))
     assert (set(json.loads(dvc(root, "status", "--json").stdout))
-            == {"check-params", "train-hsae", "train-baselines"})
+            == {"check-params", "train-hsae", "train-baselines", "train-matryoshka"})
+    # the Matryoshka's own knobs re-run its side alone
+    changed = dict(params, matryoshka=params["matryoshka"] | {"lr": 1e-3})
+    (root / "params.yaml").write_text(yaml.safe_dump(changed, sort_keys=False))
+    assert (set(json.loads(dvc(root, "status", "--json").stdout))
+            == {"check-params", "train-matryoshka"})
     git(root, "checkout", "params.yaml")
 
     # an unknown or misspelt key stops the pipeline in check-params, naming it, and no output
@@ -105,6 +127,9 @@ def test_repro_ablation_and_metrics_diff(tmp_path):
         assert any(":hsae.pair" in k for k in changed)
         # the baseline was neither retrained nor re-evaluated
         assert not [k for k in changed if ":posthoc." in k or "baseline" in k], changed
+        # nor was the Matryoshka (only its differences from the HSAE move)
+        assert not [k for k in changed if ":matryoshka." in k or "diff_matryoshka_posthoc" in k
+                    or "dvclive/matryoshka" in k], changed
 
     table = subprocess.run([sys.executable, "-m", "stages.ablations", "table"], cwd=root,
                            env=env(), capture_output=True, text=True, check=True).stdout
