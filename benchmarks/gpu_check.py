@@ -1,6 +1,7 @@
 """One command that proves and times the CUDA path (issue 17), writing its numbers to a folder.
 
-On a GPU machine, from the repository root (about 8 minutes; --time-limit is a hard limit):
+On a GPU machine, from the repository root (about 6 minutes expected, see below; --time-limit,
+default 480 s, is a hard limit):
 
     python benchmarks/gpu_check.py --out "$OUT/gpu_check"        # or
     bash benchmarks/gpu_check.sh "$OUT/gpu_check"                 # the same under `timeout`
@@ -9,30 +10,52 @@ On the CPU at toy sizes (tests/test_gpu_check.py runs this, so it cannot rot):
 
     python benchmarks/gpu_check.py --device cpu --small --out /tmp/gpucheck
 
-Phases, in this order, each within what is left of the limit; ``gpu_check.json`` is rewritten
-after every phase, so a run cut short keeps what it measured:
+Phases, in this order (the most wanted numbers first), each started only if what is left of the
+limit covers what it needs; ``gpu_check.json`` is rewritten after every phase, so a run cut
+short keeps what it measured:
 
 1. correctness: ``pytest -m cuda tests/test_cuda.py`` on the device: the fast coupled decode,
    PC loss and swaps against the dense float64 reference (§3.1-3.2), the STE threshold
    gradient, bf16 autocast, save/load and checkpoint/resume equality (and, reported apart,
    tests/test_sync_count.py's CUDA-only sync checks);
-2. step time of the HSAE against the same levels trained independently at the paper's sizes
-   (d 2304, levels 2048..16384, batch 1024, L0 50; §4.1, App. A), fp32 and bf16 autocast of the
-   encoder matmuls (then TF32 if time is left): ms/step, tokens/s, peak memory; beside them,
-   interleaved in the same blocks, the plain dense JumpReLU step of the same levels in the same
-   precision (benchmarks/dense_floor.py, issue 23's floor to beat);
+2. step time (benchmarks/gpu_steptime.py) of the HSAE against the same levels trained
+   independently at the paper's sizes (d 2304, levels 2048..16384, L0 50; §4.1, App. A) at the
+   goal batch (the first of ``--batches``: 1,024 as in the paper), fp32 then bf16 autocast of
+   the encoder matmuls: ms/step, tokens/s, peak memory; beside them, interleaved in the same
+   blocks, the plain dense JumpReLU step of the same levels in the same precision
+   (benchmarks/dense_floor.py, issue 23's floor to beat). Keys ``step_time_fp32``,
+   ``step_time_bf16``, as in reports before batches were added;
 3. profile of 20 HSAE steps (torch.profiler): the ten most expensive kernels, kernel launches
    and host-device synchronisations per step, the latter twice: torch.cuda.set_sync_debug_mode
    and the patched count (:class:`SyncCounter`, benchmarks/gpu_counters.py) the CPU sees, each
    by source line;
 4. training: 2,000 steps at the paper's sizes on a synthetic hierarchical stream generated on
    the device (natural L0 about twice the target): every level's L0 within 2% of target at
-   the end, no non-finite loss, tokens/s;
-5. the sparse/dense crossover of one level of 16384 latents (``sparse_ops.DENSE_CUTOFF``).
+   the end, no non-finite loss, tokens/s. It stops early to leave the later phases what they
+   need to start, but runs at least ``TRAIN_MIN_S`` (120 s) when that much is left;
+5. the same step time at the other batches (4,096: 4x the tokens per step), fp32 then bf16:
+   ``step_time_fp32_b4096``, ``step_time_bf16_b4096``;
+6. the sparse/dense crossover of one level of 16384 latents (``sparse_ops.DENSE_CUTOFF``);
+7. TF32 step time (CUDA only) at every batch: ``step_time_tf32``, ``step_time_tf32_b4096``.
+
+Time at the paper's sizes, estimated from the one GPU run so far (an H200, 2026-11-30, at
+batch 1,024: HSAE 30 ms, independent 15-17 ms per step, 2,000 training steps in 69 s; the dense
+floor not yet timed on a GPU): correctness up to ``--pytest-timeout`` (150 s). A step-time
+phase runs 105 steps of each of its three models (5 warm-up, 6 blocks of 5) and builds them
+(30,720 latents each) and one forest: about 10 s at batch 1,024. At 4,096 a step does 4x the
+tokens and takes at most about 4x as long (the HSAE's launch and sync costs do not grow): with
+the dense floor's 2.9 TFLOP per step at fp32 matmul rates (about 50 ms on an H100 or H200),
+about 105 x (120 + 68 + 55) ms + set-up, 30 s in fp32 and 25 s in bf16 or TF32. So the two
+batch-4,096 phases add about 55 s and TF32 at both batches about 35 s; with the profile (10
+s), training (70 s) and the crossover (30 s), about 6 minutes with correctness at its 150 s
+limit, inside the 480 s default. Every number above is an estimate until the next GPU run's
+``phases`` say what each took; a phase that would not fit is skipped, its reason recorded.
 
 Exit status 0 when every check passed (correctness, finite training, L0); timings and issue
-23's goals (>= 250,000 tokens/s, HSAE/independent <= 1.25, HSAE faster than the dense floor in
-every precision) are reported under ``goals``, never checked.
+23's goals at the goal batch (>= 250,000 tokens/s in the best mode, HSAE/independent <= 1.25,
+HSAE faster than the dense floor in every precision) are reported under ``goals``, never
+checked; every other batch's tokens/s, ratios and peak memory sit beside them under
+``goals.other_batches`` (``b4096``), judged against nothing.
 
 Dependencies: torch (a CUDA build) and pytest, nothing else: ``hsae_core.model`` and
 ``hsae_core.common`` import only torch (the JSON lists any other heavy module that got loaded).
@@ -51,7 +74,8 @@ wheels: download them where there is a network, for CPython 3.12 on manylinux x8
 by hand and run with ``PYTHONPATH=OUT/site``.
 
 Modules beside it: gpu_counters.py (sync and ATen-op counters), gpu_run.py (the report, log,
-clock and pytest setup), streams.py (the synthetic stream), dense_floor.py (the plain dense step).
+clock and pytest setup), gpu_steptime.py (the step-time phase and the goals), streams.py (the
+synthetic stream), dense_floor.py (the plain dense step).
 """
 
 from __future__ import annotations
@@ -75,7 +99,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from hsae_core.model import sparse_ops  # noqa: E402
-from hsae_core.model.config import HSAEConfig  # noqa: E402
 from hsae_core.model.trainer import Trainer  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -89,52 +112,25 @@ from gpu_counters import (  # noqa: E402,F401  (re-exported: gpu_check.SyncCount
     caller_site,
     cuda_sync_sites,
 )
-from dense_floor import build as build_dense_floor  # noqa: E402
 from gpu_run import Run, TimeUp, ensure_pytest  # noqa: E402
+from gpu_steptime import (  # noqa: E402,F401  (re-exported: gpu_check.timed_block etc.)
+    RATIO_GOAL,
+    TOKENS_GOAL,
+    goals,
+    make_trainer,
+    matmul_mode,
+    parse_key,
+    peak_mib,
+    phase_name,
+    step_time,
+    sync,
+    timed_block,
+)
 
-#: Issue 23's goal for HSAE / independent step time on one GPU (issue 17's was 1.10).
-RATIO_GOAL = 1.25
 #: Modules a GPU machine lacks or that must not be needed: listed in the JSON if loaded.
 HEAVY = ("zarr", "numcodecs", "dvc", "pydantic", "gguf", "transformers", "safetensors",
          "fsspec", "yaml", "typer", "rich", "scipy", "pandas", "matplotlib")
 
-
-
-# ---------------------------------------------------------------- data
-
-# ---------------------------------------------------------------- helpers
-
-def sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-def peak_mib(device) -> float | None:
-    if torch.device(device).type != "cuda":
-        return None
-    return round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
-
-
-def make_trainer(sz: dict, device, independent: bool, **kw) -> Trainer:
-    coupling = dict(rho=0.0, swap_rate=0.0) if independent else dict(rho=0.01, swap_rate=0.05)
-    cfg = HSAEConfig(d_model=sz["d"], level_sizes=sz["sizes"], batch_size=sz["batch"],
-                     target_l0=sz["l0"], device=str(device), **{**coupling, **kw})
-    return Trainer(cfg)
-
-
-@contextlib.contextmanager
-def matmul_mode(mode: str, device):
-    """fp32 (no TF32), tf32 (fp32 parameters, TF32 matmuls) or bf16 (autocast, set in the
-    config)."""
-    cuda = torch.device(device).type == "cuda"
-    old = torch.backends.cuda.matmul.allow_tf32 if cuda else None
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = mode == "tf32"
-    try:
-        yield
-    finally:
-        if cuda:
-            torch.backends.cuda.matmul.allow_tf32 = old
 
 
 # ---------------------------------------------------------------- phase 1: correctness
@@ -178,89 +174,6 @@ def correctness(args, run: Run) -> dict:
             f"{len(core['skipped'])} skipped" + "".join(f"\n     FAILED {f}"
                                                          for f in core["failed"]))
     return res
-
-
-# ---------------------------------------------------------------- phase 2: step time
-
-def timed_block(trainer, data, steps: int, device) -> float:
-    """Seconds per step over ``steps`` back-to-back steps (one sync at the end, as in
-    training) of a :class:`Trainer` or a :class:`dense_floor.DenseFloor`."""
-    step = getattr(trainer, "train_step", None) or trainer.step  # a Trainer or a DenseFloor
-    sync(device)
-    t0 = time.perf_counter()
-    for i in range(steps):
-        step(data[i % len(data)])
-    sync(device)
-    return (time.perf_counter() - t0) / steps
-
-
-def step_time(args, run: Run, sz: dict, mode: str) -> dict:
-    """HSAE (rho 0.01, r 0.05, a real forest) against the same levels with rho = r = 0 and
-    against the plain dense JumpReLU step of the same levels (benchmarks/dense_floor.py, issue
-    23's floor to beat: bf16 autocast in bf16 mode, TF32 matmuls in tf32 mode), on the same
-    batches; blocks of steps interleaved (ABC CBA ...) so drift hits all alike."""
-    device = args.device
-    src = stream(sz, device, seed=1)
-    data = [src.batch(sz["batch"]) for _ in range(4)]
-    kw = {"autocast_dtype": "bfloat16"} if mode == "bf16" else {}
-    out: dict = {"mode": mode}
-    trainers = {}
-    with matmul_mode(mode, device):
-        for name in ("hsae", "independent", "dense"):
-            base = 0
-            if torch.device(device).type == "cuda":
-                torch.cuda.empty_cache()
-                base = torch.cuda.memory_allocated()
-            if name == "dense":
-                t = build_dense_floor(sz["d"], sz["sizes"], sz["batch"], device,
-                                      target_l0=sz["l0"],
-                                      autocast="bf16" if mode == "bf16" else None)
-                t.step(data[0])  # thresholds at the target L0, as the trainers' first step
-            else:
-                t = make_trainer(sz, device, independent=name == "independent",
-                                 total_steps=100_000, update_interval=0, **kw)
-                t.train_step(data[0])  # thresholds at the target L0
-            if name == "hsae":
-                sync(device)
-                t0 = time.perf_counter()
-                forest = t.update_hierarchy()
-                sync(device)
-                out["hierarchy_update_ms"] = round((time.perf_counter() - t0) * 1e3, 1)
-                out["forest_assigned"] = [forest.n_assigned(l) for l in range(forest.n_pairs)]
-            if torch.device(device).type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            timed_block(t, data, args.warmup, device)
-            mem = peak_mib(device)
-            out[name] = {"peak_mib": None if mem is None else round(mem - base / 2 ** 20, 1)}
-            trainers[name] = t
-        times = {name: [] for name in trainers}
-        for b in range(args.blocks):
-            order = list(trainers) if b % 2 == 0 else list(reversed(trainers))
-            for name in order:
-                times[name].append(timed_block(trainers[name], data, args.block_steps, device))
-    latents = sum(sz["sizes"])
-    for name, ts in times.items():
-        s = statistics.median(ts)
-        out[name].update(ms_per_step=round(s * 1e3, 2), tokens_per_s=round(sz["batch"] / s),
-                         latent_tokens_per_s_M=round(sz["batch"] * latents / s / 1e6, 1),
-                         block_ms=[round(t * 1e3, 2) for t in ts])
-        t = trainers[name]
-        ema = t.l0_ema if name == "dense" else t.controller.l0_ema
-        out[name]["l0"] = [round(v, 2) for v in ema.tolist()]
-    out["ratio"] = round(out["hsae"]["ms_per_step"] / out["independent"]["ms_per_step"], 3)
-    out["hsae_over_dense"] = round(out["hsae"]["ms_per_step"] / out["dense"]["ms_per_step"], 3)
-    out["independent_over_dense"] = round(
-        out["independent"]["ms_per_step"] / out["dense"]["ms_per_step"], 3)
-    with torch.no_grad():
-        out["density"] = [round(c.pattern.density, 4) for c in
-                          trainers["hsae"].model(data[0]).codes]
-    run.log(f"   {mode}: HSAE {out['hsae']['ms_per_step']} ms ({out['hsae']['tokens_per_s']} "
-            f"tok/s, peak {out['hsae']['peak_mib']} MiB), independent "
-            f"{out['independent']['ms_per_step']} ms, ratio {out['ratio']}; dense floor "
-            f"{out['dense']['ms_per_step']} ms (peak {out['dense']['peak_mib']} MiB), "
-            f"HSAE / dense {out['hsae_over_dense']}")
-    del trainers
-    return out
 
 
 # ---------------------------------------------------------------- phase 3: profile
@@ -494,9 +407,15 @@ def parse(argv=None):
     ap.add_argument("--time-limit", type=float, default=480.0, help="hard limit, seconds")
     ap.add_argument("--modes", default="fp32,bf16,tf32",
                     help="step-time modes in order (tf32 runs last, and only on CUDA)")
+    ap.add_argument("--batches", default=None,
+                    help="step-time batches, the goal batch first (default 1024,4096; small: "
+                         "128,512): the first right after correctness, the others after "
+                         "training")
     ap.add_argument("--train-steps", type=int, default=None, help="default 2000 (small: 600)")
     ap.add_argument("--profile-steps", type=int, default=None, help="default 20 (small: 3)")
-    ap.add_argument("--skip", default="", help="comma-separated phases to skip")
+    ap.add_argument("--skip", default="",
+                    help="comma-separated phases to skip, by report key (step_time_bf16_b4096); "
+                         "step_time skips every step-time phase")
     ap.add_argument("--wheels", default=None, help="folder of wheels for what is missing")
     ap.add_argument("--pytest-timeout", type=float, default=150.0)
     ap.add_argument("--threads", type=int, default=None,
@@ -513,7 +432,50 @@ def parse(argv=None):
     args.block_steps = 2 if small else 5
     args.densities = ((0.02, 0.1, 0.3) if small
                       else (0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32))
+    b = (SMALL if small else PAPER)["batch"]
+    batches = [int(x) for x in (args.batches or f"{b},{4 * b}").split(",") if x.strip()]
+    args.batches = list(dict.fromkeys(batches))  # in order, once each
+    if not args.batches or min(args.batches) < 1:
+        ap.error(f"--batches: positive batch sizes, not {args.batches}")
     return args
+
+
+#: Train at least this long at the paper's sizes when that much is left (2,000 steps took 69 s
+#: on the H200): the L0 check outranks the timings that run after it.
+TRAIN_MIN_S = 120.0
+
+
+def plan(args, run: Run, sz: dict) -> list[tuple[str, object, float]]:
+    """The phases in order, each ``(report key, fn, seconds it needs to start)``: correctness;
+    the step time at the goal batch (fp32, bf16); profile; training; the step time at the other
+    batches; crossover; TF32 at every batch (CUDA only). Training stops early to leave the
+    later phases what they need to start, but runs at least ``TRAIN_MIN_S``."""
+    cuda = torch.device(args.device).type == "cuda"
+    skip = set(filter(None, args.skip.split(",")))
+    modes = [m for m in args.modes.split(",") if m and (cuda or m != "tf32")]
+    first, later = [m for m in modes if m != "tf32"], [m for m in modes if m == "tf32"]
+    goal_b = args.batches[0]
+
+    def timing(m, b, need):
+        return (phase_name(m, b, goal_b), lambda: step_time(args, run, sz, m, b), need)
+
+    def train_phase():
+        budget = run.left() - 10
+        if not args.small:
+            budget = max(budget - reserve, min(TRAIN_MIN_S, budget))
+        return train(args, run, sz, max(0.0, budget))
+
+    phases = [("correctness", lambda: correctness(args, run), 20)]
+    phases += [timing(m, goal_b, 30) for m in first]
+    phases += [("profile", lambda: profile(args, run, sz), 20), ("train", train_phase, 30)]
+    phases += [timing(m, b, 40) for b in args.batches[1:] for m in first]
+    phases += [("crossover", lambda: crossover(args, run, sz), 40 if cuda else 5)]
+    phases += [timing(m, b, 25 if b == goal_b else 40) for b in args.batches for m in later]
+    phases = [p for p in phases if p[0] not in skip and not (
+        p[0].startswith("step_time_") and "step_time" in skip)]
+    after = next((i + 1 for i, p in enumerate(phases) if p[0] == "train"), len(phases))
+    reserve = sum(need for _, _, need in phases[after:])
+    return phases
 
 
 def main(argv=None) -> int:
@@ -526,10 +488,10 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     run = Run(Path(args.out), args.time_limit, [Path(sys.executable).name] + sys.argv)
     sz = SMALL if args.small else PAPER
-    cuda = torch.device(args.device).type == "cuda"
     skip = set(filter(None, args.skip.split(",")))
     run.report["env"] = environment(args)
     run.report["sizes"] = {k: list(v) if isinstance(v, tuple) else v for k, v in sz.items()}
+    run.report["sizes"]["step_time_batches"] = args.batches
     run.log(f"gpu_check: {json.dumps(run.report['env'])}")
 
     def on_alarm(signum, frame):
@@ -539,22 +501,8 @@ def main(argv=None) -> int:
         signal.signal(signal.SIGALRM, on_alarm)
         signal.alarm(max(1, int(args.time_limit)))
     try:
-        modes = [m for m in args.modes.split(",") if m and (cuda or m != "tf32")]
-        first, later = [m for m in modes if m != "tf32"], [m for m in modes if m == "tf32"]
-        if "correctness" not in skip:
-            run.phase("correctness", lambda: correctness(args, run), 20)
-        for m in first if "step_time" not in skip else []:
-            run.phase(f"step_time_{m}", lambda m=m: step_time(args, run, sz, m), 30)
-        if "profile" not in skip:
-            run.phase("profile", lambda: profile(args, run, sz), 20)
-        if "train" not in skip:
-            reserve = 0 if args.small else 75  # for the crossover and TF32 timing
-            budget = max(0.0, run.left() - reserve - 10)
-            run.phase("train", lambda: train(args, run, sz, budget), 30)
-        if "crossover" not in skip:
-            run.phase("crossover", lambda: crossover(args, run, sz), 40 if cuda else 5)
-        for m in later if "step_time" not in skip else []:
-            run.phase(f"step_time_{m}", lambda m=m: step_time(args, run, sz, m), 25)
+        for name, fn, need in plan(args, run, sz):
+            run.phase(name, fn, need)
     except TimeUp:
         run.report["timed_out"] = True
     finally:
@@ -562,19 +510,9 @@ def main(argv=None) -> int:
             signal.alarm(0)
     heavy = sorted({m.split(".")[0] for m in sys.modules} & set(HEAVY))
     run.report["heavy_modules_loaded"] = heavy
-    st = {k[len("step_time_"):]: v for k, v in run.report.items() if k.startswith("step_time_")}
-    if st:
-        best = max(st.values(), key=lambda v: v["hsae"]["tokens_per_s"])
-        run.report["goals"] = {
-            "hsae_tokens_per_s": {"best": best["hsae"]["tokens_per_s"], "mode": best["mode"],
-                                  "goal": 250_000,
-                                  "met": best["hsae"]["tokens_per_s"] >= 250_000},
-            "hsae_over_independent": {m: v["ratio"] for m, v in st.items()} | {
-                "goal": RATIO_GOAL, "met": all(v["ratio"] <= RATIO_GOAL for v in st.values())},
-            # issue 23: faster than the plain dense step of the same levels in every precision
-            "hsae_over_dense": {m: v["hsae_over_dense"] for m, v in st.items()} | {
-                "goal": "< 1 in every mode",
-                "met": all(v["hsae_over_dense"] < 1 for v in st.values())}}
+    summary = goals(run.report, args.batches[0])
+    if summary:
+        run.report["goals"] = summary
     checks = run.report["checks"]
     wanted = [k for k, p in (("correctness", "correctness"), ("train_finite", "train"),
                              ("train_l0_within_2pct", "train")) if p not in skip]

@@ -22,11 +22,12 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 @app.command()
 def main(
-    export: str = typer.Option("data/export", help="output of export-hsae and export-baseline"),
+    export: str = typer.Option("data/export", help="output of the export-* stages"),
     evals: str = typer.Option("core,sparse_probing",
                               help=f"comma-separated, from {', '.join(EVALS)}"),
     model_name: str = typer.Option(..., help="TransformerLens name of the model, e.g. gemma-2-2b"),
-    kinds: str = typer.Option("hsae,baseline", help="which exported models"),
+    kinds: str = typer.Option("hsae,baseline", help="which exported models (add matryoshka "
+                                                     "for its prefixes)"),
     device: str = typer.Option("cuda"),
     llm_dtype: str = typer.Option("bfloat16", help="dtype of the LM and the SAEs"),
     llm_batch_size: int = typer.Option(32),

@@ -14,6 +14,8 @@ workspace at the last run's state: ``git checkout -- params.yaml dvc.lock dvcliv
 dvc checkout`` restores the committed run. ``collect`` writes results/scale_study.json (rows,
 power-law trends of the gap, run times) and the table as results/scale_study.md and .csv (a
 pandas frame: hsae_core.pipeline.scale_study.frame); the report draws the JSON (Figure S).
+Runs whose metrics have the Matryoshka arm (issue 26) add it to the rows, the tables and a trend
+of the HSAE / Matryoshka Hamming ratio (``hamming_matryoshka``); older results render as before.
 Not a DVC stage: it drives ``dvc exp`` and needs a committed reference run.
 """
 
@@ -108,6 +110,9 @@ def collect(
         sub = [r for r in rows if r["rho"] == rho]
         if len(sub) >= 2:
             trends[f"{rho:g}"] = {"hamming": study.trend(sub, "hamming")}
+            if all("diff_matryoshka" in r for r in sub):  # runs with the third arm (issue 26)
+                trends[f"{rho:g}"]["hamming_matryoshka"] = study.trend(
+                    sub, "hamming", other="matryoshka")
     result = {"rows": rows, "trends": trends, "study_params": study.STUDY_PARAMS,
               "paper_tokens": study.PAPER_TOKENS,
               "wall_seconds": sum(r["seconds"] or 0 for r in rows)}
@@ -119,6 +124,11 @@ def collect(
               f"decade of tokens; predicted gap at {study.PAPER_TOKENS / 1e6:.0f}M tokens "
               f"{100 * h['predicted']:+.1f}% (the paper: -41%), reached at "
               f"{h['tokens_at_target'] / 1e6:.3g}M tokens")
+        if "hamming_matryoshka" in t:
+            m = t["hamming_matryoshka"]
+            print(f"rho {rho}: HSAE / Matryoshka Hamming x{math.exp(m['slope_per_decade']):.3f} "
+                  f"per decade of tokens; predicted gap at {study.PAPER_TOKENS / 1e6:.0f}M "
+                  f"tokens {100 * m['predicted']:+.1f}%")
 
 
 @app.command("table")

@@ -6,6 +6,7 @@ is checked like every other; a killed run resumes to the same model."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -39,7 +40,9 @@ def small_store(tmp_path_factory):
     root = tmp_path_factory.mktemp("matryoshka")
     cfg = ExtractConfig(**micro_params(*micro_assets(root / "assets"))["extract"])
     info = extract_activations(cfg, root / "act.zarr", progress=False)
-    return info, estimate_normalization(info).scale
+    norm = estimate_normalization(info)
+    norm.save(root / "norm.json")
+    return info, norm.scale
 
 
 def trained(steps: int = 30, seed: int = 0) -> MatryoshkaTrainer:
@@ -193,3 +196,25 @@ def test_killed_run_resumes_to_the_same_model(tmp_path, small_store):
                                                                          "matryoshka")
     assert [r["step"] for r in rows_b] == [r["step"] for r in rows_a] == list(range(2, 13, 2))
     assert rows_b[-1]["prefix1/fve"] == pytest.approx(rows_a[-1]["prefix1/fve"])
+
+
+def test_lr_benchmark_runs_at_toy_size(tmp_path, small_store):
+    """benchmarks/matryoshka_lr.py (the sweep behind matryoshka.lr) on the micro store."""
+    import importlib.util
+    import yaml
+
+    from tests.pipeline_helpers import REPO
+
+    spec = importlib.util.spec_from_file_location("matryoshka_lr",
+                                                  REPO / "benchmarks" / "matryoshka_lr.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    store, _ = small_store
+    params = micro_params(*micro_assets(tmp_path / "assets"))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    rows = [bench.run(str(store.path), Path(store.path).parent / "norm.json",
+                      tmp_path / "params.yaml", lr, 4) for lr in (1e-4, 3e-3)]
+    for r in rows:
+        assert r["steps"] == 4 and math.isfinite(r["objective"])
+        assert r["objective"] == pytest.approx(sum(r[f"prefix{g}/mse"] for g in range(4)))
+    assert rows[0]["lr"] == 1e-4 and rows[1]["lr"] == 3e-3

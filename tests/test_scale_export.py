@@ -8,6 +8,7 @@ where it is missing the SAELens test skips and says so.
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -252,6 +253,11 @@ def test_export_matryoshka_stage(tmp_path, matryoshka):
         with torch.no_grad():
             recon = mat.decode(mat.encode(norm.scale * x))[g] / norm.scale
             torch.testing.assert_close(sae(x), recon, atol=1e-5, rtol=1e-5)
+    from hsae_core.interop.saebench import saebench_selection  # SAEBench's list: every prefix
+
+    chosen = saebench_selection(tmp_path / "export", ("matryoshka",), "cpu", torch.float32)
+    assert [n for n, _ in chosen] == [f"matryoshka_prefix{g}_{m}" for g, m in
+                                      enumerate(itertools.accumulate(SYN.sizes))]
     groups = args[:3] + [str(tmp_path / "matryoshka" / "groups")] + args[4:]
     bad = CliRunner().invoke(app, groups)
     text = " ".join(bad.output.split())

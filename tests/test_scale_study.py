@@ -34,17 +34,28 @@ def test_runs_are_length_major_and_stop_after_compute_metrics():
     assert max(study.STEPS) / min(study.STEPS) >= 8 and max(study.STEPS) * 1024 >= 4e6
 
 
-def synthetic_row(steps: int, rho: float, gap: float) -> dict:
+def synthetic_row(steps: int, rho: float, gap: float, mat_gap: float | None = None) -> dict:
+    """A collected row; with ``mat_gap`` also the third arm's blocks (issue 26): the
+    Matryoshka's Hamming such that (HSAE - Matryoshka) / Matryoshka = ``mat_gap``."""
     post = 12.0
-    return {"name": study.run_name(steps, rho), "steps": steps, "tokens": steps * 1024,
-            "rho": rho, "train_tokens": 1_000_000,
-            "hsae": {"hamming": post * (1 + gap), "hamming_lo": post * (1 + gap) - 0.1,
-                     "hamming_hi": post * (1 + gap) + 0.1, "p_pc_pooled": 0.5,
-                     "topic_coherence": 0.6},
-            "posthoc": {"hamming": post, "p_pc_pooled": 0.45, "topic_coherence": 0.58,
-                        "topic_coherence_random": 0.05},
-            "diff": {"hamming": post * gap, "hamming_lo": post * gap - 0.1,
-                     "hamming_hi": post * gap + 0.1, "p_pc_pooled": 0.05}}
+    row = {"name": study.run_name(steps, rho), "steps": steps, "tokens": steps * 1024,
+           "rho": rho, "train_tokens": 1_000_000,
+           "hsae": {"hamming": post * (1 + gap), "hamming_lo": post * (1 + gap) - 0.1,
+                    "hamming_hi": post * (1 + gap) + 0.1, "p_pc_pooled": 0.5,
+                    "topic_coherence": 0.6},
+           "posthoc": {"hamming": post, "p_pc_pooled": 0.45, "topic_coherence": 0.58,
+                       "topic_coherence_random": 0.05},
+           "diff": {"hamming": post * gap, "hamming_lo": post * gap - 0.1,
+                    "hamming_hi": post * gap + 0.1, "p_pc_pooled": 0.05}}
+    if mat_gap is not None:
+        hsae = row["hsae"]["hamming"]
+        mat = hsae / (1 + mat_gap)
+        row["matryoshka"] = {"hamming": mat, "hamming_lo": mat - 0.2, "hamming_hi": mat + 0.2,
+                             "p_pc_pooled": 0.47}
+        row["diff_matryoshka"] = {"hamming": hsae - mat, "hamming_lo": hsae - mat - 0.05,
+                                  "hamming_hi": hsae - mat + 0.05, "p_pc_pooled": 0.03,
+                                  "p_pc_pooled_lo": 0.02, "p_pc_pooled_hi": 0.04}
+    return row
 
 
 def test_trend_matches_a_brute_force_least_squares_fit():
@@ -88,6 +99,78 @@ def test_table_is_a_frame_written_as_markdown_and_csv(tmp_path):
     cells = [c.strip() for c in md[3].strip("|").split(" | ")]
     assert cells[:3] == ["0.01", "4.10M", "4.10"] and cells[-1] == "-12.0%"
     assert cells[3] == "10.56 [10.46, 10.66] / 12.00"
+
+
+def test_table_with_the_matryoshka_and_without(tmp_path):
+    """Runs with issue 26's third arm add it to every cell (HSAE / post-hoc / Matryoshka), a gap
+    against it and its columns in the CSV; a run without it shows `-` there; a table of runs
+    from before it (the committed results) has none of it."""
+    old = [synthetic_row(n, 0.01, g) for n, g in {500: -0.05, 4000: -0.12}.items()]
+    before = study.frame(old)
+    assert not [c for c in before if "matryoshka" in c]
+    assert "Matryoshka" not in study.format_table(old)
+    assert study.shown(before).loc[1, "Hamming"] == "10.56 [10.46, 10.66] / 12.00"
+
+    rows = [synthetic_row(500, 0.01, -0.05), synthetic_row(4000, 0.01, -0.12, mat_gap=-0.2)]
+    frame = study.frame(rows)
+    assert frame.loc[1, "hamming_matryoshka"] == pytest.approx(12.0 * 0.88 / 0.8)
+    assert frame.loc[1, "hamming_diff_matryoshka_hi"] == pytest.approx(
+        12.0 * 0.88 - 12.0 * 0.88 / 0.8 + 0.05)
+    assert frame.loc[1, "p_pc_pooled_diff_matryoshka_lo"] == pytest.approx(0.02)
+    assert frame.loc[1, "hamming_gap_matryoshka"] == pytest.approx(-0.2)
+    assert math.isnan(frame.loc[0, "hamming_matryoshka"])
+    assert math.isnan(frame.loc[0, "hamming_gap_matryoshka"])
+    assert frame.loc[1, "hamming_gap"] == pytest.approx(-0.12)  # against post-hoc, as before
+    shown = study.shown(frame)
+    assert list(shown.columns)[-2:] == ["Hamming gap", "Hamming gap vs Matryoshka"]
+    assert shown.loc[1, "Hamming"] == "10.56 [10.46, 10.66] / 12.00 / 13.20 [13.00, 13.40]"
+    assert shown.loc[0, "Hamming"].endswith(" / -")
+    assert list(shown["Hamming gap vs Matryoshka"]) == ["-", "-20.0%"]
+    (tmp_path / "s.json").write_text(json.dumps({"rows": rows}))
+    out = subprocess.run(["python", "-m", "stages.scale_study", "table", "--results",
+                          str(tmp_path / "s.json"), "--table", str(tmp_path / "t.md")],
+                         env=env(), capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "t.csv"), frame, check_dtype=False)
+    # the trend against the Matryoshka: the ratio HSAE / Matryoshka, not HSAE / post-hoc
+    both = [synthetic_row(n, 0.1, g, mat_gap=m) for n, g, m in ((500, -0.1, -0.1),
+                                                                (4000, -0.2, -0.3))]
+    t = study.trend(both, other="matryoshka")
+    assert t["slope_per_decade"] == pytest.approx(math.log(0.7 / 0.9) / math.log10(8))
+    assert study.trend(both)["slope_per_decade"] == pytest.approx(
+        math.log(0.8 / 0.9) / math.log10(8))
+    assert math.isnan(study.relative_gap(old[0], other="matryoshka"))
+
+
+def test_collected_rows_carry_the_matryoshka_where_the_run_has_it():
+    def rev(name, steps, matryoshka):
+        params = {"sae": {"total_steps": steps, "batch_size": 1024}, "rho": 0.01,
+                  "extract": {"max_tokens": 1000}}
+        group = {"mean": {"hamming": 5.0, "hamming_lo": 4.9, "fve": 0.7, "p_cp": 0.3}}
+        metrics = {"hsae": group, "posthoc": group, "diff": {"hamming": 0.0}, "eval_tokens": 10}
+        if matryoshka:
+            metrics |= {"matryoshka": {"mean": {"hamming": 6.0, "p_cp": 0.2}},
+                        "diff_matryoshka": {"hamming": -1.0, "hamming_lo": -1.1, "p_cp": 0.1}}
+        return {"executor": None, "name": name, "revs": [{"rev": name[-1] * 40, "name": name,
+                "data": {"params": {"params.yaml": {"data": params}},
+                         "metrics": {"metrics/metrics.json": {"data": metrics}}}}]}
+    shown = [{"rev": "workspace", "experiments": None},
+             {"rev": "f" * 40, "experiments": [rev("scale-40-rho0.01", 40, True),
+                                               rev("scale-20-rho0.01", 20, False)]}]
+    old, new = study.study_rows(shown)
+    assert "matryoshka" not in old and "diff_matryoshka" not in old
+    assert new["matryoshka"] == {"hamming": 6.0}  # the study's metrics only (no p_cp)
+    assert new["diff_matryoshka"] == {"hamming": -1.0, "hamming_lo": -1.1}
+    assert study.relative_gap(new, other="matryoshka") == pytest.approx(-1 / 6)
+
+
+def test_budget_counts_the_matryoshka_per_length():
+    with_m, without = study.budget(), study.budget(matryoshka=False)
+    assert "train_matryoshka" not in without
+    assert with_m["train_matryoshka"] == with_m["train_baseline"] == sum(study.STEPS) * 0.265
+    assert with_m["matryoshka_forest"] == 60.0 * len(study.STEPS)
+    assert with_m["total"] == pytest.approx(without["total"] + with_m["train_matryoshka"]
+                                            + with_m["matryoshka_forest"])
 
 
 def test_rows_skip_a_running_experiment():

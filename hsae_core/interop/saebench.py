@@ -128,8 +128,8 @@ class JumpReLULevelSAE(_Base):
 def saebench_selection(export_root: str | Path, kinds: tuple[str, ...] = ("hsae", "baseline"),
                        device: str = "cuda",
                        dtype: torch.dtype = torch.bfloat16) -> list[tuple[str, Any]]:
-    """``[(name, sae)]`` for every level of every exported model under ``export_root``: the
-    ``selected_saes`` list SAEBench's evals take."""
+    """``[(name, sae)]`` for every level (the Matryoshka: every prefix) of every exported model
+    under ``export_root``: the ``selected_saes`` list SAEBench's evals take."""
     root = fsio.as_location(export_root)
     out = []
     for kind in kinds:
@@ -137,11 +137,12 @@ def saebench_selection(export_root: str | Path, kinds: tuple[str, ...] = ("hsae"
         if not fsio.exists(info):
             raise FileNotFoundError(f"no export at {fsio.join(root, kind)}: "
                                     "run `python -m stages.export_saelens`")
-        n_levels = fsio.read_json(info)["levels"]
-        for level in range(n_levels):
-            sae = JumpReLULevelSAE.from_export(fsio.join(root, f"{kind}/level{level}"), device,
+        meta = fsio.read_json(info)
+        folders = meta.get("folders") or [f"level{l}" for l in range(meta["levels"])]
+        for folder in folders:
+            sae = JumpReLULevelSAE.from_export(fsio.join(root, f"{kind}/{folder}"), device,
                                                dtype)
-            out.append((f"{kind}_level{level}_{sae.cfg.d_sae}", sae))
+            out.append((f"{kind}_{folder}_{sae.cfg.d_sae}", sae))
     return out
 
 

@@ -6,6 +6,12 @@ compute-metrics, export-hsae, evidence-hsae, judge-hsae and report. A ``hierarch
 (tree, similarity) also rebuilds the baseline's post-hoc forest and what follows from it; never
 extraction or the baseline's training. The summary reads ``dvc exp show --json`` and tabulates
 the reference run and every experiment, as a pandas DataFrame written as Markdown and CSV.
+
+The third arm (issue 26): where an entry's metrics have ``diff_matryoshka`` (HSAE - Matryoshka,
+paired), the table shows it beside the two arms' columns (:data:`MATRYOSHKA_COLUMNS`: the
+point in the Markdown, the point and its 95% interval in the CSV); an entry from before the
+Matryoshka shows ``-`` there. An HSAE ablation (``rho``, ``r``) re-runs the HSAE's side only, so
+its ``matryoshka`` block is the reference run's and HSAE - Matryoshka moves with the HSAE alone.
 """
 
 from __future__ import annotations
@@ -47,6 +53,16 @@ COLUMNS = (
     ("post-hoc P(p|c)", "posthoc.mean.p_pc"),
     ("post-hoc P(c|p)", "posthoc.mean.p_cp"),
 )
+#: (column, metric path) of HSAE - Matryoshka (issue 26), each with ``<column> lo`` / ``hi``
+#: (its interval) in the CSV; kept apart from :data:`COLUMNS`, which rows saved before the third
+#: arm (the report's ``--ablations``) hold in full.
+MATRYOSHKA_COLUMNS = (
+    ("HSAE - Matryoshka Hamming", "diff_matryoshka.hamming"),
+    ("HSAE - Matryoshka P(p|c)", "diff_matryoshka.p_pc"),
+    ("HSAE - Matryoshka P(p|c) pooled", "diff_matryoshka.p_pc_pooled"),
+)
+#: The interval columns of the CSV: (column, ``_lo`` / ``_hi`` suffix).
+BOUNDS = (("lo", "_lo"), ("hi", "_hi"))
 
 
 def queue_command(name: str, overrides: dict[str, object]) -> list[str]:
@@ -58,7 +74,9 @@ def experiment_rows(exp_show: list[dict], metrics_file: str = "metrics/metrics.j
                     params_file: str = "params.yaml") -> list[dict]:
     """One row per committed baseline revision and per finished experiment of ``dvc exp show
     --json`` (queued and running ones have no metrics of their own):
-    ``{"name", "changed": {param: value differing from the baseline revision}, <COLUMNS>}``."""
+    ``{"name", "changed": {param: value differing from the baseline revision}, <COLUMNS>,
+    <MATRYOSHKA_COLUMNS> and their "<column> lo" / "<column> hi">}`` (None where the metrics
+    have no ``diff_matryoshka``)."""
     rows = []
     for commit in commits(exp_show, params_file, metrics_file):
         base = flatten(commit.params)
@@ -68,24 +86,35 @@ def experiment_rows(exp_show: list[dict], metrics_file: str = "metrics/metrics.j
             row = {"name": e.name, "changed": {k: v for k, v in params.items()
                                                if base.get(k) != v}}
             row |= {col: get(e.metrics, path) for col, path in COLUMNS}
+            for col, path in MATRYOSHKA_COLUMNS:
+                row[col] = get(e.metrics, path)
+                row |= {f"{col} {b}": get(e.metrics, path + end) for b, end in BOUNDS}
             rows.append(row)
     return rows
 
 
+def _interval_columns() -> list[str]:
+    return [f"{c} {b}" for c, _ in MATRYOSHKA_COLUMNS for b, _ in BOUNDS]
+
+
 def frame(rows: list[dict]) -> pd.DataFrame:
     """:func:`experiment_rows` as a frame (the CSV): experiment, changed (``key=value, ...``;
-    ``(reference)`` for a commit) and one column per :data:`COLUMNS` at full precision."""
+    ``(reference)`` for a commit) and one column per :data:`COLUMNS` and
+    :data:`MATRYOSHKA_COLUMNS` at full precision, then the latter's intervals (empty where a row
+    has none: a row saved before the third arm)."""
+    numeric = [c for c, _ in COLUMNS + MATRYOSHKA_COLUMNS] + _interval_columns()
     return pd.DataFrame([
         {"experiment": r["name"],
          "changed": ", ".join(f"{k}={v}" for k, v in sorted(r["changed"].items()))
-         or "(reference)"} | {c: r[c] for c, _ in COLUMNS} for r in rows],
-        columns=["experiment", "changed", *(c for c, _ in COLUMNS)])
+         or "(reference)"} | {c: r.get(c) for c in numeric} for r in rows],
+        columns=["experiment", "changed", *numeric]).astype({c: float for c in numeric})
 
 
 def shown(table: pd.DataFrame) -> pd.DataFrame:
-    """:func:`frame` with its numbers to 4 significant digits (``-`` where missing)."""
-    out = table.copy().astype(object)
-    for c, _ in COLUMNS:
+    """:func:`frame` with its numbers to 4 significant digits (``-`` where missing), without the
+    intervals (the CSV's)."""
+    out = table.drop(columns=_interval_columns()).astype(object)
+    for c, _ in COLUMNS + MATRYOSHKA_COLUMNS:
         out[c] = [fmt(v) for v in table[c]]
     return out
 
@@ -95,5 +124,5 @@ def format_rows(rows: list[dict]) -> str:
     return to_markdown(shown(frame(rows)))
 
 
-__all__ = ["ABLATIONS", "COLUMNS", "experiment_rows", "format_rows", "frame", "queue_command",
-           "shown"]
+__all__ = ["ABLATIONS", "COLUMNS", "MATRYOSHKA_COLUMNS", "experiment_rows", "format_rows",
+           "frame", "queue_command", "shown"]
