@@ -218,3 +218,42 @@ def test_lr_benchmark_runs_at_toy_size(tmp_path, small_store):
         assert r["steps"] == 4 and math.isfinite(r["objective"])
         assert r["objective"] == pytest.approx(sum(r[f"prefix{g}/mse"] for g in range(4)))
     assert rows[0]["lr"] == 1e-4 and rows[1]["lr"] == 3e-3
+
+
+def test_forest_linking_benchmark_runs_at_toy_size(tmp_path, small_store):
+    """benchmarks/forest_linking.py (the linking rule's diagnostic in docs/matryoshka.md) on
+    a trained micro Matryoshka's groups: one row per similarity, the encoder row's forest the
+    one build-posthoc-trees would build."""
+    import importlib.util
+
+    import yaml
+
+    from hsae_core.model.posthoc import live_features
+    from hsae_core.data.reader import TrainActivations
+    from tests.pipeline_helpers import REPO
+
+    spec = importlib.util.spec_from_file_location("forest_linking",
+                                                  REPO / "benchmarks" / "forest_linking.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    store, scale = small_store
+    params = micro_params(*micro_assets(tmp_path / "assets"))
+    params["posthoc"] = {"coactivation_tokens": 640}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sae = HSAEConfig(d_model=store.d_model, level_sizes=(8, 16, 32), target_l0=2.0,
+                     batch_size=64, total_steps=10, dead_window_tokens=0)
+    trainer = train_matryoshka_on_store(matryoshka_config(sae, MatryoshkaParams(lr=3e-3)),
+                                        store, scale, checkpoint=tmp_path / "c.pt",
+                                        curves=tmp_path / "curves")
+    save_matryoshka(trainer.model, sae, tmp_path / "m", trainer.firing.dead(640)[0], 640, 10)
+    norm = Path(store.path).parent / "norm.json"
+    rows = bench.link_table(str(tmp_path / "m" / "groups"), str(store.path), norm,
+                            tmp_path / "params.yaml", 400)
+    assert [r["similarity"] for r in rows] == ["encoder", "decoder", "coactivation"]
+    for r in rows:
+        assert 0 <= r["p_pc"] <= 1 and 0 <= r["parent_rate"] <= 1 and r["hamming"] >= 0
+    groups = load_hsae(tmp_path / "m" / "groups")
+    live = live_features(groups, TrainActivations(store, norm, batch_size=64, seed=1,
+                                                  epochs=None, max_tokens=10 * 64))
+    want = posthoc_forest(groups, "encoder", 0.2, "partial", None, live)
+    assert rows[0]["children_assigned"] == [want.n_assigned(l) for l in range(2)]
