@@ -28,7 +28,7 @@ import torch
 from hsae_core.common import fsio
 from hsae_core.common.errors import check_field, coerce_fields
 from hsae_core.data.reader import TrainActivations
-from hsae_core.data.store import StoreInfo, open_store
+from hsae_core.data.store import StoreInfo
 from hsae_core.model.config import HSAEConfig
 from hsae_core.model.hsae import HSAE
 from hsae_core.model.jumprelu import JumpReLULevel
@@ -36,7 +36,7 @@ from hsae_core.model.matryoshka import MatryoshkaConfig, MatryoshkaSAE, Matryosh
 from hsae_core.pipeline.checkpoint import code_fingerprint, data_identity, read_checkpoint
 from hsae_core.pipeline.io import save_hsae
 from hsae_core.pipeline.params import check_unchanged
-from hsae_core.pipeline.train_run import LiveCurves, TrainRunConfig, diverged
+from hsae_core.pipeline.train_run import LiveCurves, TrainRunConfig, diverged, train_store
 
 
 @dataclass(frozen=True)
@@ -131,14 +131,7 @@ def train_matryoshka_on_store(cfg: MatryoshkaConfig, store: str | Path | StoreIn
     """Train ``cfg.total_steps`` steps on the store's shuffled train rows (the baseline's reader
     and seed), resuming from ``checkpoint`` when it holds a run of the same config, code and
     data; returns the finished trainer."""
-    info = store if isinstance(store, StoreInfo) else open_store(store)
-    if info.d_model != cfg.d_model:
-        raise ValueError(f"store {info.path} holds d = {info.d_model}, the config asks for "
-                         f"d_model = {cfg.d_model}")
-    if info.n_clean("train") < cfg.batch_size:
-        raise ValueError(f"store {info.path} has {info.n_clean('train')} train rows, fewer than "
-                         f"one batch (sae.batch_size = {cfg.batch_size}): lower it or extract "
-                         "more tokens")
+    info = train_store(store, cfg.d_model, cfg.batch_size)
     reader = TrainActivations(info, scale, batch_size=cfg.batch_size, seed=cfg.seed, epochs=None,
                               max_tokens=cfg.total_steps * cfg.batch_size, drop_last=True,
                               buffer_blocks=run.buffer_blocks)

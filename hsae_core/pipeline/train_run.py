@@ -172,6 +172,20 @@ def curve_rows(folder: str | Path, name: str) -> list[dict]:
     return [by_step[s] for s in sorted(by_step)]
 
 
+def train_store(store: str | Path | StoreInfo, d_model: int, batch_size: int) -> StoreInfo:
+    """The store a run of width ``d_model`` and batch ``batch_size`` trains on, opened and
+    checked: an error names the mismatch and the fix."""
+    info = store if isinstance(store, StoreInfo) else open_store(store)
+    if info.d_model != d_model:
+        raise ValueError(f"store {info.path} holds d = {info.d_model}, the config asks for "
+                         f"d_model = {d_model}")
+    if info.n_clean("train") < batch_size:
+        raise ValueError(f"store {info.path} has {info.n_clean('train')} train rows, fewer than "
+                         f"one batch (sae.batch_size = {batch_size}): lower it or extract "
+                         "more tokens")
+    return info
+
+
 def train_on_store(cfg: HSAEConfig, store: str | Path | StoreInfo, scale: float | str | Path, *,
                    checkpoint: str | Path, curves: str | Path,
                    run: TrainRunConfig = TrainRunConfig(), name: str = "hsae",
@@ -182,14 +196,7 @@ def train_on_store(cfg: HSAEConfig, store: str | Path | StoreInfo, scale: float 
     (``hsae``, ``baseline``) names the run in messages and in the curves. Under ``dist`` each
     rank reads its slice of every global batch; rank 0 writes curves and checkpoints.
     ``on_finish(trainer)`` sees the finished trainer (e.g. its ``summary()``)."""
-    info = store if isinstance(store, StoreInfo) else open_store(store)
-    if info.d_model != cfg.d_model:
-        raise ValueError(f"store {info.path} holds d = {info.d_model}, the config asks for "
-                         f"d_model = {cfg.d_model}")
-    if info.n_clean("train") < cfg.batch_size:
-        raise ValueError(f"store {info.path} has {info.n_clean('train')} train rows, fewer than "
-                         f"one batch (sae.batch_size = {cfg.batch_size}): lower it or extract "
-                         "more tokens")
+    info = train_store(store, cfg.d_model, cfg.batch_size)
     reader = TrainActivations(info, scale, batch_size=cfg.batch_size, seed=cfg.seed, epochs=None,
                               max_tokens=cfg.total_steps * cfg.batch_size, drop_last=True,
                               buffer_blocks=run.buffer_blocks, rank=dist.rank,
@@ -265,4 +272,4 @@ def diverged(err: FloatingPointError, info: StoreInfo, name: str) -> FloatingPoi
 
 
 __all__ = ["LEVEL_CURVES", "LiveCurves", "curve_rows", "diverged", "train_on_store",
-           "usable_checkpoint"]
+           "train_store", "usable_checkpoint"]
