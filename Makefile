@@ -19,7 +19,7 @@ ablations: setup
 	.venv/bin/python -m stages.ablations queue
 	.venv/bin/dvc queue start -j 1
 
-# The seed study (docs/seed-study.md): about 19 min per new seed on 2 cores; resumable.
+# The seed study (docs/seed-study.md): about 15-25 min per new seed on 2 cores; resumable.
 seed-study: setup
 	.venv/bin/python -m stages.seed_study run
 	.venv/bin/python -m stages.seed_study collect
