@@ -73,6 +73,23 @@ def test_full_loss_and_gradients_match_dense_reference(seed, dense_kernels, monk
     assert any(g_ref[f"levels.{l}.threshold"].abs().sum() > 0 for l in range(3))
 
 
+@pytest.mark.parametrize("dense_kernels", [False, True])
+def test_logged_error_of_perturbed_levels_is_the_unperturbed_one(dense_kernels, monkeypatch):
+    """``sq_error`` (the training curves' FVE) is the clean reconstruction's error on both
+    decode paths; the merged one holds the swaps inside a level's output (a bug found in issue
+    23: there it logged the perturbed error), and NaN without ``clean_error``."""
+    monkeypatch.setattr(sparse_ops, "DENSE_CUTOFF", 0.0 if dense_kernels else 1.1)
+    model, gen = random_model(4)
+    x = torch.randn(13, 5, generator=gen, dtype=torch.float64) * 2
+    swapped = [model.forest.has_children(l) for l in range(2)]  # every parent with children
+    out = model(x, swapped=swapped, clean_error=True)
+    clean = torch.stack([(x - model.reconstruct(x, l)).pow(2).sum() for l in range(3)])
+    perturbed = model(x, swapped=swapped).mse * x.shape[0]
+    assert torch.allclose(out.sq_error, clean, rtol=1e-12)
+    assert not torch.allclose(perturbed[:2], clean[:2])  # the swaps do change levels 0 and 1
+    assert torch.isnan(model(x, swapped=swapped).sq_error[:2]).all()
+
+
 @pytest.mark.parametrize("seed", range(5))
 @pytest.mark.parametrize("dense_kernels", [False, True])
 def test_cofiring_siblings_match_reference(seed, dense_kernels, monkeypatch):

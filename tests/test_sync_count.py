@@ -5,9 +5,10 @@ A CUDA host waits for the device at every value read back (``item``, ``bool``, `
 ``unique``, ``bincount``: two, ``repeat_interleave`` without ``output_size``) and every blocking
 upload. ``SyncCounter`` (benchmarks/gpu_check.py) patches those calls, so the CPU counts them
 per source line. On the configuration below, before issue 17's changes, an HSAE step made 89
-(69 in the kernels: sparse_ops, coupling, coupled_decode) and an independent step 34 (25); now
-22 (14) and 6 (4): the bounds are what the code meets. Without CUDA the last test skips; on
-CUDA it checks ``torch.cuda.set_sync_debug_mode``'s own view of the kernels.
+(69 in the kernels: sparse_ops, coupling, coupled_decode) and an independent step 34 (25); after
+them 22 (14) and 6 (4); after issue 23's read-back merging 5 (3) and 2 (1): the bounds are what
+the code meets. Without CUDA the last test skips; on CUDA it checks
+``torch.cuda.set_sync_debug_mode``'s own view of the kernels.
 """
 
 import importlib.util
@@ -20,7 +21,15 @@ import pytest
 import torch
 
 from hsae_core.model.config import HSAEConfig
-from hsae_core.model.coupling import PairEntries, _compact, _PCIndex, swap_masks, swap_masks_all
+from hsae_core.model.coupling import (
+    PairEntries,
+    _compact,
+    _PCIndex,
+    _SiblingPairs,
+    pair_entries_and_swaps,
+    swap_masks,
+    swap_masks_all,
+)
 from hsae_core.model.forest import Forest
 from hsae_core.model.hsae import HSAE
 from hsae_core.model import sparse_ops
@@ -106,6 +115,41 @@ def test_batched_builders_equal_one_by_one_at_one_sync_for_all_levels():
         assert take.numel() > 0
 
 
+def test_merged_read_backs_equal_the_separate_builders():
+    """Issue 23: the supports with extra values, the pairs' entries with their swaps, and the
+    sibling pairs' distinct keys each read back once for all levels, to the same lists."""
+    gen = torch.Generator().manual_seed(2)
+    masks = [torch.rand(32, n, generator=gen) < 0.25 for n in (8, 16, 32)]
+    dead = [torch.rand(n, generator=gen) < 0.1 for n in (8, 16, 32)]
+    with SyncCounter() as c:
+        pats, any_dead = SupportPattern.from_masks_reading(masks, [d.any() for d in dead])
+    assert c.total == 1 and any_dead == [int(d.any()) for d in dead]
+    parent_of = [torch.randint(-1, n, (2 * n,), generator=gen) for n in (8, 16)]
+    swapped = [torch.rand(8, generator=gen) < 0.5, None]
+    with SyncCounter() as c:
+        built = pair_entries_and_swaps([(pats[l + 1], parent_of[l], pats[l], swapped[l])
+                                        for l in range(2)])
+    assert c.total == 1
+    for l, (e, keep, take) in enumerate(built):
+        one = PairEntries.build(pats[l + 1], parent_of[l], pats[l].n_cols)
+        assert all(torch.equal(a, b) for a, b in zip((one.sel, one.par, one.keys),
+                                                     (e.sel, e.par, e.keys)))
+        if swapped[l] is None:
+            assert keep is None and take is None
+        else:
+            k1, t1 = swap_masks(pats[l], one, swapped[l])
+            assert torch.equal(keep, k1) and torch.equal(take, t1) and take.numel() > 0
+    specs = [(torch.randint(0, n, (k,), generator=gen), torch.randint(0, n, (k,), generator=gen),
+              n) for n, k in ((16, 40), (32, 3), (8, 100))]
+    with SyncCounter() as c:
+        sibs = _SiblingPairs.build_all(specs)
+    assert c.total == 1
+    for (ca, cb, n), sp in zip(specs, sibs):
+        keys, inverse = torch.unique(torch.minimum(ca, cb) * n + torch.maximum(ca, cb),
+                                     return_inverse=True)
+        assert torch.equal(sp.lo * n + sp.hi, keys) and torch.equal(sp.inverse, inverse)
+
+
 def one_step(independent: bool):
     """Syncs of one steady-state step: thresholds initialised, a forest, swaps, PC loss (not a
     logging step nor a hierarchy update)."""
@@ -128,25 +172,24 @@ def one_step(independent: bool):
 def test_hsae_step_syncs():
     c = one_step(independent=False)
     files = c.by_file()
-    pairs = len(SIZES) - 1
     assert files.get("hsae_core/model/coupled_decode.py", 0) == 0
-    # the supports (one nonzero per level) are the only syncs of the sparse kernels
-    assert files.get("hsae_core/model/sparse_ops.py", 0) == len(SIZES)
-    # per pair: child entries with a parent, distinct sibling feature pairs, swapped children;
-    # once for all pairs: the PC index lists' sizes
-    assert pairs + 1 <= files.get("hsae_core/model/coupling.py", 0) <= 3 * pairs + 1
-    assert sum(files.get(f, 0) for f in KERNELS) <= 14  # 69 before
-    # the rest: one read for every level's dead check and one for its swap check (hsae.py),
-    # the forest's emptiness (twice), the finiteness of the loss and the swap draws' uploads
-    assert c.total <= 22, c.by_site()  # 89 before issue 17
+    # every level's support and "any dead feature?": one read back (sparse_ops)
+    assert files.get("hsae_core/model/sparse_ops.py", 0) == 1
+    # once for all pairs each: child entries with a parent and swapped children; the PC index
+    # lists' sizes; the distinct co-firing sibling feature pairs
+    assert 2 <= files.get("hsae_core/model/coupling.py", 0) <= 3
+    assert sum(files.get(f, 0) for f in KERNELS) <= 4  # 69 before issue 17, 14 before 23
+    # the rest: the finiteness of the loss (trainer.py); the swap draws are one asynchronous
+    # upload, the forest's emptiness is read from its cached links
+    assert c.total <= 5, c.by_site()  # 89 before issue 17, 22 before issue 23
 
 
 def test_independent_step_syncs():
     c = one_step(independent=True)
     files = c.by_file()
-    assert files.get("hsae_core/model/sparse_ops.py", 0) == len(SIZES)
-    assert sum(files.get(f, 0) for f in KERNELS) == len(SIZES)  # 25 before
-    assert c.total <= 6, c.by_site()  # 34 before issue 17
+    assert files.get("hsae_core/model/sparse_ops.py", 0) == 1
+    assert sum(files.get(f, 0) for f in KERNELS) == 1  # 25 before issue 17, 4 before 23
+    assert c.total <= 2, c.by_site()  # 34 before issue 17, 6 before 23
 
 
 def cuda_model(seed=3, sizes=(32, 64, 128), d=16):

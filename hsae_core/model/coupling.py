@@ -70,6 +70,34 @@ class PairEntries:
         return out
 
 
+def pair_entries_and_swaps(specs: list[tuple[SupportPattern, torch.Tensor, SupportPattern,
+                                              torch.Tensor | None]]
+                           ) -> list[tuple[PairEntries, torch.Tensor | None,
+                                           torch.Tensor | None]]:
+    """Per ``(child, parent_of, parent, swapped or None)``: the :class:`PairEntries` and, with
+    ``swapped``, :func:`swap_masks`'s (keep, take); every size read back at once (one host sync
+    on CUDA for all level pairs, both uses). The numbers of taken child entries are counted
+    before the entries are compacted: the child entries whose parent is swapped."""
+    c_pars = [parent_of.index_select(0, child.cols) for child, parent_of, _, _ in specs]
+    counts = [(c >= 0).sum() for c in c_pars]
+    for c, (_, _, _, swapped) in zip(c_pars, specs):
+        if swapped is not None:
+            counts.append(((c >= 0) & swapped.index_select(0, c.clamp(min=0))).sum())
+    sizes = torch.stack(counts).tolist() if counts else []
+    n_taken = iter(sizes[len(specs):])
+    out = []
+    for (child, _, parent, swapped), c_par, n in zip(specs, c_pars, sizes):
+        sel = _compact(c_par >= 0, n)
+        par = c_par.index_select(0, sel)
+        e = PairEntries(sel, par, child.rows.index_select(0, sel) * parent.n_cols + par)
+        if swapped is None:
+            out.append((e, None, None))
+            continue
+        taken = _compact(swapped.index_select(0, e.par), next(n_taken))
+        out.append((e, ~swapped.index_select(0, parent.cols), e.sel.index_select(0, taken)))
+    return out
+
+
 @dataclass
 class _PCIndex:
     """Index lists of one level pair for one batch (no gradients flow through these).
@@ -231,10 +259,29 @@ class _SiblingPairs:
 
     @classmethod
     def build(cls, ca: torch.Tensor, cb: torch.Tensor, n: int) -> "_SiblingPairs":
-        keys, inverse = torch.unique(torch.minimum(ca, cb) * n + torch.maximum(ca, cb),
-                                     return_inverse=True)  # sorted: row-major pattern
-        lo = torch.div(keys, n, rounding_mode="floor")
-        return cls(lo, keys - lo * n, inverse)
+        return cls.build_all([(ca, cb, n)])[0]
+
+    @classmethod
+    def build_all(cls, specs: list[tuple[torch.Tensor, torch.Tensor, int]]
+                  ) -> list["_SiblingPairs"]:
+        """One per ``(ca, cb, n)``: ``torch.unique(keys, return_inverse=True)`` of the pair
+        keys, by a sort whose distinct counts are read back at once (one host sync on CUDA for
+        every level pair; unique would cost one each)."""
+        staged = []
+        for ca, cb, n in specs:
+            keys = torch.minimum(ca, cb) * n + torch.maximum(ca, cb)
+            sorted_keys, order = torch.sort(keys)
+            first = torch.ones_like(sorted_keys, dtype=torch.bool)
+            first[1:] = sorted_keys[1:] != sorted_keys[:-1]
+            staged.append((sorted_keys, order, first, n))
+        sizes = torch.stack([f.sum() for _, _, f, _ in staged]).tolist() if staged else []
+        out = []
+        for (sorted_keys, order, first, n), n_distinct in zip(staged, sizes):
+            keys = sorted_keys.index_select(0, _compact(first, n_distinct))  # sorted: row-major
+            inverse = torch.empty_like(order).index_copy_(0, order, torch.cumsum(first, 0) - 1)
+            lo = torch.div(keys, n, rounding_mode="floor")
+            out.append(cls(lo, keys - lo * n, inverse))
+        return out
 
     def pattern(self, n: int) -> SupportPattern:
         return SupportPattern(self.lo, self.hi, n, n)
@@ -257,6 +304,7 @@ class _PairPC:
     links: Links
     has_children: torch.Tensor  # [n_l] bool
     assigned: torch.Tensor  # [n_{l+1}] bool
+    sibs: "_SiblingPairs | None" = None  # the co-firing sibling feature pairs (idx.sib_a/b)
 
 
 def pairs_pattern(pairs: list[_PairPC], level: int) -> SupportPattern:
@@ -293,8 +341,7 @@ def pc_forward(pairs: list[_PairPC], vals: list[torch.Tensor], ws: list[torch.Te
         total = total - 2 * torch.dot(vp_hit * vc_hit, gram_hit)
         va, vb = vals[c].index_select(0, idx.sib_a), vals[c].index_select(0, idx.sib_b)
         if idx.sib_a.numel():
-            sibs = _SiblingPairs.build(q.pat_c.cols.index_select(0, idx.sib_a),
-                                       q.pat_c.cols.index_select(0, idx.sib_b), w_c.shape[0])
+            sibs = q.sibs
             sib_dot = sddmm(sibs.pattern(w_c.shape[0]), w_c, w_c).index_select(0, sibs.inverse)
             total = total + 2 * torch.dot(va * vb, sib_dot)
         else:
@@ -417,8 +464,13 @@ def pc_pairs(codes: list[SparseCode], forest: Forest,
     idx = _PCIndex.build_all([(codes[l].pattern, codes[l + 1].pattern, forest.parent_of[l],
                                forest.links(l), entries[l] if entries is not None else None)
                               for l in used])
+    with_sibs = [(l, i) for l, i in zip(used, idx) if i.sib_a.numel()]
+    sibs = dict(zip([l for l, _ in with_sibs], _SiblingPairs.build_all([
+        (codes[l + 1].pattern.cols.index_select(0, i.sib_a),
+         codes[l + 1].pattern.cols.index_select(0, i.sib_b), codes[l + 1].pattern.n_cols)
+        for l, i in with_sibs])))
     return [_PairPC(l, codes[l].pattern, codes[l + 1].pattern, i, forest.links(l),
-                    forest.has_children(l), forest.parent_of[l] >= 0)
+                    forest.has_children(l), forest.parent_of[l] >= 0, sibs.get(l))
             for l, i in zip(used, idx)]
 
 

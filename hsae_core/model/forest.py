@@ -121,7 +121,8 @@ class Forest:
         return Forest(self.level_sizes, [p.to(device) for p in self.parent_of])
 
     def is_empty(self) -> bool:
-        return all(int((p >= 0).sum()) == 0 for p in self.parent_of)
+        """No links at all (read from the cached links: no host sync after their build)."""
+        return all(self.links(l).kids.numel() == 0 for l in range(self.n_pairs))
 
     def to_dict(self) -> dict:
         return {"level_sizes": list(self.level_sizes),

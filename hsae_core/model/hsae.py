@@ -14,9 +14,10 @@ from torch import nn
 
 from hsae_core.model.config import HSAEConfig
 from hsae_core.model.coupled_decode import DecodePlan, coupled_decode, stacked_decoders
-from hsae_core.model.coupling import PairEntries, pc_pairs, swap_masks
+from hsae_core.model.coupling import PairEntries, pair_entries_and_swaps, pc_pairs
 from hsae_core.model.forest import Forest
 from hsae_core.model.jumprelu import JumpReLULevel, SparseCode, ghost_grad_loss
+from hsae_core.model.sparse_ops import SupportPattern
 
 
 class HSAEOutput(NamedTuple):
@@ -75,7 +76,17 @@ class HSAE(nn.Module):
             self.pack_decoders_(slot)
 
     def encode(self, x: torch.Tensor) -> list[SparseCode]:
-        return [lv.encode(x) for lv in self.levels]
+        return self._encode_all(x)[0]
+
+    def _encode_all(self, x: torch.Tensor, also: list[torch.Tensor] = ()
+                    ) -> tuple[list[SparseCode], list]:
+        """Every level's code, their supports built at once, and the 0-dim tensors ``also``
+        read back in the same host sync (one on CUDA for all of it)."""
+        pres = [lv.preacts(x) for lv in self.levels]
+        patterns, values = SupportPattern.from_masks_reading(
+            [lv.support_mask(pre) for lv, pre in zip(self.levels, pres)], also)
+        return [lv.encode_on(x, pre, p)
+                for lv, pre, p in zip(self.levels, pres, patterns)], values
 
     def forward(self, x: torch.Tensor, swapped: Sequence[torch.Tensor] | None = None,
                 dead: Sequence[torch.Tensor] | None = None, with_pc: bool = True,
@@ -86,57 +97,57 @@ class HSAE(nn.Module):
         replaced by their children's in level l's reconstruction (§3.2; METHOD §1).
         ``dead[l]`` (bool ``[n_l]``) marks features that get ghost grads. ``clean_error`` also
         measures the unperturbed reconstruction error of perturbed levels (for logging).
+
+        Host syncs on CUDA: one for the supports and every level's "any dead feature?", one
+        for the level pairs' entries and swaps, then the PC index's (coupling.py).
         """
         x = x.to(self.levels[0].W_dec.dtype)
         self._ensure_packed(x.shape[0])
-        codes = [lv.encode(x) for lv in self.levels]
+        codes, any_dead = self._encode_all(x, [d.any() for d in dead] if dead is not None
+                                           else [])
         zero = x.new_zeros(())
-        if swapped is not None:  # one host read for every level's "any swap?", not one per use
-            hits = torch.stack([s.any() for s in swapped]).tolist()
-            swapped = [s if hit else None for s, hit in zip(swapped, hits)]
-        entries = self._pair_entries(codes, swapped, with_pc)
-        recons, swap_in, pc = self._decode_all(codes, swapped, entries, with_pc)
+        entries, keep, take = self._pair_entries(codes, swapped, with_pc)
+        recons, swap_in, pc = self._decode_all(codes, keep, take, entries, with_pc)
         mse, sq_err, ghost = [], [], zero
-        # one host read for every level's "any dead feature?" (not one per level)
-        any_dead = torch.stack([d.any() for d in dead]).tolist() if dead is not None else None
         for l, (lv, code, recon) in enumerate(zip(self.levels, codes, recons)):
             if swap_in[l] is not None:
                 recon = recon.add_(swap_in[l])  # recon is this forward's own tensor
+            if keep[l] is not None:  # perturbed: the merged decode holds its swaps in recon
                 with torch.no_grad():
                     sq_err.append((x - lv.decode(code)).pow(2).sum() if clean_error
-                                  else x.new_tensor(float("nan")))
+                                  else torch.full((), float("nan"), dtype=x.dtype,
+                                                  device=x.device))
             else:
                 sq_err.append((x - recon.detach()).pow(2).sum())
             residual = x - recon
             level_mse = residual.pow(2).sum(1).mean()
             mse.append(level_mse)
-            if any_dead is not None and any_dead[l]:
+            if dead is not None and any_dead[l]:
                 ghost = ghost + ghost_grad_loss(lv, x, residual, dead[l], level_mse)
         return HSAEOutput(torch.stack(mse), torch.stack([c.l0 for c in codes]), pc, ghost,
                           torch.stack(sq_err), codes)
 
-    def _pair_entries(self, codes: list[SparseCode], swapped, with_pc: bool
-                      ) -> list[PairEntries | None]:
-        """Per level pair, the child entries with a parent (shared by swap and PC), where used."""
-        out: list[PairEntries | None] = []
-        for l in range(self.n_levels - 1):
-            used = (swapped is not None and swapped[l] is not None) or (
-                with_pc and self.forest.links(l).kids.numel() > 0)
-            out.append(PairEntries.build(codes[l + 1].pattern, self.forest.parent_of[l],
-                                         self.levels[l].n_features) if used else None)
-        return out
-
-    def _decode_all(self, codes: list[SparseCode], swapped, entries: list[PairEntries | None],
-                    with_pc: bool):
-        """Every level's reconstruction with its swapped parents' entries masked out, the
-        children's contributions that replace them in the level above (§3.2), and the PC loss
-        of every level pair with links (§3.1), as one autograd node (coupled_decode.py)."""
+    def _pair_entries(self, codes: list[SparseCode], swapped, with_pc: bool):
+        """Per level pair, the child entries with a parent (shared by swap and PC), where used,
+        and per level the swap's keep mask and taken child entries (else None)."""
         n = self.n_levels
         keep: list[torch.Tensor | None] = [None] * n
         take: list[torch.Tensor | None] = [None] * n
-        for l in range(n - 1):
-            if swapped is not None and swapped[l] is not None:
-                keep[l], take[l + 1] = swap_masks(codes[l].pattern, entries[l], swapped[l])
+        used = [l for l in range(n - 1) if swapped is not None or (
+            with_pc and self.forest.links(l).kids.numel() > 0)]
+        built = pair_entries_and_swaps([
+            (codes[l + 1].pattern, self.forest.parent_of[l], codes[l].pattern,
+             swapped[l] if swapped is not None else None) for l in used])
+        entries: list[PairEntries | None] = [None] * (n - 1)
+        for l, (e, k, t) in zip(used, built):
+            entries[l], keep[l], take[l + 1] = e, k, t
+        return entries, keep, take
+
+    def _decode_all(self, codes: list[SparseCode], keep, take,
+                    entries: list[PairEntries | None], with_pc: bool):
+        """Every level's reconstruction with its swapped parents' entries masked out, the
+        children's contributions that replace them in the level above (§3.2), and the PC loss
+        of every level pair with links (§3.1), as one autograd node (coupled_decode.py)."""
         pairs = (pc_pairs(codes, self.forest, entries)
                  if with_pc and not self.forest.is_empty() else [])
         plan = DecodePlan([c.pattern for c in codes], keep, take, pairs)

@@ -103,8 +103,16 @@ class JumpReLULevel(nn.Module):
     def encode(self, x: torch.Tensor, pre: torch.Tensor | None = None) -> SparseCode:
         if pre is None:
             pre = self.preacts(x)
-        support = pre > (self.threshold.detach() - self.bandwidth / 2)
-        pattern = SupportPattern.from_mask(support)
+        return self.encode_on(x, pre, SupportPattern.from_mask(self.support_mask(pre)))
+
+    def support_mask(self, pre: torch.Tensor) -> torch.Tensor:
+        """Bool ``[B, n]``: the support, ``pre > theta - eps/2`` (active or in the window)."""
+        return pre > (self.threshold.detach() - self.bandwidth / 2)
+
+    def encode_on(self, x: torch.Tensor, pre: torch.Tensor, pattern: SupportPattern
+                  ) -> SparseCode:
+        """:meth:`encode` on a support built from :meth:`support_mask` (the HSAE builds every
+        level's at once: one host sync)."""
         pre_s = pre.reshape(-1).index_select(0, pattern.rows * pre.shape[1] + pattern.cols)
         vals, l0 = _JumpReLUOnSupport.apply(
             self.W_enc, self.b_enc, self.threshold, x.to(pre.dtype), pre_s, pattern,

@@ -66,12 +66,20 @@ class SupportPattern:
     def from_masks(cls, masks: list[torch.Tensor]) -> list["SupportPattern"]:
         """:meth:`from_mask` of every mask, their sizes read back at once: one host sync on
         CUDA for all levels instead of one per level."""
-        sizes = torch.stack([m.sum() for m in masks]).tolist() if masks else []
+        return cls.from_masks_reading(masks)[0]
+
+    @classmethod
+    def from_masks_reading(cls, masks: list[torch.Tensor], also: list[torch.Tensor] = ()
+                           ) -> tuple[list["SupportPattern"], list]:
+        """:meth:`from_masks`, and the 0-dim tensors ``also`` read back in the same host sync
+        (their Python values)."""
+        counts = [m.sum() for m in masks] + [a.to(torch.int64) for a in also]
+        sizes = torch.stack(counts).tolist() if counts else []
         out = []
         for mask, n in zip(masks, sizes):
             rows, cols = torch.nonzero_static(mask, size=n).t().contiguous().unbind(0)
             out.append(cls(rows, cols, mask.shape[0], mask.shape[1], mask=mask))
-        return out
+        return out, sizes[len(masks):]
 
     @property
     def nnz(self) -> int:

@@ -296,11 +296,13 @@ class Trainer:
         cfg = self.cfg
         if cfg.swap_rate == 0 or self.model.forest.is_empty():
             return None
-        out = []
-        for l, n in enumerate(cfg.level_sizes[:-1]):
-            z = torch.rand(n, generator=self.swap_gen) < cfg.swap_rate
-            out.append(z.to(self.device) & self.model.forest.has_children(l))
-        return out
+        sizes = cfg.level_sizes[:-1]
+        z = torch.cat([torch.rand(n, generator=self.swap_gen) < cfg.swap_rate for n in sizes])
+        if self.device.type == "cuda":  # one upload, asynchronous from pinned memory
+            z = z.pin_memory()
+        z = z.to(self.device, non_blocking=True)
+        return [part & self.model.forest.has_children(l)
+                for l, part in enumerate(z.split(list(sizes)))]
 
     # ------------------------------------------------------- dead features
     def _dead_masks(self) -> list[torch.Tensor] | None:
