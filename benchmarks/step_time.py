@@ -37,10 +37,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dense_floor import build as build_dense_floor  # noqa: E402
 
 
-def make_trainer(d, sizes, batch, device, independent: bool, target_l0=50.0) -> Trainer:
+def make_trainer(d, sizes, batch, device, independent: bool, target_l0=50.0,
+                 autocast_dtype: str | None = None) -> Trainer:
     kw = dict(rho=0.0, swap_rate=0.0) if independent else dict(rho=0.01, swap_rate=0.05)
     cfg = HSAEConfig(d_model=d, level_sizes=sizes, batch_size=batch, total_steps=100_000,
-                     target_l0=target_l0, update_interval=0, device=device, **kw)
+                     target_l0=target_l0, update_interval=0, device=device,
+                     autocast_dtype=autocast_dtype, **kw)
     return Trainer(cfg)
 
 
@@ -86,11 +88,17 @@ def paper_density_l0(sizes) -> float:
     return 50.0 * sizes[0] / 2048
 
 
-def compare(d, sizes, batch, steps, warmup, device, target_l0=50.0, dense=True):
+def compare(d, sizes, batch, steps, warmup, device, target_l0=50.0, dense=True,
+            autocast=False):
     data = batches(d, batch, 4, device)
     hsae = make_trainer(d, sizes, batch, device, independent=False, target_l0=target_l0)
     indep = make_trainer(d, sizes, batch, device, independent=True, target_l0=target_l0)
     runners = {"hsae": hsae, "independent": indep}
+    if autocast:  # our own levels with sae.autocast_dtype: bfloat16 (the encoder matmul)
+        for name, ind in (("hsae", False), ("independent", True)):
+            runners[f"{name} bf16"] = make_trainer(d, sizes, batch, device, independent=ind,
+                                                   target_l0=target_l0,
+                                                   autocast_dtype="bfloat16")
     if dense:  # the floor to beat, fp32 and bf16 autocast (issue 23)
         for prec in ("fp32", "bf16"):
             runners[f"dense {prec}"] = build_dense_floor(d, sizes, batch, device,
@@ -100,6 +108,8 @@ def compare(d, sizes, batch, steps, warmup, device, target_l0=50.0, dense=True):
     t0 = time.perf_counter()
     forest = hsae.update_hierarchy()
     update_s = time.perf_counter() - t0
+    if autocast:
+        runners["hsae bf16"].update_hierarchy()
     for i in range(warmup):
         for t in runners.values():
             timed_step(t, data[i % 4], device)
@@ -128,6 +138,11 @@ def compare(d, sizes, batch, steps, warmup, device, target_l0=50.0, dense=True):
               f"{6 * d * latents * batch / md / 1e9:6.1f} GFLOP/s-equiv   "
               f"L0 ema {[round(float(v), 1) for v in runners[f'dense {prec}'].l0_ema]}")
     print(f"  ratio HSAE / independent (median of {steps} interleaved steps): {mh / mi:.3f}")
+    if autocast:
+        hb, ib = (statistics.median(times[f"{n} bf16"]) for n in ("hsae", "independent"))
+        print(f"  bf16 autocast (encoder matmul): HSAE {hb * 1e3:.1f} ms ({mh / hb:.2f}x faster "
+              f"than fp32), independent {ib * 1e3:.1f} ms ({mi / ib:.2f}x); ratio HSAE / "
+              f"independent {hb / ib:.3f}")
     if dense:
         print(f"  ratio HSAE / dense floor: fp32 {mh / dense_ms['fp32']:.3f}, bf16 "
               f"{mh / dense_ms['bf16']:.3f}; independent / dense floor: fp32 "
@@ -172,6 +187,8 @@ def main():
     ap.add_argument("--no-scaling", action="store_true")
     ap.add_argument("--no-dense", action="store_true",
                     help="leave out the plain dense floor (benchmarks/dense_floor.py)")
+    ap.add_argument("--autocast", action="store_true",
+                    help="also time both trainers with autocast_dtype bfloat16, interleaved")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="cpu: this process's CPU time (robust on a shared machine with "
@@ -188,7 +205,7 @@ def main():
     for sizes in ladders:
         l0 = paper_density_l0(sizes) if args.l0 == "paper" else float(args.l0)
         compare(args.d, sizes, args.batch, args.steps, args.warmup, args.device, l0,
-                dense=not args.no_dense)
+                dense=not args.no_dense, autocast=args.autocast)
     if not args.no_scaling:
         scaling(args.d, args.batch, args.device, max(5, args.steps // 4))
 
