@@ -70,32 +70,80 @@ class PairEntries:
         return out
 
 
-def pair_entries_and_swaps(specs: list[tuple[SupportPattern, torch.Tensor, SupportPattern,
-                                              torch.Tensor | None]]
-                           ) -> list[tuple[PairEntries, torch.Tensor | None,
-                                           torch.Tensor | None]]:
-    """Per ``(child, parent_of, parent, swapped or None)``: the :class:`PairEntries` and, with
-    ``swapped``, :func:`swap_masks`'s (keep, take); every size read back at once (one host sync
-    on CUDA for all level pairs, both uses). The numbers of taken child entries are counted
-    before the entries are compacted: the child entries whose parent is swapped."""
-    c_pars = [parent_of.index_select(0, child.cols) for child, parent_of, _, _ in specs]
-    counts = [(c >= 0).sum() for c in c_pars]
-    for c, (_, _, _, swapped) in zip(c_pars, specs):
+def pair_entries_and_swaps(specs: list[tuple]) -> list[tuple]:
+    """Per ``(child, parent_of, parent, swapped or None, links or None)``: the
+    :class:`PairEntries`; with ``swapped``, :func:`swap_masks`'s (keep, take) (else None, None);
+    with ``links``, the PC loss's :class:`_PCIndex` (else None). Every size is counted on the
+    uncompacted child entries and all are read back at once: one host sync on CUDA for all
+    level pairs and all three uses (the taken entries are those whose parent is swapped; the PC
+    counts need the parent's dense mask, which training supports carry; without it the index is
+    built apart)."""
+    c_pars = [parent_of.index_select(0, child.cols) for child, parent_of, *_ in specs]
+    counts: list[list[torch.Tensor]] = []
+    staged = []
+    for c, (child, _, parent, swapped, links) in zip(c_pars, specs):
+        valid = c >= 0
+        mine = [valid.sum()]
         if swapped is not None:
-            counts.append(((c >= 0) & swapped.index_select(0, c.clamp(min=0))).sum())
-    sizes = torch.stack(counts).tolist() if counts else []
-    n_taken = iter(sizes[len(specs):])
+            mine.append((valid & swapped.index_select(0, c.clamp(min=0))).sum())
+        st = None
+        if links is not None and parent.mask is not None:
+            st = _StagedCounts.stage(parent, child, c, valid, links)
+            mine.extend(st.counts)
+        counts.append(mine)
+        staged.append(st)
+    flat = [t for mine in counts for t in mine]
+    sizes = iter(torch.stack(flat).tolist() if flat else [])
     out = []
-    for (child, _, parent, swapped), c_par, n in zip(specs, c_pars, sizes):
+    for (child, _, parent, swapped, links), c_par, mine, st in zip(specs, c_pars, counts,
+                                                                   staged):
+        n = next(sizes)
         sel = _compact(c_par >= 0, n)
         par = c_par.index_select(0, sel)
         e = PairEntries(sel, par, child.rows.index_select(0, sel) * parent.n_cols + par)
-        if swapped is None:
-            out.append((e, None, None))
-            continue
-        taken = _compact(swapped.index_select(0, e.par), next(n_taken))
-        out.append((e, ~swapped.index_select(0, parent.cols), e.sel.index_select(0, taken)))
+        keep = take = idx = None
+        if swapped is not None:
+            taken = _compact(swapped.index_select(0, e.par), next(sizes))
+            keep, take = ~swapped.index_select(0, parent.cols), e.sel.index_select(0, taken)
+        if st is not None:
+            idx = st.finish(e, [next(sizes) for _ in st.counts])
+        elif links is not None:
+            idx = _PCIndex.build(parent, child, None, links, e)
+        out.append((e, keep, take, idx))
     return out
+
+
+@dataclass
+class _StagedCounts:
+    """A :class:`_StagedIndex` counted on a pair's uncompacted child entries (those without a
+    parent masked out), so its sizes join the entries' read-back."""
+
+    links: Links
+    parent: SupportPattern
+    link_all: torch.Tensor
+    hit_all: torch.Tensor
+    cof_all: torch.Tensor
+    met: torch.Tensor
+    counts: list[torch.Tensor]
+
+    @classmethod
+    def stage(cls, parent: SupportPattern, child: SupportPattern, c_par: torch.Tensor,
+              valid: torch.Tensor, links: Links) -> "_StagedCounts":
+        keys = child.rows * parent.n_cols + c_par.clamp(min=0)
+        hit = valid & parent.mask.view(-1).index_select(0, keys)
+        link_all = links.by_child_crow.index_select(0, child.cols)  # n_links where unassigned
+        met = links.kids.new_zeros(links.kids.numel() + 1, dtype=torch.int32).index_add_(
+            0, link_all, hit.int())[:-1] > 0
+        size = parent.n_rows * parent.n_cols  # one spare key for the entries without a parent
+        same = _key_counts(torch.where(valid, keys, size), size + 1)
+        cof = valid & (same > 1)
+        return cls(links, parent, link_all, hit, cof, met,
+                   [hit.sum(), met.sum(), cof.sum(), ((same.long() - 1) * valid).sum()])
+
+    def finish(self, e: PairEntries, sizes: list[int]) -> "_PCIndex":
+        return _StagedIndex(self.parent, e, self.links, self.link_all.index_select(0, e.sel),
+                            self.hit_all.index_select(0, e.sel), self.met, None,
+                            self.cof_all.index_select(0, e.sel), []).finish(sizes)
 
 
 @dataclass
@@ -457,13 +505,16 @@ class _ForestPC(torch.autograd.Function):
 
 
 def pc_pairs(codes: list[SparseCode], forest: Forest,
-             entries: list[PairEntries | None] | None = None) -> list[_PairPC]:
+             entries: list[PairEntries | None] | None = None,
+             indexes: list["_PCIndex | None"] | None = None) -> list[_PairPC]:
     """The level pairs with links, with this batch's index lists (built together: their sizes
-    are read back at once)."""
+    are read back at once; ``indexes`` are those :func:`pair_entries_and_swaps` built)."""
     used = [l for l in range(len(codes) - 1) if forest.links(l).kids.numel()]
-    idx = _PCIndex.build_all([(codes[l].pattern, codes[l + 1].pattern, forest.parent_of[l],
-                               forest.links(l), entries[l] if entries is not None else None)
-                              for l in used])
+    todo = [l for l in used if indexes is None or indexes[l] is None]
+    built = dict(zip(todo, _PCIndex.build_all([
+        (codes[l].pattern, codes[l + 1].pattern, forest.parent_of[l], forest.links(l),
+         entries[l] if entries is not None else None) for l in todo])))
+    idx = [built[l] if l in built else indexes[l] for l in used]
     with_sibs = [(l, i) for l, i in zip(used, idx) if i.sib_a.numel()]
     sibs = dict(zip([l for l, _ in with_sibs], _SiblingPairs.build_all([
         (codes[l + 1].pattern.cols.index_select(0, i.sib_a),
