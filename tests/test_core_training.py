@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from hsae_core.model.config import HSAEConfig
+from hsae_core.model.hsae import HSAE
 from hsae_core.model.jumprelu import JumpReLULevel
 from hsae_core.model.trainer import Trainer, lr_at
 from hsae_core.pipeline.checkpoint import Checkpoint
@@ -136,6 +137,20 @@ def test_data_running_out_is_a_clear_error():
 def test_bfloat16_autocast_trains_with_fp32_thresholds():
     model = Trainer(small_cfg(total_steps=5, autocast_dtype="bfloat16")).fit(SYN.batches(64))
     assert all(lv.threshold.dtype == torch.float32 for lv in model.levels)
+    assert all(lv.matmul_dtype == torch.bfloat16 for lv in model.levels)
+
+
+def test_autocast_is_for_training_only_a_built_or_loaded_model_evaluates_in_fp32(tmp_path):
+    """Issue 23: the config carries autocast_dtype into every saved model (the Matryoshka's
+    groups inherit sae's), so a bf16 run evaluated every arm in bf16, the fp32-trained ones
+    too; now only the Trainer sets it."""
+    cfg = small_cfg(total_steps=3, autocast_dtype="bfloat16")
+    assert all(lv.matmul_dtype is None for lv in HSAE(cfg).levels)
+    model = Trainer(cfg).fit(SYN.batches(64))
+    save_hsae(model, tmp_path / "m")
+    loaded = load_hsae(tmp_path / "m")
+    assert loaded.cfg.autocast_dtype == "bfloat16"
+    assert all(lv.matmul_dtype is None for lv in loaded.levels)
 
 
 def test_ghost_grads_reach_only_dead_features_encoders():

@@ -114,7 +114,8 @@ class HSAEConfig:
     device: str = "cpu"
     """Torch device: cpu, cuda, cuda:N, mps or auto (cuda if torch sees one, else cpu)."""
     autocast_dtype: str | None = None
-    """bfloat16 or float16 runs the encoder matmuls under autocast; thresholds stay fp32."""
+    """bfloat16 or float16 runs the encoder matmuls under autocast in training; thresholds
+    stay fp32. A saved model evaluates in fp32 whatever it was trained with."""
 
     def __post_init__(self) -> None:
         coerce_fields(self)  # every field of its annotated type (8.9 is no level size)

@@ -39,10 +39,15 @@ class HSAE(nn.Module):
             JumpReLULevel(cfg.d_model, n, cfg.bandwidth, gen, cfg.threshold_init)
             for n in cfg.level_sizes)
         self.forest = Forest.empty(cfg.level_sizes)
-        if cfg.autocast_dtype:
-            for lv in self.levels:
-                lv.matmul_dtype = getattr(torch, cfg.autocast_dtype)
         self.pack_decoders_()
+
+    def set_matmul_dtype_(self, name: str | None) -> None:
+        """Run every level's encoder matmul under autocast to ``name`` (``bfloat16``,
+        ``float16``) or, with None, in the parameters' dtype. The :class:`Trainer` sets
+        ``cfg.autocast_dtype``; a model built or loaded for evaluation stays fp32 whatever it
+        was trained with, so every arm is measured in one precision (issue 23)."""
+        for lv in self.levels:
+            lv.matmul_dtype = getattr(torch, name) if name else None
 
     @property
     def n_levels(self) -> int:

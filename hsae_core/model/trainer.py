@@ -120,6 +120,7 @@ class Trainer:
                              f"lower coactivation_tokens or use fewer ranks")
         self.device = torch.device(dist.device if dist.active else cfg.device)
         self.model = HSAE(cfg).to(self.device)
+        self.model.set_matmul_dtype_(cfg.autocast_dtype)  # training only: evaluation is fp32
         # before DDP and Adam see them
         self.model.pack_decoders_(slot_rows=cfg.n_levels * self.local_batch)
         self.forward = self.model
