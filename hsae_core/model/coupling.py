@@ -62,12 +62,17 @@ class PairEntries:
         sync on CUDA for every level pair)."""
         c_pars = [parent_of.index_select(0, child.cols) for child, parent_of, _ in specs]
         sizes = torch.stack([(c >= 0).sum() for c in c_pars]).tolist() if specs else []
-        out = []
-        for (child, _, n_parents), c_par, n in zip(specs, c_pars, sizes):
-            sel = _compact(c_par >= 0, n)
-            par = c_par.index_select(0, sel)
-            out.append(cls(sel, par, child.rows.index_select(0, sel) * n_parents + par))
-        return out
+        return [cls.compacted(child, c_par >= 0, c_par, n, n_parents)
+                for (child, _, n_parents), c_par, n in zip(specs, c_pars, sizes)]
+
+    @classmethod
+    def compacted(cls, child: SupportPattern, valid: torch.Tensor, c_par: torch.Tensor, n: int,
+                  n_parents: int) -> "PairEntries":
+        """From every child entry's parent ``c_par`` (-1: none), ``valid = c_par >= 0`` and
+        its count ``n`` (read back already)."""
+        sel = _compact(valid, n)
+        par = c_par.index_select(0, sel)
+        return cls(sel, par, child.rows.index_select(0, sel) * n_parents + par)
 
 
 def pair_entries_and_swaps(specs: list[tuple]) -> list[tuple]:
@@ -79,28 +84,23 @@ def pair_entries_and_swaps(specs: list[tuple]) -> list[tuple]:
     counts need the parent's dense mask, which training supports carry; without it the index is
     built apart)."""
     c_pars = [parent_of.index_select(0, child.cols) for child, parent_of, *_ in specs]
-    counts: list[list[torch.Tensor]] = []
+    valids = [c >= 0 for c in c_pars]
+    counts: list[torch.Tensor] = []  # in the order they are read below
     staged = []
-    for c, (child, _, parent, swapped, links) in zip(c_pars, specs):
-        valid = c >= 0
-        mine = [valid.sum()]
+    for c, valid, (child, _, parent, swapped, links) in zip(c_pars, valids, specs):
+        counts.append(valid.sum())
         if swapped is not None:
-            mine.append((valid & swapped.index_select(0, c.clamp(min=0))).sum())
+            counts.append((valid & swapped.index_select(0, c.clamp(min=0))).sum())
         st = None
         if links is not None and parent.mask is not None:
             st = _StagedCounts.stage(parent, child, c, valid, links)
-            mine.extend(st.counts)
-        counts.append(mine)
+            counts.extend(st.counts)
         staged.append(st)
-    flat = [t for mine in counts for t in mine]
-    sizes = iter(torch.stack(flat).tolist() if flat else [])
+    sizes = iter(torch.stack(counts).tolist() if counts else [])
     out = []
-    for (child, _, parent, swapped, links), c_par, mine, st in zip(specs, c_pars, counts,
-                                                                   staged):
-        n = next(sizes)
-        sel = _compact(c_par >= 0, n)
-        par = c_par.index_select(0, sel)
-        e = PairEntries(sel, par, child.rows.index_select(0, sel) * parent.n_cols + par)
+    for (child, _, parent, swapped, links), c_par, valid, st in zip(specs, c_pars, valids,
+                                                                    staged):
+        e = PairEntries.compacted(child, valid, c_par, next(sizes), parent.n_cols)
         keep = take = idx = None
         if swapped is not None:
             taken = _compact(swapped.index_select(0, e.par), next(sizes))
