@@ -306,10 +306,6 @@ class _SiblingPairs:
     inverse: torch.Tensor
 
     @classmethod
-    def build(cls, ca: torch.Tensor, cb: torch.Tensor, n: int) -> "_SiblingPairs":
-        return cls.build_all([(ca, cb, n)])[0]
-
-    @classmethod
     def build_all(cls, specs: list[tuple[torch.Tensor, torch.Tensor, int]]
                   ) -> list["_SiblingPairs"]:
         """One per ``(ca, cb, n)``: ``torch.unique(keys, return_inverse=True)`` of the pair
