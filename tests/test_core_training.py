@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from hsae_core.model.config import HSAEConfig
+from hsae_core.model.finite import FiniteWatch
 from hsae_core.model.hsae import HSAE
 from hsae_core.model.jumprelu import JumpReLULevel
 from hsae_core.model.trainer import Trainer, lr_at
@@ -132,6 +133,36 @@ def test_data_running_out_is_a_clear_error():
         yield from [torch.zeros(64, 16)] * 3
     with pytest.raises(RuntimeError, match="ran out after 3 of 40 steps"):
         Trainer(small_cfg()).fit(three())
+
+
+def test_a_diverged_loss_names_its_step_and_is_never_checkpointed():
+    """Issue 23: the loss's finiteness is read back every log_every steps and before every
+    checkpoint (not every step: a host sync), and names the step it first failed at."""
+    batches = [b.clone() for b, _ in zip(SYN.batches(64, seed=1), range(40))]
+    batches[7][3, 2] = float("nan")
+    saved = []
+    t = Trainer(small_cfg(), log_every=5, checkpoint_every=2,
+                on_checkpoint=lambda tr: saved.append(tr.step))
+    with pytest.raises(FloatingPointError, match=r"loss became nan at step 7; lower lr"):
+        t.fit(batches)
+    assert saved == [2, 4, 6] and t.step == 8  # step 8's checkpoint refused
+    t = Trainer(small_cfg(), log_every=5)
+    with pytest.raises(FloatingPointError, match=r"at step 7;"):
+        for b in batches:
+            t.train_step(b)
+    assert t.step == 10  # read back at the next multiple of log_every
+
+
+def test_a_failure_after_divergence_is_reported_as_the_divergence():
+    watch = FiniteWatch("lower lr")
+    watch.record(torch.tensor(1.0), 0)
+    watch.check_from(RuntimeError("unrelated"))  # finite: nothing to add
+    watch.record(torch.tensor(float("inf")), 1)
+    watch.record(torch.tensor(float("nan")), 2)  # the first one is kept
+    err = RuntimeError("a later step broke on NaN weights")
+    with pytest.raises(FloatingPointError, match=r"loss became inf at step 1; lower lr") as e:
+        watch.check_from(err)
+    assert e.value.__cause__ is err
 
 
 def test_bfloat16_autocast_trains_with_fp32_thresholds():

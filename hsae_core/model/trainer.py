@@ -40,6 +40,7 @@ from hsae_core.common.distributed import (
     broadcast_,
 )
 from hsae_core.model.config import HSAEConfig
+from hsae_core.model.finite import FiniteWatch
 from hsae_core.model.firing import FiringTracker
 from hsae_core.model.forest import Forest
 from hsae_core.model.hierarchy import CoactivationEMA, assign_forest
@@ -155,6 +156,7 @@ class Trainer:
         self.churn: list[dict[str, float]] | None = None  # of updates not yet in a record
         self.checkpoint_every, self.on_checkpoint = checkpoint_every, on_checkpoint
         self.log_every, self.on_log = log_every, on_log
+        self.finite = FiniteWatch(f"lower lr (now {cfg.lr}) or check the activations for NaN/Inf")
 
     # ----------------------------------------------------------------- the loop
     def fit(self, batches: Iterable[torch.Tensor]) -> HSAE:
@@ -172,13 +174,27 @@ class Trainer:
             self.train_step(x)
             every = self.checkpoint_every
             if self.on_checkpoint and every and self.step % every == 0:
+                self.finite.check()  # never a checkpoint of a diverged state
                 self.on_checkpoint(self)
+        self.finite.check()
         if self.on_checkpoint:
             self.on_checkpoint(self)
         barrier(self.dist)
         return self.model
 
     def train_step(self, x: torch.Tensor) -> StepStats | None:
+        """One Adam step on the batch ``x``; its statistics on a logging step. The loss's
+        finiteness is read back every ``log_every`` steps, before a hierarchy update, a
+        resampling or a checkpoint, and when a step fails (:mod:`~hsae_core.model.finite`)."""
+        try:
+            return self._train_step(x)
+        except FloatingPointError:
+            raise
+        except Exception as err:  # a diverged run's later failure is reported as the divergence
+            self.finite.check_from(err)
+            raise
+
+    def _train_step(self, x: torch.Tensor) -> StepStats | None:
         cfg, model = self.cfg, self.model
         self._check_batch(x)
         x = x.to(self.device, non_blocking=True).float()
@@ -198,9 +214,7 @@ class Trainer:
             (self.step + 1) % self.log_every == 0 or self.step + 1 == cfg.total_steps)
         out = self.forward(x, swapped=swapped, dead=dead, with_pc=cfg.rho > 0, clean_error=logging)
         loss = HSAE.total_loss(out, self.controller.lambdas, cfg.rho)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss became {loss.item()} at step {self.step}; lower lr "
-                                     f"(now {cfg.lr}) or check the activations for NaN/Inf")
+        self.finite.record(loss, self.step)  # read back below, not every step (a host sync)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -209,10 +223,14 @@ class Trainer:
         self.controller.update(l0)
         self._track_firing(out)
         self.step += 1
-        if self._update_due():
+        update = self._update_due()
+        resample = (cfg.resample_interval and self.step % cfg.resample_interval == 0
+                    and self.step <= RESAMPLE_UNTIL * cfg.total_steps)
+        if logging or update or resample or self.step % self.log_every == 0:
+            self.finite.check()
+        if update:
             self.update_hierarchy()
-        if (cfg.resample_interval and self.step % cfg.resample_interval == 0
-                and self.step <= RESAMPLE_UNTIL * cfg.total_steps):
+        if resample:
             self.resample_dead(x)  # after the update: a new feature joins the next one
         if logging:
             stats = self._stats(x, out, loss, lr, l0)
