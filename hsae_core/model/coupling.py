@@ -297,35 +297,30 @@ def _sibling_pairs(keys: torch.Tensor, n_pairs: int | None = None
 
 @dataclass
 class _SiblingPairs:
-    """The distinct feature pairs (lo < hi) among a batch's co-firing sibling entry pairs:
-    ``inverse`` maps each entry pair to its feature pair (one Gram value, one gradient row
-    each)."""
+    """The feature pairs (lo < hi) of a batch's co-firing sibling entry pairs, one slot per
+    entry pair, sorted by feature pair; ``inverse`` maps each entry pair to the first slot of
+    its feature pair. A feature pair's other slots are never mapped to, so their gradient
+    coefficients are exact zeros: each distinct feature pair has one Gram value and one
+    gradient coefficient, as with ``torch.unique``, but no count of distinct pairs is read
+    back (issue 23: the last data-dependent size of the PC loss)."""
 
     lo: torch.Tensor
     hi: torch.Tensor
     inverse: torch.Tensor
 
     @classmethod
-    def build_all(cls, specs: list[tuple[torch.Tensor, torch.Tensor, int]]
-                  ) -> list["_SiblingPairs"]:
-        """One per ``(ca, cb, n)``: ``torch.unique(keys, return_inverse=True)`` of the pair
-        keys, by a sort whose distinct counts are read back at once (one host sync on CUDA for
-        every level pair; unique would cost one each)."""
-        staged = []
-        for ca, cb, n in specs:
-            keys = torch.minimum(ca, cb) * n + torch.maximum(ca, cb)
-            sorted_keys, order = torch.sort(keys)
-            first = torch.ones_like(sorted_keys, dtype=torch.bool)
-            first[1:] = sorted_keys[1:] != sorted_keys[:-1]
-            staged.append((sorted_keys, order, first, n))
-        sizes = torch.stack([f.sum() for _, _, f, _ in staged]).tolist() if staged else []
-        out = []
-        for (sorted_keys, order, first, n), n_distinct in zip(staged, sizes):
-            keys = sorted_keys.index_select(0, _compact(first, n_distinct))  # sorted: row-major
-            inverse = torch.empty_like(order).index_copy_(0, order, torch.cumsum(first, 0) - 1)
-            lo = torch.div(keys, n, rounding_mode="floor")
-            out.append(cls(lo, keys - lo * n, inverse))
-        return out
+    def build(cls, ca: torch.Tensor, cb: torch.Tensor, n: int) -> "_SiblingPairs":
+        """From the feature ids ``ca``, ``cb`` of each entry pair, ``n`` features: a sort,
+        no host sync."""
+        keys = torch.minimum(ca, cb) * n + torch.maximum(ca, cb)
+        sorted_keys, order = torch.sort(keys)
+        first = torch.ones_like(sorted_keys, dtype=torch.bool)
+        first[1:] = sorted_keys[1:] != sorted_keys[:-1]
+        slot = torch.arange(keys.numel(), device=keys.device)
+        head = torch.cummax(torch.where(first, slot, 0), 0).values  # first slot of each run
+        inverse = torch.empty_like(order).index_copy_(0, order, head)
+        lo = torch.div(sorted_keys, n, rounding_mode="floor")
+        return cls(lo, sorted_keys - lo * n, inverse)
 
     def pattern(self, n: int) -> SupportPattern:
         return SupportPattern(self.lo, self.hi, n, n)
@@ -504,18 +499,20 @@ def pc_pairs(codes: list[SparseCode], forest: Forest,
              entries: list[PairEntries | None] | None = None,
              indexes: list["_PCIndex | None"] | None = None) -> list[_PairPC]:
     """The level pairs with links, with this batch's index lists (built together: their sizes
-    are read back at once; ``indexes`` are those :func:`pair_entries_and_swaps` built)."""
+    are read back at once; ``indexes`` are those :func:`pair_entries_and_swaps` built) and
+    co-firing sibling pairs (no read-back)."""
     used = [l for l in range(len(codes) - 1) if forest.links(l).kids.numel()]
     todo = [l for l in used if indexes is None or indexes[l] is None]
     built = dict(zip(todo, _PCIndex.build_all([
         (codes[l].pattern, codes[l + 1].pattern, forest.parent_of[l], forest.links(l),
          entries[l] if entries is not None else None) for l in todo])))
     idx = [built[l] if l in built else indexes[l] for l in used]
-    with_sibs = [(l, i) for l, i in zip(used, idx) if i.sib_a.numel()]
-    sibs = dict(zip([l for l, _ in with_sibs], _SiblingPairs.build_all([
-        (codes[l + 1].pattern.cols.index_select(0, i.sib_a),
-         codes[l + 1].pattern.cols.index_select(0, i.sib_b), codes[l + 1].pattern.n_cols)
-        for l, i in with_sibs])))
+    sibs = {}
+    for l, i in zip(used, idx):
+        if i.sib_a.numel():
+            child = codes[l + 1].pattern
+            sibs[l] = _SiblingPairs.build(child.cols.index_select(0, i.sib_a),
+                                          child.cols.index_select(0, i.sib_b), child.n_cols)
     return [_PairPC(l, codes[l].pattern, codes[l + 1].pattern, i, forest.links(l),
                     forest.has_children(l), forest.parent_of[l] >= 0, sibs.get(l))
             for l, i in zip(used, idx)]
