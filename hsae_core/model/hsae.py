@@ -104,8 +104,7 @@ class HSAE(nn.Module):
         measures the unperturbed reconstruction error of perturbed levels (for logging).
 
         Host syncs on CUDA: one for the supports and every level's "any dead feature?", one
-        for the level pairs' entries, swaps and PC index lists, one for the co-firing sibling
-        pairs (coupling.py).
+        for the level pairs' entries, swaps and PC index lists (coupling.py).
         """
         x = x.to(self.levels[0].W_dec.dtype)
         self._ensure_packed(x.shape[0])
