@@ -9,9 +9,9 @@ trained otherwise (issue 23: ``sae.autocast_dtype: bfloat16``). Per metric: both
 difference of means with a Welch 95% interval (the seed-to-seed spread of each side is the noise
 a precision change must rise above), and whether the interval holds 0. The same seeds on both
 sides are not paired: a precision change perturbs a run's trajectory as much as another seed
-would, so pairing by seed buys nothing. A model's saved config carries its ``autocast_dtype``,
-so a bf16 run also *evaluates* in bf16: the Matryoshka arm (trained in fp32 either way) is then
-the control that shows what bf16 evaluation alone moves.
+would, so pairing by seed buys nothing. Evaluation is fp32 whatever the training precision
+(``autocast_dtype`` is the Trainer's, since 45cb09b), so the Matryoshka arm, which trains in
+fp32 either way, is the control: its values must equal the reference's seeds exactly.
 """
 
 from __future__ import annotations
