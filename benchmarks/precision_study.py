@@ -69,11 +69,11 @@ def compare(reference: Path, runs: list[Path]) -> list[dict]:
         b = [v[key][0] for v in other if v.get(key) and v[key][0] is not None]
         if len(a) < 2 or len(b) < 1:
             continue
-        diff, lo, hi = welch(a, b)
+        diff, lo, hi = (float(v) for v in welch(a, b))  # scipy's t gives numpy floats
         rows.append({"key": key, "label": label, "n_ref": len(a), "n_runs": len(b),
                      "ref_mean": statistics.mean(a), "runs_mean": statistics.mean(b),
                      "ref_sd": statistics.stdev(a), "diff": diff, "lo": lo, "hi": hi,
-                     "holds_zero": lo <= 0 <= hi})
+                     "holds_zero": bool(lo <= 0 <= hi)})
     return rows
 
 

@@ -49,3 +49,12 @@ def test_a_shift_far_beyond_the_seed_spread_is_flagged_and_one_inside_is_not(tmp
     one = mod.compare(tmp_path / "ref.csv", [write_run(tmp_path / "one.json", 0.72)])
     fve = next(r for r in one if r["key"] == "hsae.fve")
     assert fve["holds_zero"] and fve["hi"] - fve["lo"] > 2 * statistics.stdev(seeds)
+
+
+def test_the_json_report_is_written(tmp_path):
+    mod = load()
+    write_reference(tmp_path / "ref.csv", [0.70, 0.71, 0.72, 0.71, 0.70])
+    runs = [str(write_run(tmp_path / f"s{i}.json", v)) for i, v in enumerate([0.71, 0.80])]
+    rows = mod.main(["--reference", str(tmp_path / "ref.csv"), "--runs", *runs,
+                     "--json", str(tmp_path / "out.json")])
+    assert json.loads((tmp_path / "out.json").read_text()) == rows and rows
