@@ -165,6 +165,15 @@ def test_a_failure_after_divergence_is_reported_as_the_divergence():
     assert e.value.__cause__ is err
 
 
+def test_a_loop_that_never_checks_is_checked_every_max_pending_losses():
+    watch = FiniteWatch("lower lr")
+    for step in range(FiniteWatch.MAX_PENDING - 2):
+        watch.record(torch.tensor(1.0), step)
+    watch.record(torch.tensor(float("nan")), FiniteWatch.MAX_PENDING - 2)  # not read back yet
+    with pytest.raises(FloatingPointError, match=rf"at step {FiniteWatch.MAX_PENDING - 2};"):
+        watch.record(torch.tensor(1.0), FiniteWatch.MAX_PENDING - 1)  # the cap: read back
+
+
 def test_bfloat16_autocast_trains_with_fp32_thresholds():
     model = Trainer(small_cfg(total_steps=5, autocast_dtype="bfloat16")).fit(SYN.batches(64))
     assert all(lv.threshold.dtype == torch.float32 for lv in model.levels)

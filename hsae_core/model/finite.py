@@ -24,9 +24,15 @@ class FiniteWatch:
         self.hint = hint  # what to do about it, ends the error
         self._pending: list[tuple[int, torch.Tensor]] = []
 
+    #: Pending losses that force a check whatever the caller's cadence (bounds the memory of a
+    #: loop that never checks, e.g. a huge ``log_every``).
+    MAX_PENDING = 1024
+
     def record(self, loss: torch.Tensor, step: int) -> None:
         """Keeps ``loss`` (no value is read back, no kernel runs)."""
         self._pending.append((step, loss.detach()))
+        if len(self._pending) >= self.MAX_PENDING:
+            self.check()
 
     def check(self) -> None:
         """Raise if a pending loss was not finite (one host sync)."""
