@@ -20,13 +20,13 @@ import torch
 class FiniteWatch:
     """The losses of the steps since the last check, on the loss's device."""
 
-    def __init__(self, hint: str):
-        self.hint = hint  # what to do about it, ends the error
-        self._pending: list[tuple[int, torch.Tensor]] = []
-
     #: Pending losses that force a check whatever the caller's cadence (bounds the memory of a
     #: loop that never checks, e.g. a huge ``log_every``).
     MAX_PENDING = 1024
+
+    def __init__(self, hint: str):
+        self.hint = hint  # what to do about it, ends the error
+        self._pending: list[tuple[int, torch.Tensor]] = []
 
     def record(self, loss: torch.Tensor, step: int) -> None:
         """Keeps ``loss`` (no value is read back, no kernel runs)."""

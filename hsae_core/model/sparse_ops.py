@@ -73,8 +73,8 @@ class SupportPattern:
                            ) -> tuple[list["SupportPattern"], list]:
         """:meth:`from_masks`, and the 0-dim tensors ``also`` read back in the same host sync
         (their Python values)."""
-        # count_nonzero: a bool sum casts every element to int64 first (25x slower on the CPU
-        # at [1024, 4096], a tenth of a training step there)
+        # count_nonzero: a bool sum casts every element to int64 first (13-18x slower on the
+        # CPU at d 576's ladders, a tenth of a training step: benchmarks/support_count.py)
         counts = [torch.count_nonzero(m) for m in masks] + [a.to(torch.int64) for a in also]
         sizes = torch.stack(counts).tolist() if counts else []
         out = []
