@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from hsae_core.common.device import native_autocast
 from hsae_core.common.errors import ConfigError
 from hsae_core.model.config import HSAEConfig
 from hsae_core.model.forest import Forest
@@ -29,7 +30,7 @@ GOOD = dict(d_model=8, level_sizes=(4, 8, 16), target_l0=2)
     ("lr", 0.0, "positive"),
     ("warmup_frac", 1.0, "warmup_frac < 1"),
     ("adam_betas", (0.0, 1.0), "two numbers in [0, 1)"),
-    ("autocast_dtype", "float8", "one of"),
+    ("autocast_dtype", "float8", "auto (bfloat16 where the device runs it natively)"),
     ("device", "tpu", "cpu, cuda"),
     ("update_interval", -5, ">= 0"),
     ("d_model", 0, "positive integer"),
@@ -41,6 +42,27 @@ def test_bad_config_values_name_field_value_and_allowed(field, value, allowed):
     shown = list(value) if isinstance(value, tuple) else value  # sequences are shown as lists
     assert f"HSAEConfig.{field} = {shown!r}" in msg
     assert allowed in msg
+
+
+def test_autocast_auto_is_bfloat16_where_the_device_runs_it_natively(monkeypatch):
+    """Issue 23: ``auto`` resolves at construction, so the saved config records what trained:
+    bf16 on a CPU with AVX512-BF16 or AMX (this machine's own answer first), fp32 elsewhere,
+    never on mps; an explicit dtype or null is kept."""
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    cfg = HSAEConfig(**GOOD, autocast_dtype="auto")
+    assert cfg.autocast_dtype == ("bfloat16" if native else None)
+    assert HSAEConfig.from_dict(cfg.to_dict()) == cfg
+    for avx512_bf16, amx, want in [(True, False, "bfloat16"), (False, True, "bfloat16"),
+                                   (False, False, None)]:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert native_autocast("cpu") == want
+        assert HSAEConfig(**GOOD, autocast_dtype="auto").autocast_dtype == want
+        assert HSAEConfig(**GOOD, autocast_dtype="bfloat16").autocast_dtype == "bfloat16"
+        assert HSAEConfig(**GOOD).autocast_dtype is None
+    assert native_autocast("mps") is None
+    if not torch.cuda.is_available():
+        assert native_autocast("cuda") is None
 
 
 def test_config_round_trips_through_dict_and_rejects_unknown_keys():

@@ -194,6 +194,30 @@ def test_config_from_hsae_matches_the_total_l0_and_round_trips():
     assert MatryoshkaConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ConfigError, match="unknown field.*'kk'"):
         MatryoshkaConfig.from_dict({**cfg.to_dict(), "kk": 3})
+    assert cfg.autocast_dtype is None
+    assert MatryoshkaConfig.from_hsae(hsae.replace(autocast_dtype="bfloat16")).autocast_dtype \
+        == "bfloat16"  # the arms train in one precision
+
+
+def test_bfloat16_autocast_is_the_trainers_alone_and_leaves_the_fp32_path_unchanged():
+    """Issue 23: the encoder matmul under autocast in training only; selection on its
+    pre-activations, everything after it fp32; the saved model's levels evaluate in fp32."""
+    x = next(SYN.batches(256, seed=5))
+    kw = dict(d_model=32, group_sizes=SYN.sizes, k=6.0, batch_size=256, total_steps=20,
+              lr=3e-3, threshold_start_frac=0.5, seed=2)
+    fp32 = MatryoshkaTrainer(MatryoshkaConfig(**kw))
+    bf16 = MatryoshkaTrainer(MatryoshkaConfig(**kw, autocast_dtype="bfloat16"))
+    assert fp32.model.matmul_dtype is None and bf16.model.matmul_dtype == torch.bfloat16
+    assert MatryoshkaSAE(bf16.cfg).matmul_dtype is None  # a model built to evaluate: fp32
+    pre32, pre16 = fp32.model.preacts(x), bf16.model.preacts(x)
+    assert pre16.dtype == torch.float32 and not torch.equal(pre32, pre16)
+    assert torch.allclose(pre32, pre16, rtol=0.05, atol=0.05)  # bf16's 8 mantissa bits
+    reference = ((x - fp32.model.b_dec) @ fp32.model.W_enc.t() + fp32.model.b_enc).clamp_min(0)
+    assert torch.equal(pre32, reference)  # the fp32 path is the plain matmul
+    fp32.fit(SYN.batches(256, seed=1))
+    bf16.fit(SYN.batches(256, seed=1))
+    assert bf16.model.W_enc.dtype == torch.float32 and bf16.model.threshold.dtype == torch.float32
+    assert all(lv.matmul_dtype is None for lv in bf16.model.group_levels())
 
 
 # ----------------------------------------------------------------------------------- training

@@ -46,4 +46,38 @@ def resolve_device_field(cfg: object, name: str = "device") -> None:
     object.__setattr__(cfg, name, resolve_device(value))
 
 
-__all__ = ["ALLOWED", "is_device_name", "resolve_device", "resolve_device_field"]
+#: What an ``autocast_dtype`` field accepts: None (fp32), ``auto`` (:func:`native_autocast`) or a
+#: torch dtype name.
+AUTOCAST_DTYPES = (None, "auto", "bfloat16", "float16")
+
+
+def native_autocast(device: str) -> str | None:
+    """``bfloat16`` where ``device`` runs bf16 matmuls natively, else None (fp32): CUDA devices
+    that support bf16 (Ampere and later), CPUs with AVX512-BF16 or AMX tiles (oneDNN's bf16
+    kernels; without them bf16 is emulated and slower than fp32). Never on ``mps``."""
+    import torch
+
+    if device.startswith("cuda"):
+        return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() \
+            else None
+    if device == "cpu":
+        native = (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+        return "bfloat16" if native else None
+    return None
+
+
+def resolve_autocast_field(cfg: object, name: str = "autocast_dtype",
+                           device: str = "device") -> None:
+    """Check the autocast field ``name`` of the frozen config ``cfg`` and replace ``auto`` by
+    what its (already resolved) ``device`` runs natively (:func:`native_autocast`), in place: a
+    saved config records the precision that trained."""
+    value = getattr(cfg, name)
+    check_field(cfg, name, value in AUTOCAST_DTYPES,
+                "null (fp32), auto (bfloat16 where the device runs it natively), bfloat16 or "
+                "float16")
+    if value == "auto":
+        object.__setattr__(cfg, name, native_autocast(getattr(cfg, device)))
+
+
+__all__ = ["ALLOWED", "AUTOCAST_DTYPES", "is_device_name", "native_autocast", "resolve_device",
+           "resolve_autocast_field", "resolve_device_field"]

@@ -16,12 +16,11 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from hsae_core.common.device import resolve_device_field
+from hsae_core.common.device import resolve_autocast_field, resolve_device_field
 from hsae_core.common.errors import ConfigError, check_field, coerce_fields
 
 SIMILARITIES = ("encoder", "decoder", "coactivation")
 TREES = ("partial", "full", "binary", "fixed")
-AUTOCAST_DTYPES = (None, "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -115,7 +114,9 @@ class HSAEConfig:
     """Torch device: cpu, cuda, cuda:N, mps or auto (cuda if torch sees one, else cpu)."""
     autocast_dtype: str | None = None
     """bfloat16 or float16 runs the encoder matmuls under autocast in training; thresholds
-    stay fp32. A saved model evaluates in fp32 whatever it was trained with."""
+    stay fp32; null trains in fp32; auto is bfloat16 where the device runs it natively (CUDA,
+    CPUs with AVX512-BF16 or AMX) and fp32 elsewhere, resolved at construction (the saved config
+    records what trained). A saved model evaluates in fp32 whatever it was trained with."""
 
     def __post_init__(self) -> None:
         coerce_fields(self)  # every field of its annotated type (8.9 is no level size)
@@ -162,8 +163,7 @@ class HSAEConfig:
                     ">= 0 (0 = no ghost grads)")
         check_field(self, "resample_interval", self.resample_interval >= 0, ">= 0 (0 = never)")
         resolve_device_field(self)
-        check_field(self, "autocast_dtype", self.autocast_dtype in AUTOCAST_DTYPES,
-                    f"one of {AUTOCAST_DTYPES}")
+        resolve_autocast_field(self)
 
     @property
     def n_levels(self) -> int:

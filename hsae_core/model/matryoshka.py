@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterable, NamedTuple
 import torch
 from torch import nn
 
-from hsae_core.common.device import resolve_device_field
+from hsae_core.common.device import resolve_autocast_field, resolve_device_field
 from hsae_core.common.errors import ConfigError, check_field, coerce_fields
 from hsae_core.model.config import HSAEConfig
 from hsae_core.model.firing import FiringTracker
@@ -85,6 +85,10 @@ class MatryoshkaConfig:
     """Seeds initialisation."""
     device: str = "cpu"
     """Torch device: cpu, cuda, cuda:N, mps or auto."""
+    autocast_dtype: str | None = None
+    """The encoder matmul's autocast dtype in training, as ``HSAEConfig.autocast_dtype`` (null:
+    fp32; auto: bfloat16 where the device runs it natively); selection, decode, threshold and
+    everything after it stay fp32, and a saved model evaluates in fp32."""
 
     def __post_init__(self) -> None:
         coerce_fields(self)
@@ -117,6 +121,7 @@ class MatryoshkaConfig:
                     "two numbers in [0, 1)")
         check_field(self, "grad_clip", self.grad_clip >= 0, ">= 0 (0 = no clipping)")
         resolve_device_field(self)
+        resolve_autocast_field(self)
 
     @property
     def n_latents(self) -> int:
@@ -139,12 +144,12 @@ class MatryoshkaConfig:
     def from_hsae(cls, hsae: HSAEConfig, **changes: Any) -> "MatryoshkaConfig":
         """The arm matched to an HSAE run: its level sizes as groups, the same total L0 per
         token (``n_levels * target_l0``), tokens (batch and steps), warm-up, dead window,
-        seed and device; ``changes`` override any field."""
+        seed, device and training precision; ``changes`` override any field."""
         fields = dict(d_model=hsae.d_model, group_sizes=hsae.level_sizes,
                       k=hsae.n_levels * hsae.target_l0, batch_size=hsae.batch_size,
                       total_steps=hsae.total_steps, warmup_frac=hsae.warmup_frac,
                       dead_window_tokens=hsae.dead_window_tokens, seed=hsae.seed,
-                      device=hsae.device)
+                      device=hsae.device, autocast_dtype=hsae.autocast_dtype)
         return cls(**{**fields, **changes})
 
     def replace(self, **changes: Any) -> "MatryoshkaConfig":
@@ -218,6 +223,7 @@ class MatryoshkaSAE(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_model))
         self.register_buffer("threshold", torch.tensor(-1.0))
         self.register_buffer("prefix_ends", torch.tensor(cfg.prefix_sizes))
+        self.matmul_dtype: torch.dtype | None = None  # the trainer's autocast (training only)
 
     @property
     def n_latents(self) -> int:
@@ -229,10 +235,14 @@ class MatryoshkaSAE(nn.Module):
         return list(zip((0,) + ends[:-1], ends))
 
     def preacts(self, x: torch.Tensor) -> torch.Tensor:
-        """``ReLU((x - b_dec) W_enc^T + b_enc)``, dense ``[B, n]``, no autograd."""
-        with torch.no_grad():
+        """``ReLU((x - b_dec) W_enc^T + b_enc)``, dense ``[B, n]``, no autograd, in the
+        parameters' dtype; with ``matmul_dtype`` set the matmul runs under autocast (as
+        :meth:`JumpReLULevel.preacts`)."""
+        with torch.no_grad(), torch.autocast(x.device.type, dtype=self.matmul_dtype,
+                                             enabled=self.matmul_dtype is not None):
             x = x.to(self.W_enc.dtype)
-            return torch.addmm(self.b_enc, x - self.b_dec, self.W_enc.t()).clamp_min_(0)
+            pre = torch.addmm(self.b_enc, x - self.b_dec, self.W_enc.t())
+        return pre.to(self.W_enc.dtype).clamp_min_(0)
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor, batch_topk: bool = False) -> torch.Tensor:
@@ -383,6 +393,8 @@ class MatryoshkaTrainer:
                  on_checkpoint: CheckpointFn | None = None):
         self.cfg, self.device = cfg, torch.device(cfg.device)
         self.model = MatryoshkaSAE(cfg).to(self.device)
+        self.model.matmul_dtype = getattr(torch, cfg.autocast_dtype) if cfg.autocast_dtype \
+            else None  # training only: a saved model evaluates in fp32
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr,
                                           betas=cfg.adam_betas)
         self.firing = FiringTracker([cfg.n_latents], self.device)
