@@ -1,18 +1,22 @@
-"""Does a training precision change the results? Runs of one precision against the seed study.
+"""Does a training precision change the results? Runs of one precision against a seed study of
+the other.
 
-    python benchmarks/precision_study.py --reference results/seed_study.csv \\
-        --runs bf16_s0.json bf16_s1.json ...   # metrics.json of runs in the other precision
+    python benchmarks/precision_study.py --reference fp32_seed_study.csv \\
+        --runs s0/metrics.json s1/metrics.json ...   # metrics.json of runs in the other precision
 
-The reference is the committed seed study (fp32, seeds 0-4: one value per seed for every
-metric of every arm and paired difference); the runs are metrics.json files of the same seeds
-trained otherwise (issue 23: ``sae.autocast_dtype: bfloat16``). Per metric: both means, the
-difference of means with a Welch 95% interval (the seed-to-seed spread of each side is the noise
-a precision change must rise above), and whether the interval holds 0. The same seeds on both
+The reference is a seed study's CSV (one value per seed for every metric of every arm and
+paired difference: results/seed_study.csv, or an earlier one from git: the fp32 study is
+``git show 4f1658f:results/seed_study.csv``); the runs are metrics.json files of the same
+seeds trained in the other precision (issue 23: ``sae.autocast_dtype``, ``auto`` is bf16 on
+this CPU since the default switched; ``null`` is fp32). Per metric: both means, the difference
+of means with a Welch 95% interval (the seed-to-seed spread of each side is the noise a
+precision change must rise above), and whether the interval holds 0. The same seeds on both
 sides are not paired: a precision change perturbs a run's trajectory as much as another seed
 would, so pairing by seed buys nothing. Evaluation is fp32 whatever the training precision
-(``autocast_dtype`` is the Trainer's, since 45cb09b), so the Matryoshka arm, which trains in
-fp32 either way, is the control: its values equal the reference's seeds wherever it trained at
-the reference's thread count (the thread count alone moves a trained model slightly).
+(``autocast_dtype`` is the Trainer's, since 45cb09b). Every arm trains in the configured
+precision since the Matryoshka got its autocast path; runs made before that trained it in fp32
+either way, a control whose values equal the reference's seeds wherever it trained at the
+reference's thread count (the thread count alone moves a trained model slightly).
 """
 
 from __future__ import annotations

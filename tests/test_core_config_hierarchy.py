@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from hsae_core.common import device
 from hsae_core.common.device import native_autocast
 from hsae_core.common.errors import ConfigError
 from hsae_core.model.config import HSAEConfig
@@ -63,6 +64,18 @@ def test_autocast_auto_is_bfloat16_where_the_device_runs_it_natively(monkeypatch
     assert native_autocast("mps") is None
     if not torch.cuda.is_available():
         assert native_autocast("cuda") is None
+
+
+def test_autocast_auto_reads_the_cpu_flags_where_torch_has_no_probe(monkeypatch, tmp_path):
+    """An older torch has no ``torch.cpu._is_avx512_bf16_supported`` (pyproject allows 2.4):
+    Linux's flags answer."""
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported", raising=False)
+    for flags, want in [("fpu avx2 avx512f avx512_bf16", True), ("fpu avx2 amx_tile", True),
+                        ("fpu avx2 avx512f", False)]:
+        info = tmp_path / "cpuinfo"
+        info.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\n")
+        assert device._cpu_has_native_bf16(str(info)) is want
+    assert device._cpu_has_native_bf16(str(tmp_path / "absent")) is False
 
 
 def test_config_round_trips_through_dict_and_rejects_unknown_keys():

@@ -61,9 +61,27 @@ def native_autocast(device: str) -> str | None:
         return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() \
             else None
     if device == "cpu":
-        native = (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-        return "bfloat16" if native else None
+        return "bfloat16" if _cpu_has_native_bf16() else None
     return None
+
+
+def _cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """AVX512-BF16 or AMX tiles, as torch's CPU probes say (``torch.cpu._is_avx512_bf16_supported``
+    in recent torch) or, on a torch without them, as Linux's CPU flags do; False where neither
+    answers (fp32: never a slow emulated bf16)."""
+    import torch
+
+    probes = [getattr(torch.cpu, name, None)
+              for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if all(callable(p) for p in probes):
+        return any(p() for p in probes)
+    try:
+        with open(cpuinfo) as f:
+            flags = next((line.split(":", 1)[1].split() for line in f
+                          if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_tile" in flags
 
 
 def resolve_autocast_field(cfg: object, name: str = "autocast_dtype",
