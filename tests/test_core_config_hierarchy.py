@@ -66,6 +66,17 @@ def test_autocast_auto_is_bfloat16_where_the_device_runs_it_natively(monkeypatch
         assert native_autocast("cuda") is None
 
 
+def test_autocast_auto_on_cuda_is_bf16_from_ampere_on(monkeypatch):
+    """A V100 or T4 emulates bf16 (``is_bf16_supported`` still says yes): fp32 there. The
+    device probes are faked (the tests run without a GPU)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.version, "hip", None)
+    for capability, want in [((7, 0), None), ((7, 5), None), ((8, 0), "bfloat16"),
+                             ((9, 0), "bfloat16")]:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d, c=capability: c)
+        assert native_autocast("cuda") == want and native_autocast("cuda:1") == want
+
+
 def test_autocast_auto_reads_the_cpu_flags_where_torch_has_no_probe(monkeypatch, tmp_path):
     """An older torch has no ``torch.cpu._is_avx512_bf16_supported`` (pyproject allows 2.4):
     Linux's flags answer."""

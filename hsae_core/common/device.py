@@ -53,13 +53,17 @@ AUTOCAST_DTYPES = (None, "auto", "bfloat16", "float16")
 
 def native_autocast(device: str) -> str | None:
     """``bfloat16`` where ``device`` runs bf16 matmuls natively, else None (fp32): CUDA devices
-    that support bf16 (Ampere and later), CPUs with AVX512-BF16 or AMX tiles (oneDNN's bf16
-    kernels; without them bf16 is emulated and slower than fp32). Never on ``mps``."""
+    of compute capability 8 or more (Ampere and later; ``torch.cuda.is_bf16_supported`` also
+    says yes to older ones, where bf16 is emulated) and ROCm devices, CPUs with AVX512-BF16 or
+    AMX tiles (oneDNN's bf16 kernels; without them bf16 is emulated and slower than fp32).
+    Never on ``mps``."""
     import torch
 
     if device.startswith("cuda"):
-        return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() \
-            else None
+        if not torch.cuda.is_available():
+            return None
+        major, _ = torch.cuda.get_device_capability(torch.device(device))
+        return "bfloat16" if torch.version.hip or major >= 8 else None
     if device == "cpu":
         return "bfloat16" if _cpu_has_native_bf16() else None
     return None
