@@ -49,7 +49,7 @@ def test_autocast_auto_is_bfloat16_where_the_device_runs_it_natively(monkeypatch
     """Issue 23: ``auto`` resolves at construction, so the saved config records what trained:
     bf16 on a CPU with AVX512-BF16 or AMX (this machine's own answer first), fp32 elsewhere,
     never on mps; an explicit dtype or null is kept."""
-    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    native = device._cpu_has_native_bf16()
     cfg = HSAEConfig(**GOOD, autocast_dtype="auto")
     assert cfg.autocast_dtype == ("bfloat16" if native else None)
     assert HSAEConfig.from_dict(cfg.to_dict()) == cfg

@@ -214,7 +214,6 @@ def test_bfloat16_autocast_is_the_trainers_alone_and_leaves_the_fp32_path_unchan
     assert torch.allclose(pre32, pre16, rtol=0.05, atol=0.05)  # bf16's 8 mantissa bits
     reference = ((x - fp32.model.b_dec) @ fp32.model.W_enc.t() + fp32.model.b_enc).clamp_min(0)
     assert torch.equal(pre32, reference)  # the fp32 path is the plain matmul
-    fp32.fit(SYN.batches(256, seed=1))
     bf16.fit(SYN.batches(256, seed=1))
     assert bf16.model.W_enc.dtype == torch.float32 and bf16.model.threshold.dtype == torch.float32
     assert all(lv.matmul_dtype is None for lv in bf16.model.group_levels())
