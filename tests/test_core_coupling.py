@@ -195,3 +195,28 @@ def test_trainer_packs_decoders_and_repacking_keeps_the_parameters():
     assert all(a is b for a, b in zip(ws, [lv.W_dec for lv in t.model.levels]))  # same objects
     assert all(torch.equal(a, b) for a, b in zip(before, ws))
     assert {id(p) for g in t.optimizer.param_groups for p in g["params"]} >= {id(w) for w in ws}
+
+
+@pytest.mark.parametrize("dense_kernels", [False, True])
+def test_all_pairs_at_once_trains_bit_for_bit_as_pair_by_pair(dense_kernels, monkeypatch):
+    """Issue 23: the training forward builds every level pair's index lists in one pass
+    (pair_index.py) instead of pair by pair; loss and every gradient are the same bits."""
+    from hsae_core.model import pair_index
+    monkeypatch.setattr(sparse_ops, "DENSE_CUTOFF", 0.0 if dense_kernels else 1.1)
+    results = []
+    for batched in (True, False):
+        monkeypatch.setattr(pair_index, "BATCHED", batched)
+        model, gen = random_model(5, sizes=(12, 24, 48, 96), d=8, bandwidth=0.3)
+        model = model.float()
+        x = torch.randn(40, 8, generator=gen) * 2
+        swapped = [(torch.rand(n, generator=gen) < 0.5) & model.forest.has_children(l)
+                   for l, n in enumerate(model.cfg.level_sizes[:-1])]
+        out = model(x, swapped=swapped)
+        loss = HSAE.total_loss(out, torch.tensor([0.3, 0.2, 0.1, 0.05]), 0.7)
+        results.append((loss.detach(), out.pc.detach(),
+                        torch.autograd.grad(loss, list(model.parameters()))))
+    (la, pa, ga), (lb, pb, gb) = results
+    assert bool((pa > 0).all())  # every pair's PC loss is computed
+    assert torch.equal(la, lb) and torch.equal(pa, pb)
+    for a, b in zip(ga, gb):
+        assert torch.equal(a, b)

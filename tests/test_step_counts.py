@@ -21,8 +21,11 @@ def test_step_counts_at_toy_size(tmp_path):
                        "--json", str(tmp_path / "c.json")])
     row = out["64,128,256,512"]
     assert row["hsae"]["syncs"] <= 2 and row["independent"]["syncs"] <= 1
-    # the HSAE's coupling work dispatches more ops than the levels alone
+    # the HSAE's coupling work dispatches more ops than the levels alone; a ceiling on it
+    # (issue 23: 725 more before every level pair's index lists were built at once, 550 after,
+    # on torch 2.13; the ceiling leaves room for another torch's decompositions)
     assert row["hsae"]["ops"] > row["independent"]["ops"] > 0
+    assert row["hsae"]["ops"] - row["independent"]["ops"] <= 620
     assert (tmp_path / "c.json").stat().st_size > 0
 
 

@@ -45,7 +45,7 @@ _spec.loader.exec_module(gpu_check)
 SyncCounter = gpu_check.SyncCounter
 
 KERNELS = ("hsae_core/model/sparse_ops.py", "hsae_core/model/coupling.py",
-           "hsae_core/model/coupled_decode.py")
+           "hsae_core/model/coupled_decode.py", "hsae_core/model/pair_index.py")
 SIZES = (64, 128, 256, 512)
 
 
@@ -200,8 +200,10 @@ def test_hsae_step_syncs():
     # every level's support and "any dead feature?": one read back (sparse_ops)
     assert files.get("hsae_core/model/sparse_ops.py", 0) == 1
     # once for all pairs: child entries with a parent, swapped children and the PC index lists'
-    # sizes (the co-firing sibling feature pairs need no read since issue 23)
-    assert files.get("hsae_core/model/coupling.py", 0) == 1
+    # sizes (the co-firing sibling feature pairs need no read since issue 23), every pair's
+    # lists built in one pass (pair_index.py)
+    assert files.get("hsae_core/model/pair_index.py", 0) == 1
+    assert files.get("hsae_core/model/coupling.py", 0) == 0
     assert sum(files.get(f, 0) for f in KERNELS) <= 2  # 69 before issue 17, 14 before 23
     # nothing else: the loss's finiteness is read every log_every steps (model/finite.py), the
     # swap draws are one asynchronous upload, the forest's emptiness is read from its cached
@@ -278,3 +280,60 @@ def test_on_cuda_pc_index_reads_back_once_and_the_backward_never(monkeypatch):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def _random_pair_setup(seed: int, sizes=(8, 16, 32, 64), batch=24, density=0.25,
+                       empty_pair: int | None = None):
+    gen = torch.Generator().manual_seed(seed)
+    masks = [torch.rand(batch, n, generator=gen) < density for n in sizes]
+    pats = SupportPattern.from_masks(masks)
+    parent_of = [torch.randint(-1, sizes[l], (sizes[l + 1],), generator=gen)
+                 for l in range(len(sizes) - 1)]
+    if empty_pair is not None:
+        parent_of[empty_pair].fill_(-1)
+    forest = Forest(sizes, parent_of)
+    swapped = [(torch.rand(n, generator=gen) < 0.5) & forest.has_children(l)
+               for l, n in enumerate(sizes[:-1])]
+    return pats, forest, swapped
+
+
+@pytest.mark.parametrize("seed,empty_pair,with_swaps,with_pc", [
+    (4, None, True, True), (5, 1, True, True), (6, None, False, True), (7, 0, True, False)])
+def test_all_pairs_at_once_equal_pair_by_pair(seed, empty_pair, with_swaps, with_pc):
+    """Issue 23: pair_index builds every pair's swap lists, PC index and co-firing sibling
+    pairs in one pass over all pairs' entries: the same integers in the same order as
+    coupling's pair-by-pair builders (so training is bit for bit unchanged), one read-back."""
+    from hsae_core.model.pair_index import build_pair_indexes, pair_tables
+
+    pats, forest, swapped = _random_pair_setup(seed, empty_pair=empty_pair)
+    swaps = swapped if with_swaps else None
+    pair_tables(forest, pats[0].n_rows, "cpu")  # once per hierarchy update, not per step
+    with SyncCounter() as c:
+        built = build_pair_indexes(pats, forest, swaps, with_pc)
+    assert c.total == 1
+    n_sib = 0
+    for l, (keep, take, idx, sibs) in enumerate(built):
+        links = forest.links(l)
+        pc = with_pc and links.kids.numel() > 0
+        (e, k1, t1, ref), = pair_entries_and_swaps([
+            (pats[l + 1], forest.parent_of[l], pats[l], swaps[l] if swaps else None,
+             links if pc else None)])
+        if swaps is None:
+            assert keep is None and take is None
+        else:
+            assert torch.equal(keep, k1) and torch.equal(take, t1)
+        if not pc:
+            assert idx is None and sibs is None
+            continue
+        for name in ("hit_p", "hit_c", "hit_link", "sib_a", "sib_b", "met", "met_by_parent"):
+            assert torch.equal(getattr(idx, name), getattr(ref, name)), name
+        if ref.sib_a.numel() == 0:
+            assert sibs is None
+            continue
+        n_sib += ref.sib_a.numel()
+        child = pats[l + 1]
+        one = _SiblingPairs.build(child.cols.index_select(0, ref.sib_a),
+                                  child.cols.index_select(0, ref.sib_b), child.n_cols)
+        assert torch.equal(sibs.lo, one.lo) and torch.equal(sibs.hi, one.hi)
+        assert torch.equal(sibs.inverse, one.inverse)
+    assert n_sib > 0 or not with_pc  # the sibling lists are exercised

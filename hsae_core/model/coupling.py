@@ -497,10 +497,12 @@ class _ForestPC(torch.autograd.Function):
 
 def pc_pairs(codes: list[SparseCode], forest: Forest,
              entries: list[PairEntries | None] | None = None,
-             indexes: list["_PCIndex | None"] | None = None) -> list[_PairPC]:
+             indexes: list["_PCIndex | None"] | None = None,
+             sibs_built: list["_SiblingPairs | None"] | None = None) -> list[_PairPC]:
     """The level pairs with links, with this batch's index lists (built together: their sizes
-    are read back at once; ``indexes`` are those :func:`pair_entries_and_swaps` built) and
-    co-firing sibling pairs (no read-back)."""
+    are read back at once; ``indexes`` are those :func:`pair_entries_and_swaps` or
+    :func:`~hsae_core.model.pair_index.build_pair_indexes` built) and co-firing sibling pairs
+    (no read-back; ``sibs_built``: those the latter built, None where none co-fire)."""
     used = [l for l in range(len(codes) - 1) if forest.links(l).kids.numel()]
     todo = [l for l in used if indexes is None or indexes[l] is None]
     built = dict(zip(todo, _PCIndex.build_all([
@@ -509,7 +511,10 @@ def pc_pairs(codes: list[SparseCode], forest: Forest,
     idx = [built[l] if l in built else indexes[l] for l in used]
     sibs = {}
     for l, i in zip(used, idx):
-        if i.sib_a.numel():
+        if sibs_built is not None:
+            if sibs_built[l] is not None:
+                sibs[l] = sibs_built[l]
+        elif i.sib_a.numel():
             child = codes[l + 1].pattern
             sibs[l] = _SiblingPairs.build(child.cols.index_select(0, i.sib_a),
                                           child.cols.index_select(0, i.sib_b), child.n_cols)

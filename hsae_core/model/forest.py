@@ -47,6 +47,7 @@ class Forest:
     parent_of: list[torch.Tensor]  # [n_{l+1}] int64 per level pair
     _has_children: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
     _links: dict[int, "Links"] = field(default_factory=dict, repr=False)
+    _pair_tables: dict = field(default_factory=dict, repr=False)  # pair_index.PairTables
 
     def __post_init__(self) -> None:
         sizes = tuple(int(n) for n in self.level_sizes)

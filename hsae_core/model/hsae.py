@@ -12,6 +12,7 @@ from typing import NamedTuple, Sequence
 import torch
 from torch import nn
 
+from hsae_core.model import pair_index
 from hsae_core.model.config import HSAEConfig
 from hsae_core.model.coupled_decode import DecodePlan, coupled_decode, stacked_decoders
 from hsae_core.model.coupling import PairEntries, _PCIndex, pair_entries_and_swaps, pc_pairs
@@ -111,8 +112,9 @@ class HSAE(nn.Module):
         codes, any_dead = self._encode_all(x, [d.any() for d in dead] if dead is not None
                                            else [])
         zero = x.new_zeros(())
-        entries, keep, take, indexes = self._pair_entries(codes, swapped, with_pc)
-        recons, swap_in, pc = self._decode_all(codes, keep, take, entries, indexes, with_pc)
+        entries, keep, take, indexes, sibs = self._pair_entries(codes, swapped, with_pc)
+        recons, swap_in, pc = self._decode_all(codes, keep, take, entries, indexes, sibs,
+                                               with_pc)
         mse, sq_err, ghost = [], [], zero
         for l, (lv, code, recon) in enumerate(zip(self.levels, codes, recons)):
             if swap_in[l] is not None:
@@ -133,30 +135,40 @@ class HSAE(nn.Module):
                           torch.stack(sq_err), codes)
 
     def _pair_entries(self, codes: list[SparseCode], swapped, with_pc: bool):
-        """Per level pair, the child entries with a parent (shared by swap and PC) and the PC
-        index, where used, and per level the swap's keep mask and taken child entries (else
-        None): one host sync for all (coupling.pair_entries_and_swaps)."""
+        """Per level pair, the child entries with a parent (shared by swap and PC; None when
+        built all pairs at once) and the PC index and co-firing sibling pairs, where used, and
+        per level the swap's keep mask and taken child entries (else None): one host sync for
+        all (pair_index.build_pair_indexes on training supports, which carry their masks, else
+        coupling.pair_entries_and_swaps)."""
         n = self.n_levels
         keep: list[torch.Tensor | None] = [None] * n
         take: list[torch.Tensor | None] = [None] * n
+        entries: list[PairEntries | None] = [None] * (n - 1)
+        indexes: list[_PCIndex | None] = [None] * (n - 1)
+        sibs: list | None = None
         pc = [with_pc and self.forest.links(l).kids.numel() > 0 for l in range(n - 1)]
         used = [l for l in range(n - 1) if swapped is not None or pc[l]]
+        if used and pair_index.BATCHED and all(c.pattern.mask is not None for c in codes):
+            built = pair_index.build_pair_indexes([c.pattern for c in codes], self.forest,
+                                                  swapped, with_pc)
+            sibs = [None] * (n - 1)
+            for l, (k, t, i, sp) in enumerate(built):
+                keep[l], take[l + 1], indexes[l], sibs[l] = k, t, i, sp
+            return entries, keep, take, indexes, sibs
         built = pair_entries_and_swaps([
             (codes[l + 1].pattern, self.forest.parent_of[l], codes[l].pattern,
              swapped[l] if swapped is not None else None,
              self.forest.links(l) if pc[l] else None) for l in used])
-        entries: list[PairEntries | None] = [None] * (n - 1)
-        indexes: list[_PCIndex | None] = [None] * (n - 1)
         for l, (e, k, t, i) in zip(used, built):
             entries[l], keep[l], take[l + 1], indexes[l] = e, k, t, i
-        return entries, keep, take, indexes
+        return entries, keep, take, indexes, sibs
 
     def _decode_all(self, codes: list[SparseCode], keep, take,
-                    entries: list[PairEntries | None], indexes, with_pc: bool):
+                    entries: list[PairEntries | None], indexes, sibs, with_pc: bool):
         """Every level's reconstruction with its swapped parents' entries masked out, the
         children's contributions that replace them in the level above (§3.2), and the PC loss
         of every level pair with links (§3.1), as one autograd node (coupled_decode.py)."""
-        pairs = (pc_pairs(codes, self.forest, entries, indexes)
+        pairs = (pc_pairs(codes, self.forest, entries, indexes, sibs)
                  if with_pc and not self.forest.is_empty() else [])
         plan = DecodePlan([c.pattern for c in codes], keep, take, pairs)
         outs, swap_in, pc = coupled_decode(plan, [c.vals for c in codes],

@@ -1,0 +1,198 @@
+"""Every level pair's per-batch index lists at once (issue 23: ops dispatched per step).
+
+The perturbation (§3.2) and the PC loss (§3.1) need, per level pair and batch, the swapped
+parents' keep mask and the child entries taken in their place, and the PC loss's index lists
+(:class:`~hsae_core.model.coupling._PCIndex`) with their co-firing sibling feature pairs
+(:class:`~hsae_core.model.coupling._SiblingPairs`).
+:func:`~hsae_core.model.coupling.pair_entries_and_swaps` builds them pair by pair. Here the
+child entries of every pair are concatenated and each lookup, count, compaction and sort runs
+once over all of them, with ids that never collide between pairs: feature i of level l is
+``off[l] + i`` (the stacked decoders' rows), links are numbered pair after pair, and pair q's
+(token, parent) keys are offset by the key spaces of the pairs before it. Each pair's lists are
+slices of the results in the pair's own ids: the same integers in the same order as pair by
+pair (tests/test_sync_count.py), so training is bit for bit unchanged; one host read-back for
+all pairs, as before, and about half the dispatched ops of the index work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from hsae_core.model.coupling import (
+    _PCIndex,
+    _SiblingPairs,
+    _entry_index,
+    _key_counts,
+    _sibling_pairs,
+)
+from hsae_core.model.forest import Forest
+from hsae_core.model.sparse_ops import SupportPattern
+
+#: Build every pair's index lists at once (False: pair by pair, coupling.pair_entries_and_swaps;
+#: for A/B measurements and tests).
+BATCHED = True
+
+
+@dataclass
+class PairTables:
+    """Lookup tables of one forest and batch size over global feature ids ``g`` (feature i of
+    level l is ``off[l] + i``) and global link ids (pair q's links from ``loff[q]``). Built
+    once per hierarchy update (the forest caches them), never per step."""
+
+    off: list[int]  # per level, the first global feature id (and the total)
+    koff: list[int]  # per pair, the first (token, parent) key (and the total: the spare key)
+    loff: list[int]  # per pair, the first global link id (and the total: the spare link)
+    par: torch.Tensor  # [N] the parent's id in its level, or -1 (level 0: -1)
+    par_key: torch.Tensor  # [N] max(parent, 0): the parent column of a key
+    n_par: torch.Tensor  # [N] the size of the parent level (a key's row stride)
+    key_off: torch.Tensor  # [N] koff of the feature's pair
+    par_global: torch.Tensor  # [N] off[l - 1] + max(parent, 0)
+    link: torch.Tensor  # [N] global link id of an assigned child, else the spare link
+    link_local: torch.Tensor  # [links + 1] each global link's id within its pair
+    local: torch.Tensor  # [N] each global feature's id within its level
+    by_parent: torch.Tensor  # [links] global link ids, each pair's in its parent order
+
+    @classmethod
+    def build(cls, forest: Forest, batch: int, device) -> "PairTables":
+        sizes = forest.level_sizes
+        off = [0]
+        for n in sizes:
+            off.append(off[-1] + n)
+        koff, loff = [0], [0]
+        for q in range(forest.n_pairs):
+            koff.append(koff[-1] + batch * sizes[q])
+            loff.append(loff[-1] + forest.links(q).kids.numel())
+        n_all = off[-1]
+        par = torch.full((n_all,), -1, dtype=torch.int64, device=device)
+        n_par = torch.zeros(n_all, dtype=torch.int64, device=device)
+        key_off = torch.zeros(n_all, dtype=torch.int64, device=device)
+        par_global = torch.zeros(n_all, dtype=torch.int64, device=device)
+        link = torch.full((n_all,), loff[-1], dtype=torch.int64, device=device)
+        link_local = torch.zeros(loff[-1] + 1, dtype=torch.int64, device=device)
+        by_parent = []
+        for q, parent_of in enumerate(forest.parent_of):
+            rows = slice(off[q + 1], off[q + 2])
+            links = forest.links(q)
+            par[rows] = parent_of
+            n_par[rows] = sizes[q]
+            key_off[rows] = koff[q]
+            par_global[rows] = off[q] + parent_of.clamp(min=0)
+            link[off[q + 1] + links.kids] = loff[q] + torch.arange(
+                links.kids.numel(), device=device)
+            link_local[loff[q]:loff[q + 1]] = torch.arange(links.kids.numel(), device=device)
+            by_parent.append(links.by_parent_perm + loff[q])
+        by_parent_t = (torch.cat(by_parent) if by_parent
+                       else torch.zeros(0, dtype=torch.int64, device=device))
+        local = torch.cat([torch.arange(n, device=device) for n in sizes])
+        return cls(off, koff, loff, par, par.clamp(min=0), n_par, key_off, par_global, link,
+                   link_local, local, by_parent_t)
+
+
+def pair_tables(forest: Forest, batch: int, device) -> PairTables:
+    """:class:`PairTables` of ``forest`` for ``batch`` rows, cached on the forest."""
+    cache = forest._pair_tables
+    key = (batch, str(device))
+    if key not in cache:
+        cache[key] = PairTables.build(forest, batch, device)
+    return cache[key]
+
+
+def _cat(parts: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    return torch.cat(parts) if parts else like.new_zeros(0)
+
+
+def build_pair_indexes(patterns: list[SupportPattern], forest: Forest,
+                       swapped: list[torch.Tensor] | None, with_pc: bool) -> list[tuple]:
+    """Per level pair l: ``(keep, take, index, sibs)``: the swap's keep mask over level l's
+    entries and taken entries of level l+1 (None without ``swapped``), and the PC loss's
+    :class:`_PCIndex` and :class:`_SiblingPairs` (None without ``with_pc`` or links; sibs also
+    None when no siblings co-fire). Every pattern must carry its dense mask (training
+    supports do). Equal to :func:`coupling.pair_entries_and_swaps` and
+    :func:`coupling.pc_pairs` pair by pair; one host sync on CUDA."""
+    n_pairs = len(patterns) - 1
+    kids = patterns[1:]
+    dev = kids[0].rows.device
+    t = pair_tables(forest, patterns[0].n_rows, dev)
+    spare_key = t.koff[-1]
+    nnz = [p.nnz for p in kids]
+    base = [0]
+    for n in nnz:
+        base.append(base[-1] + n)
+    # every child entry of every pair, in pair order: global feature, row, position in its level
+    g = _cat([p.cols + t.off[q + 1] for q, p in enumerate(kids)], kids[0].cols)
+    rows = _cat([p.rows for p in kids], kids[0].rows)
+    loc = _cat([torch.arange(n, device=dev) for n in nnz], kids[0].rows)
+    par = t.par.index_select(0, g)
+    valid = par >= 0
+    n_par = t.n_par.index_select(0, g)
+    local_key = rows * n_par + t.par_key.index_select(0, g)  # row * n_parent + parent, per pair
+    hit = valid & _cat([patterns[q].mask.view(-1).index_select(
+        0, local_key[base[q]:base[q + 1]]) for q in range(n_pairs)], valid)
+    key = torch.where(valid, local_key + t.key_off.index_select(0, g), spare_key)
+    same = _key_counts(key, spare_key + 1)  # entries sharing a (token, parent) key
+    cof = valid & (same > 1)
+    link = t.link.index_select(0, g)
+    met = torch.zeros(t.loff[-1] + 1, dtype=torch.int32, device=dev).index_add_(
+        0, link, hit.int())[:-1] > 0
+    flags = [valid, hit, cof]
+    if swapped is not None:
+        swapped_all = torch.cat(list(swapped))
+        flags.append(valid & swapped_all.index_select(0, t.par_global.index_select(0, g)))
+    stacked = torch.stack(flags)
+    twice_pairs = (same.long() - 1) * valid  # summed per pair: twice its sibling entry pairs
+    counts = []
+    for q in range(n_pairs):
+        s = slice(base[q], base[q + 1])
+        counts += [stacked[:, s].sum(1), twice_pairs[s].sum().view(1),
+                   met[t.loff[q]:t.loff[q + 1]].sum().view(1)]
+    sizes = torch.cat(counts).view(n_pairs, -1).tolist() if n_pairs else []
+    # per pair: [valid, hit, cof, (taken,) 2 * sibling pairs, met links]
+    n_hit, n_cof = [s[1] for s in sizes], [s[2] for s in sizes]
+    n_taken = [s[3] for s in sizes] if swapped is not None else [0] * n_pairs
+    n_sib, n_met = [s[-2] // 2 for s in sizes], [s[-1] for s in sizes]
+
+    def bounds(ns):
+        out = [0]
+        for n in ns:
+            out.append(out[-1] + n)
+        return out
+
+    hit_at = torch.nonzero_static(hit, size=sum(n_hit)).view(-1)
+    hit_c, hit_key = loc.index_select(0, hit_at), local_key.index_select(0, hit_at)
+    hit_link = t.link_local.index_select(0, link.index_select(0, hit_at))
+    met_at = t.link_local.index_select(0, torch.nonzero_static(met, size=sum(n_met)).view(-1))
+    met_p = t.by_parent.index_select(0, torch.nonzero_static(
+        met.index_select(0, t.by_parent), size=sum(n_met)).view(-1))
+    met_by_parent = t.link_local.index_select(0, met_p)
+    cof_at = torch.nonzero_static(cof, size=sum(n_cof)).view(-1)
+    a, b = _sibling_pairs(key.index_select(0, cof_at), sum(n_sib))
+    a, b = cof_at.index_select(0, a), cof_at.index_select(0, b)
+    sib_a, sib_b = loc.index_select(0, a), loc.index_select(0, b)
+    sibs = (_SiblingPairs.build(g.index_select(0, a), g.index_select(0, b), t.off[-1])
+            if a.numel() else None)
+    if sibs is not None:  # feature ids within their level
+        sib_lo, sib_hi = t.local.index_select(0, sibs.lo), t.local.index_select(0, sibs.hi)
+    take_all = None
+    if swapped is not None:
+        taken_at = torch.nonzero_static(stacked[3], size=sum(n_taken)).view(-1)
+        take_all = loc.index_select(0, taken_at)
+    hb, mb, sb, tb = bounds(n_hit), bounds(n_met), bounds(n_sib), bounds(n_taken)
+    out = []
+    for q in range(n_pairs):
+        keep = take = idx = sib = None
+        if swapped is not None:
+            keep = ~swapped[q].index_select(0, patterns[q].cols)
+            take = take_all[tb[q]:tb[q + 1]]
+        if with_pc and forest.links(q).kids.numel():
+            h = slice(hb[q], hb[q + 1])
+            s = slice(sb[q], sb[q + 1])
+            m = slice(mb[q], mb[q + 1])
+            hit_p = _entry_index(patterns[q]).index_select(0, hit_key[h]).long()
+            idx = _PCIndex(hit_p, hit_c[h], hit_link[h], sib_a[s], sib_b[s], met_at[m],
+                           met_by_parent[m])
+            if n_sib[q]:
+                sib = _SiblingPairs(sib_lo[s], sib_hi[s], sibs.inverse[s] - sb[q])
+        out.append((keep, take, idx, sib))
+    return out
