@@ -88,6 +88,21 @@ def test_sync_free_replacements_give_the_same_lists():
     assert torch.equal(_compact(mask, int(mask.sum())), mask.nonzero(as_tuple=True)[0])
 
 
+def test_kept_arange_is_torch_arange_without_a_kernel():
+    """sparse_ops.arange: views of one kept buffer per dtype, grown when asked for more."""
+    from gpu_counters import OpCounter
+    from hsae_core.model.sparse_ops import arange
+    for n in (0, 5, 1024, 5000, 3):
+        for dtype in (torch.int64, torch.int32):
+            assert torch.equal(arange(n, dtype), torch.arange(n, dtype=dtype))
+    before = arange(100)
+    grown = arange(50_000)  # a new buffer; views of the old one stay valid
+    assert torch.equal(before, torch.arange(100)) and torch.equal(grown, torch.arange(50_000))
+    with OpCounter() as ops:
+        arange(6000)
+    assert ops.count == 0
+
+
 def test_batched_builders_equal_one_by_one_at_one_sync_for_all_levels():
     """What hsae.py can call instead of one builder per level or pair (fewer syncs)."""
     gen = torch.Generator().manual_seed(1)

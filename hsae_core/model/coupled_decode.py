@@ -25,7 +25,7 @@ reference.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,7 @@ from hsae_core.model.coupling import _PairPC, apply_decoder_terms_, pc_backward_
 from hsae_core.model.sparse_ops import (
     SupportPattern,
     _csr,
+    arange,
     _offsets,
     sddmm,
     sorted_offsets,
@@ -50,9 +51,15 @@ class DecodePlan:
     keep: list[torch.Tensor | None]  # bool over l's entries: False for swapped parents
     take: list[torch.Tensor | None]  # positions of l's entries decoded into level l-1 instead
     pairs: list[_PairPC]  # the level pairs whose PC loss is computed (may be empty)
+    _extra: dict = field(default_factory=dict, repr=False)
 
     def extra(self, l: int) -> SupportPattern | None:
-        return None if self.take[l] is None else self.patterns[l].take(self.take[l])
+        """Level l's taken entries as a support (built once: forward and backward read it)."""
+        if self.take[l] is None:
+            return None
+        if l not in self._extra:
+            self._extra[l] = self.patterns[l].take(self.take[l])
+        return self._extra[l]
 
 
 def stacked_decoders(ws: list[torch.Tensor], slot_rows: int = 0) -> torch.Tensor | None:
@@ -103,7 +110,7 @@ def _merge_grouped(sources: list[tuple[torch.Tensor | None, torch.Tensor, torch.
         shift = before - o[:-1]  # per bag: merged start minus this source's start
         shift = (torch.repeat_interleave(shift, c, output_size=idx.numel()) if dest is None
                  else shift.index_select(0, dest))
-        pos = torch.arange(idx.numel(), device=idx.device) + shift
+        pos = arange(idx.numel(), device=idx.device) + shift
         index.index_copy_(0, pos, idx)
         weight.index_copy_(0, pos, w)
         before += c
@@ -159,10 +166,13 @@ def _merged_forward(ctx, plan: DecodePlan, vals, ws):
     if wall is None:  # not packed (HSAE.pack_decoders_): a copy
         wall = torch.cat([w.detach() for w in ws])
     idx_parts, w_parts, ptr_parts, own_pos, take_pos, bases = [], [], [], [], [], []
+    kept: list[torch.Tensor] = []  # per level, its values with swapped parents' zeroed
+    taken: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # level: (stacked rows, values)
     base = 0
     for l in range(n):
         p, keep = plan.patterns[l], plan.keep[l]
         v = vals[l] if keep is None else vals[l] * keep
+        kept.append(v)
         crow = p.crow()
         e = plan.extra(l + 1) if l + 1 < n else None
         bases.append(base)
@@ -175,13 +185,15 @@ def _merged_forward(ctx, plan: DecodePlan, vals, ws):
             base += p.nnz
             continue
         t_ptr = sorted_offsets(e.rows, B)
-        pos_own = torch.arange(p.nnz, device=crow.device) + t_ptr.index_select(0, p.rows)
-        pos_take = torch.arange(e.nnz, device=crow.device) + crow.index_select(0, e.rows + 1)
+        pos_own = arange(p.nnz, device=crow.device) + t_ptr.index_select(0, p.rows)
+        pos_take = arange(e.nnz, device=crow.device) + crow.index_select(0, e.rows + 1)
         idx = p.cols.new_empty(p.nnz + e.nnz)
-        idx.index_copy_(0, pos_own, p.cols + off[l]).index_copy_(0, pos_take, e.cols + off[l + 1])
+        e_cols = e.cols + off[l + 1]
+        taken_vals = vals[l + 1].index_select(0, plan.take[l + 1])
+        idx.index_copy_(0, pos_own, p.cols + off[l]).index_copy_(0, pos_take, e_cols)
         w = v.new_empty(p.nnz + e.nnz)
-        w.index_copy_(0, pos_own, v).index_copy_(0, pos_take,
-                                                 vals[l + 1].index_select(0, plan.take[l + 1]))
+        w.index_copy_(0, pos_own, v).index_copy_(0, pos_take, taken_vals)
+        taken[l + 1] = (e_cols, taken_vals)
         idx_parts.append(idx)
         w_parts.append(w)
         ptr_parts.append(crow[:-1] + t_ptr[:-1] + base)
@@ -196,14 +208,14 @@ def _merged_forward(ctx, plan: DecodePlan, vals, ws):
         out = F.embedding_bag(index, wall, ptr, mode="sum",
                               per_sample_weights=weight.detach().to(wall.dtype),
                               include_last_offset=True)
-    ctx.fwd = (index, ptr, own_pos, take_pos, off, wall, bases)
+    ctx.fwd = (index, ptr, own_pos, take_pos, off, wall, bases, kept, taken)
     outs = list(out.view(n, B, -1).unbind(0))
     return outs, []  # swapped-in children are inside the levels' outputs
 
 
 def _merged_backward(ctx, plan: DecodePlan, vals, ws, grads):
     n = len(plan.patterns)
-    index, ptr, own_pos, take_pos, off, wall, bases = ctx.fwd
+    index, ptr, own_pos, take_pos, off, wall, bases, kept, taken = ctx.fwd
     B = plan.patterns[0].n_rows
     d = ws[0].shape[1]
     extras = bool(plan.pairs) or any(t is not None for t in take_pos)
@@ -243,23 +255,22 @@ def _merged_backward(ctx, plan: DecodePlan, vals, ws, grads):
     for l in range(n):
         p = plan.patterns[l]
         perm, col_ptr, rows_by_col = p.by_col()
-        v = vals[l] if plan.keep[l] is None else vals[l] * plan.keep[l]
         src.append(rows_by_col + (g_base + l * B))
-        wts.append(v.index_select(0, perm))
+        wts.append(kept[l].index_select(0, perm))
         counts.append(col_ptr[1:] - col_ptr[:-1])
     sources = [(None, torch.cat(src), torch.cat(wts), torch.cat(counts))]
     if any(c is not None for c in row_coef):
         coef = torch.cat([c if c is not None else ws[l].new_zeros(ws[l].shape[0])
                           for l, c in enumerate(row_coef)])
-        rows = torch.arange(off[-1], device=coef.device)
+        rows = arange(off[-1], device=coef.device)
         sources.append((rows, rows, coef, None))
     ext_d, ext_s, ext_w = [], [], []
     for l in range(n - 1):
         if take_pos[l] is not None:
-            e = plan.extra(l + 1)
-            ext_d.append(e.cols + off[l + 1])
-            ext_s.append(e.rows + (g_base + l * B))
-            ext_w.append(vals[l + 1].index_select(0, plan.take[l + 1]))
+            e_cols, taken_vals = taken[l + 1]
+            ext_d.append(e_cols)
+            ext_s.append(plan.extra(l + 1).rows + (g_base + l * B))
+            ext_w.append(taken_vals)
     for t in cross:
         ext_d.append(t.rows + off[t.dst])
         ext_s.append(t.partners + off[t.src])

@@ -33,7 +33,7 @@ import torch
 
 from hsae_core.model.forest import Forest, Links
 from hsae_core.model.jumprelu import SparseCode
-from hsae_core.model.sparse_ops import SupportPattern, scatter_bag_sum_, sddmm
+from hsae_core.model.sparse_ops import SupportPattern, arange, scatter_bag_sum_, sddmm
 
 
 @dataclass
@@ -260,7 +260,7 @@ def _entry_index(pattern: SupportPattern) -> torch.Tensor:
     on the support."""
     buf = _scratch("entry", pattern.n_rows * pattern.n_cols, pattern.rows.device)
     keys = pattern.rows * pattern.n_cols + pattern.cols
-    buf.index_copy_(0, keys, torch.arange(pattern.nnz, dtype=torch.int32, device=keys.device))
+    buf.index_copy_(0, keys, arange(pattern.nnz, torch.int32, keys.device))
     return buf
 
 
@@ -283,14 +283,14 @@ def _sibling_pairs(keys: torch.Tensor, n_pairs: int | None = None
     sorted_keys, order = torch.sort(keys, stable=True)
     # partners after each position: the rest of its run of equal keys (none for keys < 0)
     run_end = torch.searchsorted(sorted_keys, sorted_keys, right=True)
-    count = torch.where(sorted_keys >= 0, run_end - 1 - torch.arange(n, device=keys.device), 0)
+    count = torch.where(sorted_keys >= 0, run_end - 1 - arange(n, device=keys.device), 0)
     if n_pairs is None:
         n_pairs = int(count.sum())
         if n_pairs == 0:
             return keys.new_zeros(0), keys.new_zeros(0)
-    left = torch.repeat_interleave(torch.arange(n, device=keys.device), count,
+    left = torch.repeat_interleave(arange(n, device=keys.device), count,
                                    output_size=n_pairs)
-    offset = torch.arange(n_pairs, device=keys.device) - torch.repeat_interleave(
+    offset = arange(n_pairs, device=keys.device) - torch.repeat_interleave(
         torch.cumsum(count, 0) - count, count, output_size=n_pairs)
     return order.index_select(0, left), order.index_select(0, left + 1 + offset)
 
@@ -316,7 +316,7 @@ class _SiblingPairs:
         sorted_keys, order = torch.sort(keys)
         first = torch.ones_like(sorted_keys, dtype=torch.bool)
         first[1:] = sorted_keys[1:] != sorted_keys[:-1]
-        slot = torch.arange(keys.numel(), device=keys.device)
+        slot = arange(keys.numel(), device=keys.device)
         head = torch.cummax(torch.where(first, slot, 0), 0).values  # first slot of each run
         inverse = torch.empty_like(order).index_copy_(0, order, head)
         lo = torch.div(sorted_keys, n, rounding_mode="floor")

@@ -28,7 +28,7 @@ from hsae_core.model.coupling import (
     _sibling_pairs,
 )
 from hsae_core.model.forest import Forest
-from hsae_core.model.sparse_ops import SupportPattern
+from hsae_core.model.sparse_ops import SupportPattern, arange
 
 #: Build every pair's index lists at once (False: pair by pair, coupling.pair_entries_and_swaps;
 #: for A/B measurements and tests).
@@ -123,7 +123,7 @@ def build_pair_indexes(patterns: list[SupportPattern], forest: Forest,
     # every child entry of every pair, in pair order: global feature, row, position in its level
     g = _cat([p.cols + t.off[q + 1] for q, p in enumerate(kids)], kids[0].cols)
     rows = _cat([p.rows for p in kids], kids[0].rows)
-    loc = _cat([torch.arange(n, device=dev) for n in nnz], kids[0].rows)
+    loc = _cat([arange(n, device=dev) for n in nnz], kids[0].rows)
     par = t.par.index_select(0, g)
     valid = par >= 0
     n_par = t.n_par.index_select(0, g)

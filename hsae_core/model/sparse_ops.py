@@ -124,12 +124,25 @@ def _offsets(counts: torch.Tensor) -> torch.Tensor:
     return out
 
 
+_ARANGE: dict[tuple, torch.Tensor] = {}
+
+
+def arange(n: int, dtype: torch.dtype = torch.int64, device=None) -> torch.Tensor:
+    """``torch.arange(n)`` as a view of a kept buffer that grows as needed: no kernel per call
+    (issue 23: the training step asks for a dozen each step). Read-only: never write into it."""
+    key = (dtype, torch.device(device) if device is not None else torch.device("cpu"))
+    buf = _ARANGE.get(key)
+    if buf is None or buf.numel() < n:
+        size = max(n, 2 * buf.numel() if buf is not None else 0, 1024)
+        buf = _ARANGE[key] = torch.arange(size, dtype=dtype, device=key[1])
+    return buf[:n]
+
+
 def sorted_offsets(index: torch.Tensor, n: int) -> torch.Tensor:
     """``[n + 1]`` CSR offsets of ascending ``index`` in [0, n): ``out[k]`` = number of entries
     below k, by binary search. (``bincount`` would read the maximum back to size its output: two
     host synchronisations on CUDA.)"""
-    keys = torch.arange(n + 1, dtype=index.dtype, device=index.device)
-    return torch.searchsorted(index, keys)
+    return torch.searchsorted(index, arange(n + 1, index.dtype, index.device))
 
 
 def _csr(crow: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, shape) -> torch.Tensor:
