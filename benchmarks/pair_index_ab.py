@@ -22,7 +22,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_counters import OpCounter  # noqa: E402
-from step_time import batches, make_trainer, paper_density_l0  # noqa: E402
+from step_time import (  # noqa: E402
+    add_shape_args, batches, ladders, make_trainer, paper_density_l0)
 
 from hsae_core.model import pair_index  # noqa: E402
 
@@ -60,18 +61,14 @@ def compare(d: int, sizes: tuple[int, ...], batch: int, steps: int, autocast: st
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--d", type=int, default=576)
-    ap.add_argument("--sizes", action="append", help="comma-separated ladder; repeatable")
-    ap.add_argument("--batch", type=int, default=1024)
+    add_shape_args(ap)
     ap.add_argument("--steps", type=int, default=30, help="timed steps each way")
     args = ap.parse_args(argv)
-    ladders = [tuple(int(v) for v in s.split(",")) for s in
-               (args.sizes or ["512,1024,2048,4096", "1024,2048,4096,8192"])]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; d={args.d}, "
           f"batch={args.batch}, the paper's L0 per latent, {args.steps} steps each way "
           f"interleaved (median)")
     out = {}
-    for sizes in ladders:
+    for sizes in ladders(args):
         for autocast in (None, "bfloat16"):
             r = compare(args.d, sizes, args.batch, args.steps, autocast, paper_density_l0(sizes))
             out[f"{','.join(map(str, sizes))} {autocast or 'fp32'}"] = r

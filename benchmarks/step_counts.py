@@ -23,7 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_counters import OpCounter, SyncCounter  # noqa: E402
-from step_time import batches, make_trainer  # noqa: E402
+from step_time import (  # noqa: E402
+    add_shape_args, batches, ladders, make_trainer, paper_density_l0)
 
 
 class _NamedOps(OpCounter):
@@ -57,20 +58,16 @@ def count(d: int, sizes: tuple[int, ...], batch: int, l0: float, independent: bo
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--d", type=int, default=576)
-    ap.add_argument("--sizes", action="append", help="comma-separated ladder; repeatable")
-    ap.add_argument("--batch", type=int, default=1024)
+    add_shape_args(ap)
     ap.add_argument("--l0", type=float, default=None,
                     help="target L0 (default: the paper's per latent, 50 * n_1 / 2048)")
     ap.add_argument("--json", type=Path, default=None, help="also write the counts here")
     args = ap.parse_args(argv)
-    ladders = [tuple(int(s) for s in x.split(","))
-               for x in (args.sizes or ["512,1024,2048,4096", "1024,2048,4096,8192"])]
     out = {}
     print(f"torch {torch.__version__}; per steady-state training step, d={args.d}, "
           f"batch {args.batch}")
-    for sizes in ladders:
-        l0 = args.l0 if args.l0 is not None else 50.0 * sizes[0] / 2048
+    for sizes in ladders(args):
+        l0 = args.l0 if args.l0 is not None else paper_density_l0(sizes)
         row = {name: count(args.d, sizes, args.batch, l0, name == "independent")
                for name in ("hsae", "independent")}
         out[",".join(map(str, sizes))] = row

@@ -83,6 +83,22 @@ def matmul_gflops(d, n, batch, device, reps=5) -> float:
     return 2 * batch * d * n / best / 1e9
 
 
+LADDERS = ("512,1024,2048,4096", "1024,2048,4096,8192")
+
+
+def add_shape_args(ap: argparse.ArgumentParser) -> None:
+    """``--d``, ``--sizes`` (repeatable ladders) and ``--batch``: the shapes of every
+    step benchmark (step_time, step_counts, pair_index_ab)."""
+    ap.add_argument("--d", type=int, default=576)
+    ap.add_argument("--sizes", action="append", help="comma-separated ladder; repeatable")
+    ap.add_argument("--batch", type=int, default=1024)
+
+
+def ladders(args: argparse.Namespace) -> list[tuple[int, ...]]:
+    """The ladders of ``--sizes``, by default both of the embedded default's scale."""
+    return [tuple(int(v) for v in x.split(",")) for x in (args.sizes or LADDERS)]
+
+
 def paper_density_l0(sizes) -> float:
     """The paper's sparsity per latent (L0 50 on a first level of 2048) for this ladder."""
     return 50.0 * sizes[0] / 2048
@@ -175,9 +191,7 @@ def scaling(d, batch, device, steps, sizes=(1024, 2048, 4096, 8192, 16384)):
 def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--d", type=int, default=576)
-    ap.add_argument("--sizes", action="append", help="comma-separated ladder; repeatable")
-    ap.add_argument("--batch", type=int, default=1024)
+    add_shape_args(ap)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -198,11 +212,9 @@ def main():
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     if args.threads:
         torch.set_num_threads(args.threads)
-    ladders = [tuple(int(s) for s in x.split(","))
-               for x in (args.sizes or ["512,1024,2048,4096", "1024,2048,4096,8192"])]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, "
           f"{args.clock} clock")
-    for sizes in ladders:
+    for sizes in ladders(args):
         l0 = paper_density_l0(sizes) if args.l0 == "paper" else float(args.l0)
         compare(args.d, sizes, args.batch, args.steps, args.warmup, args.device, l0,
                 dense=not args.no_dense, autocast=args.autocast)
