@@ -34,8 +34,8 @@ from hsae_core.model.coupling import _PairPC, apply_decoder_terms_, pc_backward_
 from hsae_core.model.sparse_ops import (
     SupportPattern,
     _csr,
-    arange,
     _offsets,
+    arange,
     sddmm,
     sorted_offsets,
     spmm_cols,

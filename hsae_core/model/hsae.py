@@ -105,7 +105,7 @@ class HSAE(nn.Module):
         measures the unperturbed reconstruction error of perturbed levels (for logging).
 
         Host syncs on CUDA: one for the supports and every level's "any dead feature?", one
-        for the level pairs' entries, swaps and PC index lists (coupling.py).
+        for the level pairs' entries, swaps and PC index lists (pair_index.py).
         """
         x = x.to(self.levels[0].W_dec.dtype)
         self._ensure_packed(x.shape[0])
