@@ -28,7 +28,9 @@ short keeps what it measured:
 3. profile of 20 HSAE steps (torch.profiler): the ten most expensive kernels, kernel launches
    and host-device synchronisations per step, the latter twice: torch.cuda.set_sync_debug_mode
    and the patched count (:class:`SyncCounter`, benchmarks/gpu_counters.py) the CPU sees, each
-   by source line;
+   by source line; and the same trainer with the level pairs' index lists built in one pass and
+   pair by pair, alternating step by step (``pair_index_ab``: ms/step and ops each way,
+   benchmarks/pair_index_ab.py);
 4. training: 2,000 steps at the paper's sizes on a synthetic hierarchical stream generated on
    the device (natural L0 about twice the target): every level's L0 within 2% of target at
    the end, no non-finite loss, tokens/s. It stops early to leave the later phases what they
@@ -113,6 +115,7 @@ from gpu_counters import (  # noqa: E402,F401  (re-exported: gpu_check.SyncCount
     cuda_sync_sites,
 )
 from gpu_run import Run, TimeUp, ensure_pytest  # noqa: E402
+from pair_index_ab import alternate  # noqa: E402
 from gpu_steptime import (  # noqa: E402,F401  (re-exported: gpu_check.timed_block etc.)
     RATIO_GOAL,
     TOKENS_GOAL,
@@ -208,6 +211,11 @@ def profile(args, run: Run, sz: dict) -> dict:
     run.log(f"   syncs/step: patched {out['syncs_per_step_patched']:.1f}"
             + (f", CUDA debug mode {out['syncs_per_step_cuda']:.1f}" if cuda else "")
             + f"; aten ops/step {ops.count}")
+    # issue 23: the level pairs' index lists in one pass against pair by pair, same trainer
+    ab = out["pair_index_ab"] = alternate(t, data, n, device)
+    run.log(f"   pair index: one pass {ab['one_pass_ms']:.2f} ms/step "
+            f"({ab['one_pass_ops']} ops), pair by pair {ab['pair_by_pair_ms']:.2f} ms/step "
+            f"({ab['pair_by_pair_ops']} ops)")
     try:  # the sync counts above stand even if the profiler (CUPTI) is missing
         out.update(kernel_profile(run, t, data, n, device))
     except Exception as err:

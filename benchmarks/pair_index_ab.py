@@ -28,6 +28,36 @@ from step_time import (  # noqa: E402
 from hsae_core.model import pair_index  # noqa: E402
 
 
+def alternate(t, xs: list[torch.Tensor], steps: int, device="cpu") -> dict:
+    """On a trainer ``t`` with a forest: the ATen ops of one step and the median time of
+    ``steps`` steps each way, the two ways alternating step by step; the one pass is left on.
+    benchmarks/gpu_check.py runs this in its profile phase at the paper's sizes."""
+    cuda = torch.device(device).type == "cuda"
+    ops = {}
+    times: dict[bool, list[float]] = {True: [], False: []}
+    try:
+        for way in (True, False):
+            pair_index.BATCHED = way
+            with OpCounter() as c:
+                t.train_step(xs[1 % len(xs)])
+            ops[way] = c.count
+        for i in range(2 * steps):
+            way = i % 2 == 0
+            pair_index.BATCHED = way
+            if cuda:
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            t.train_step(xs[i % len(xs)])
+            if cuda:
+                torch.cuda.synchronize(device)
+            times[way].append(time.perf_counter() - t0)
+    finally:
+        pair_index.BATCHED = True
+    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    return {"one_pass_ms": med[True], "pair_by_pair_ms": med[False],
+            "one_pass_ops": ops[True], "pair_by_pair_ops": ops[False], "steps_each": steps}
+
+
 def compare(d: int, sizes: tuple[int, ...], batch: int, steps: int, autocast: str | None,
             l0: float) -> dict:
     torch.manual_seed(0)
@@ -37,25 +67,7 @@ def compare(d: int, sizes: tuple[int, ...], batch: int, steps: int, autocast: st
     assert not t.update_hierarchy().is_empty()
     for i in range(3):
         t.train_step(xs[i % 4])
-    ops = {}
-    for way in (True, False):
-        pair_index.BATCHED = way
-        with OpCounter() as c:
-            t.train_step(xs[1])
-        ops[way] = c.count
-    times: dict[bool, list[float]] = {True: [], False: []}
-    try:
-        for i in range(2 * steps):
-            way = i % 2 == 0
-            pair_index.BATCHED = way
-            t0 = time.perf_counter()
-            t.train_step(xs[i % 4])
-            times[way].append(time.perf_counter() - t0)
-    finally:
-        pair_index.BATCHED = True
-    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-    return {"one_pass_ms": med[True], "pair_by_pair_ms": med[False],
-            "one_pass_ops": ops[True], "pair_by_pair_ops": ops[False]}
+    return alternate(t, xs, steps)
 
 
 def main(argv=None) -> dict:

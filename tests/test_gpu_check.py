@@ -72,6 +72,9 @@ def test_gpu_check_runs_every_phase_on_the_cpu(tmp_path):
     assert 0 < prof["syncs_per_step_patched"] <= 34
     assert any("sparse_ops.py" in site for site in prof["syncs_by_site_patched"])
     assert len(prof["top_kernels"]) == 10 and prof["aten_ops_per_step"] > 0
+    ab = prof["pair_index_ab"]  # issue 23: one pass against pair by pair, same trainer
+    assert ab["one_pass_ops"] < ab["pair_by_pair_ops"] and ab["steps_each"] == prof["steps"]
+    assert ab["one_pass_ms"] > 0 and ab["pair_by_pair_ms"] > 0
 
     train = report["train"]
     assert train["completed"] and train["steps_done"] == train["steps"] == 600
