@@ -211,16 +211,19 @@ def profile(args, run: Run, sz: dict) -> dict:
     run.log(f"   syncs/step: patched {out['syncs_per_step_patched']:.1f}"
             + (f", CUDA debug mode {out['syncs_per_step_cuda']:.1f}" if cuda else "")
             + f"; aten ops/step {ops.count}")
-    # issue 23: the level pairs' index lists in one pass against pair by pair, same trainer
-    ab = out["pair_index_ab"] = alternate(t, data, n, device)
-    run.log(f"   pair index: one pass {ab['one_pass_ms']:.2f} ms/step "
-            f"({ab['one_pass_ops']} ops), pair by pair {ab['pair_by_pair_ms']:.2f} ms/step "
-            f"({ab['pair_by_pair_ops']} ops)")
     try:  # the sync counts above stand even if the profiler (CUPTI) is missing
         out.update(kernel_profile(run, t, data, n, device))
     except Exception as err:
         out["profiler_error"] = f"{type(err).__name__}: {err}"
         run.log(f"   profiler: {out['profiler_error']}")
+    try:  # issue 23: the level pairs' index lists in one pass against pair by pair, same trainer
+        ab = out["pair_index_ab"] = alternate(t, data, n, device)
+        run.log(f"   pair index: one pass {ab['one_pass_ms']:.2f} ms/step "
+                f"({ab['one_pass_ops']} ops), pair by pair {ab['pair_by_pair_ms']:.2f} ms/step "
+                f"({ab['pair_by_pair_ops']} ops)")
+    except Exception as err:
+        out["pair_index_ab_error"] = f"{type(err).__name__}: {err}"
+        run.log(f"   pair index A/B: {out['pair_index_ab_error']}")
     return out
 
 

@@ -30,11 +30,13 @@ from hsae_core.model import pair_index  # noqa: E402
 
 def alternate(t, xs: list[torch.Tensor], steps: int, device="cpu") -> dict:
     """On a trainer ``t`` with a forest: the ATen ops of one step and the median time of
-    ``steps`` steps each way, the two ways alternating step by step; the one pass is left on.
-    benchmarks/gpu_check.py runs this in its profile phase at the paper's sizes."""
+    ``steps`` steps each way, the two ways alternating step by step; ``pair_index.BATCHED`` is
+    restored after. benchmarks/gpu_check.py runs this in its profile phase at the paper's
+    sizes."""
     cuda = torch.device(device).type == "cuda"
     ops = {}
     times: dict[bool, list[float]] = {True: [], False: []}
+    before = pair_index.BATCHED
     try:
         for way in (True, False):
             pair_index.BATCHED = way
@@ -52,7 +54,7 @@ def alternate(t, xs: list[torch.Tensor], steps: int, device="cpu") -> dict:
                 torch.cuda.synchronize(device)
             times[way].append(time.perf_counter() - t0)
     finally:
-        pair_index.BATCHED = True
+        pair_index.BATCHED = before
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     return {"one_pass_ms": med[True], "pair_by_pair_ms": med[False],
             "one_pass_ops": ops[True], "pair_by_pair_ops": ops[False], "steps_each": steps}

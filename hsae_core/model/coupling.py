@@ -505,6 +505,8 @@ def pc_pairs(codes: list[SparseCode], forest: Forest,
     (no read-back; ``sibs_built``: those the latter built, None where none co-fire)."""
     used = [l for l in range(len(codes) - 1) if forest.links(l).kids.numel()]
     todo = [l for l in used if indexes is None or indexes[l] is None]
+    if sibs_built is not None and todo:
+        raise ValueError("pc_pairs: sibs_built needs the index of every pair with links")
     built = dict(zip(todo, _PCIndex.build_all([
         (codes[l].pattern, codes[l + 1].pattern, forest.parent_of[l], forest.links(l),
          entries[l] if entries is not None else None) for l in todo])))

@@ -115,84 +115,118 @@ def build_pair_indexes(patterns: list[SupportPattern], forest: Forest,
     kids = patterns[1:]
     dev = kids[0].rows.device
     t = pair_tables(forest, patterns[0].n_rows, dev)
-    spare_key = t.koff[-1]
-    nnz = [p.nnz for p in kids]
-    base = [0]
-    for n in nnz:
-        base.append(base[-1] + n)
+    base = _bounds([p.nnz for p in kids])
     # every child entry of every pair, in pair order: global feature, row, position in its level
     g = _cat([p.cols + t.off[q + 1] for q, p in enumerate(kids)], kids[0].cols)
     rows = _cat([p.rows for p in kids], kids[0].rows)
-    loc = _cat([arange(n, device=dev) for n in nnz], kids[0].rows)
-    par = t.par.index_select(0, g)
-    valid = par >= 0
-    n_par = t.n_par.index_select(0, g)
-    local_key = rows * n_par + t.par_key.index_select(0, g)  # row * n_parent + parent, per pair
-    hit = valid & _cat([patterns[q].mask.view(-1).index_select(
-        0, local_key[base[q]:base[q + 1]]) for q in range(n_pairs)], valid)
-    key = torch.where(valid, local_key + t.key_off.index_select(0, g), spare_key)
-    same = _key_counts(key, spare_key + 1)  # entries sharing a (token, parent) key
-    cof = valid & (same > 1)
-    link = t.link.index_select(0, g)
-    met = torch.zeros(t.loff[-1] + 1, dtype=torch.int32, device=dev).index_add_(
-        0, link, hit.int())[:-1] > 0
-    flags = [valid, hit, cof]
+    loc = _cat([arange(p.nnz, device=dev) for p in kids], kids[0].rows)
+    valid = t.par.index_select(0, g) >= 0
+    flags = []  # bools over the entries, counted per pair
+    if with_pc:
+        pc = _PCStage.stage(patterns, t, g, rows, valid, base)
+        flags += [pc.hit, pc.cof]
     if swapped is not None:
         swapped_all = torch.cat(list(swapped))
         flags.append(valid & swapped_all.index_select(0, t.par_global.index_select(0, g)))
     stacked = torch.stack(flags)
-    twice_pairs = (same.long() - 1) * valid  # summed per pair: twice its sibling entry pairs
     counts = []
     for q in range(n_pairs):
-        s = slice(base[q], base[q + 1])
-        counts += [stacked[:, s].sum(1), twice_pairs[s].sum().view(1),
-                   met[t.loff[q]:t.loff[q + 1]].sum().view(1)]
+        counts.append(stacked[:, base[q]:base[q + 1]].sum(1))
+        if with_pc:
+            counts += pc.counts(q, base, t)
     sizes = torch.cat(counts).view(n_pairs, -1).tolist() if n_pairs else []
-    # per pair: [valid, hit, cof, (taken,) 2 * sibling pairs, met links]
-    n_hit, n_cof = [s[1] for s in sizes], [s[2] for s in sizes]
-    n_taken = [s[3] for s in sizes] if swapped is not None else [0] * n_pairs
-    n_sib, n_met = [s[-2] // 2 for s in sizes], [s[-1] for s in sizes]
-
-    def bounds(ns):
-        out = [0]
-        for n in ns:
-            out.append(out[-1] + n)
-        return out
-
-    hit_at = torch.nonzero_static(hit, size=sum(n_hit)).view(-1)
-    hit_c, hit_key = loc.index_select(0, hit_at), local_key.index_select(0, hit_at)
-    hit_link = t.link_local.index_select(0, link.index_select(0, hit_at))
-    met_at = t.link_local.index_select(0, torch.nonzero_static(met, size=sum(n_met)).view(-1))
-    met_p = t.by_parent.index_select(0, torch.nonzero_static(
-        met.index_select(0, t.by_parent), size=sum(n_met)).view(-1))
-    met_by_parent = t.link_local.index_select(0, met_p)
-    cof_at = torch.nonzero_static(cof, size=sum(n_cof)).view(-1)
-    a, b = _sibling_pairs(key.index_select(0, cof_at), sum(n_sib))
-    a, b = cof_at.index_select(0, a), cof_at.index_select(0, b)
-    sib_a, sib_b = loc.index_select(0, a), loc.index_select(0, b)
-    sibs = (_SiblingPairs.build(g.index_select(0, a), g.index_select(0, b), t.off[-1])
-            if a.numel() else None)
-    if sibs is not None:  # feature ids within their level
-        sib_lo, sib_hi = t.local.index_select(0, sibs.lo), t.local.index_select(0, sibs.hi)
-    take_all = None
+    # per pair: [(hit, cof,) (taken,) (2 * sibling pairs, met links)]
+    take_all = tb = None
     if swapped is not None:
-        taken_at = torch.nonzero_static(stacked[3], size=sum(n_taken)).view(-1)
-        take_all = loc.index_select(0, taken_at)
-    hb, mb, sb, tb = bounds(n_hit), bounds(n_met), bounds(n_sib), bounds(n_taken)
+        col = 2 if with_pc else 0
+        n_taken = [s[col] for s in sizes]
+        take_all = loc.index_select(0, torch.nonzero_static(
+            stacked[col], size=sum(n_taken)).view(-1))
+        tb = _bounds(n_taken)
+    lists = pc.finish(patterns, forest, t, g, loc, sizes) if with_pc else [(None, None)] * n_pairs
     out = []
     for q in range(n_pairs):
-        keep = take = idx = sib = None
+        keep = take = None
         if swapped is not None:
             keep = ~swapped[q].index_select(0, patterns[q].cols)
             take = take_all[tb[q]:tb[q + 1]]
-        if with_pc and forest.links(q).kids.numel():
-            h = slice(hb[q], hb[q + 1])
-            s = slice(sb[q], sb[q + 1])
-            m = slice(mb[q], mb[q + 1])
+        out.append((keep, take, *lists[q]))
+    return out
+
+
+def _bounds(ns: list[int]) -> list[int]:
+    out = [0]
+    for n in ns:
+        out.append(out[-1] + n)
+    return out
+
+
+@dataclass
+class _PCStage:
+    """The PC loss's per-entry lookups over every pair's child entries, before the sizes are
+    read back: which entries meet their parent on their token (``hit``), which share their
+    (token, parent) key with a sibling (``cof``), which links are met."""
+
+    local_key: torch.Tensor  # row * n_parent + parent (the parent's mask position)
+    key: torch.Tensor  # local_key offset by the pair's key space; the spare key if no parent
+    twice_pairs: torch.Tensor  # per entry with a parent: its siblings on its token (summed: 2x)
+    hit: torch.Tensor
+    cof: torch.Tensor
+    link: torch.Tensor  # global link id, the spare link if no parent
+    met: torch.Tensor  # bool over global links
+
+    @classmethod
+    def stage(cls, patterns, t: PairTables, g, rows, valid, base) -> "_PCStage":
+        spare_key = t.koff[-1]
+        local_key = (rows * t.n_par.index_select(0, g)
+                     + t.par_key.index_select(0, g))  # row * n_parent + parent, per pair
+        hit = valid & _cat([patterns[q].mask.view(-1).index_select(
+            0, local_key[base[q]:base[q + 1]]) for q in range(len(patterns) - 1)], valid)
+        key = torch.where(valid, local_key + t.key_off.index_select(0, g), spare_key)
+        same = _key_counts(key, spare_key + 1)  # entries sharing a (token, parent) key
+        link = t.link.index_select(0, g)
+        met = torch.zeros(t.loff[-1] + 1, dtype=torch.int32, device=g.device).index_add_(
+            0, link, hit.int())[:-1] > 0
+        return cls(local_key, key, (same.long() - 1) * valid, hit, valid & (same > 1), link,
+                   met)
+
+    def counts(self, q: int, base: list[int], t: PairTables) -> list[torch.Tensor]:
+        """Pair q's twice its sibling entry pairs and its met links (0-dim -> [1])."""
+        return [self.twice_pairs[base[q]:base[q + 1]].sum().view(1),
+                self.met[t.loff[q]:t.loff[q + 1]].sum().view(1)]
+
+    def finish(self, patterns, forest: Forest, t: PairTables, g, loc, sizes) -> list[tuple]:
+        """Per pair, ``(_PCIndex, _SiblingPairs or None)`` (None, None without links)."""
+        n_pairs = len(sizes)
+        n_hit, n_cof = [s[0] for s in sizes], [s[1] for s in sizes]
+        n_sib, n_met = [s[-2] // 2 for s in sizes], [s[-1] for s in sizes]
+        hit_at = torch.nonzero_static(self.hit, size=sum(n_hit)).view(-1)
+        hit_c, hit_key = loc.index_select(0, hit_at), self.local_key.index_select(0, hit_at)
+        hit_link = t.link_local.index_select(0, self.link.index_select(0, hit_at))
+        met_at = t.link_local.index_select(0, torch.nonzero_static(
+            self.met, size=sum(n_met)).view(-1))
+        met_p = t.by_parent.index_select(0, torch.nonzero_static(
+            self.met.index_select(0, t.by_parent), size=sum(n_met)).view(-1))
+        met_by_parent = t.link_local.index_select(0, met_p)
+        cof_at = torch.nonzero_static(self.cof, size=sum(n_cof)).view(-1)
+        a, b = _sibling_pairs(self.key.index_select(0, cof_at), sum(n_sib))
+        a, b = cof_at.index_select(0, a), cof_at.index_select(0, b)
+        sib_a, sib_b = loc.index_select(0, a), loc.index_select(0, b)
+        sibs = (_SiblingPairs.build(g.index_select(0, a), g.index_select(0, b), t.off[-1])
+                if a.numel() else None)
+        if sibs is not None:  # feature ids within their level
+            sib_lo, sib_hi = t.local.index_select(0, sibs.lo), t.local.index_select(0, sibs.hi)
+        hb, mb, sb = _bounds(n_hit), _bounds(n_met), _bounds(n_sib)
+        out = []
+        for q in range(n_pairs):
+            if not forest.links(q).kids.numel():
+                out.append((None, None))
+                continue
+            h, s, m = slice(hb[q], hb[q + 1]), slice(sb[q], sb[q + 1]), slice(mb[q], mb[q + 1])
             hit_p = _entry_index(patterns[q]).index_select(0, hit_key[h]).long()
             idx = _PCIndex(hit_p, hit_c[h], hit_link[h], sib_a[s], sib_b[s], met_at[m],
                            met_by_parent[m])
-            if n_sib[q]:
-                sib = _SiblingPairs(sib_lo[s], sib_hi[s], sibs.inverse[s] - sb[q])
-        out.append((keep, take, idx, sib))
-    return out
+            sib = (_SiblingPairs(sib_lo[s], sib_hi[s], sibs.inverse[s] - sb[q]) if n_sib[q]
+                   else None)
+            out.append((idx, sib))
+        return out
