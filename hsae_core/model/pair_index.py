@@ -57,13 +57,9 @@ class PairTables:
     @classmethod
     def build(cls, forest: Forest, batch: int, device) -> "PairTables":
         sizes = forest.level_sizes
-        off = [0]
-        for n in sizes:
-            off.append(off[-1] + n)
-        koff, loff = [0], [0]
-        for q in range(forest.n_pairs):
-            koff.append(koff[-1] + batch * sizes[q])
-            loff.append(loff[-1] + forest.links(q).kids.numel())
+        off = _bounds(list(sizes))
+        koff = _bounds([batch * sizes[q] for q in range(forest.n_pairs)])
+        loff = _bounds([forest.links(q).kids.numel() for q in range(forest.n_pairs)])
         n_all = off[-1]
         par = torch.full((n_all,), -1, dtype=torch.int64, device=device)
         n_par = torch.zeros(n_all, dtype=torch.int64, device=device)
@@ -83,11 +79,9 @@ class PairTables:
                 links.kids.numel(), device=device)
             link_local[loff[q]:loff[q + 1]] = torch.arange(links.kids.numel(), device=device)
             by_parent.append(links.by_parent_perm + loff[q])
-        by_parent_t = (torch.cat(by_parent) if by_parent
-                       else torch.zeros(0, dtype=torch.int64, device=device))
         local = torch.cat([torch.arange(n, device=device) for n in sizes])
         return cls(off, koff, loff, par, par.clamp(min=0), n_par, key_off, par_global, link,
-                   link_local, local, by_parent_t)
+                   link_local, local, torch.cat(by_parent))
 
 
 def pair_tables(forest: Forest, batch: int, device) -> PairTables:
@@ -97,10 +91,6 @@ def pair_tables(forest: Forest, batch: int, device) -> PairTables:
     if key not in cache:
         cache[key] = PairTables.build(forest, batch, device)
     return cache[key]
-
-
-def _cat(parts: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-    return torch.cat(parts) if parts else like.new_zeros(0)
 
 
 def build_pair_indexes(patterns: list[SupportPattern], forest: Forest,
@@ -117,9 +107,9 @@ def build_pair_indexes(patterns: list[SupportPattern], forest: Forest,
     t = pair_tables(forest, patterns[0].n_rows, dev)
     base = _bounds([p.nnz for p in kids])
     # every child entry of every pair, in pair order: global feature, row, position in its level
-    g = _cat([p.cols + t.off[q + 1] for q, p in enumerate(kids)], kids[0].cols)
-    rows = _cat([p.rows for p in kids], kids[0].rows)
-    loc = _cat([arange(p.nnz, device=dev) for p in kids], kids[0].rows)
+    g = torch.cat([p.cols + t.off[q + 1] for q, p in enumerate(kids)])
+    rows = torch.cat([p.rows for p in kids])
+    loc = torch.cat([arange(p.nnz, device=dev) for p in kids])
     valid = t.par.index_select(0, g) >= 0
     flags = []  # bools over the entries, counted per pair
     if with_pc:
@@ -180,8 +170,8 @@ class _PCStage:
         spare_key = t.koff[-1]
         local_key = (rows * t.n_par.index_select(0, g)
                      + t.par_key.index_select(0, g))  # row * n_parent + parent, per pair
-        hit = valid & _cat([patterns[q].mask.view(-1).index_select(
-            0, local_key[base[q]:base[q + 1]]) for q in range(len(patterns) - 1)], valid)
+        hit = valid & torch.cat([patterns[q].mask.view(-1).index_select(
+            0, local_key[base[q]:base[q + 1]]) for q in range(len(patterns) - 1)])
         key = torch.where(valid, local_key + t.key_off.index_select(0, g), spare_key)
         same = _key_counts(key, spare_key + 1)  # entries sharing a (token, parent) key
         link = t.link.index_select(0, g)
